@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from lstmlab.errors import LstmlabError
 
@@ -21,11 +22,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line (what is wrong, where to look), not the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; each sub-command's module adds its own arguments."""
     from lstmlab import __version__
 
-    parser = argparse.ArgumentParser(prog="lstmlab", description="A gate-level LSTM lab on sequential MNIST.")
+    parser = _Parser(prog="lstmlab", description="A gate-level LSTM lab on sequential MNIST.")
     parser.add_argument("--version", action="version", version=f"lstmlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
