@@ -1,0 +1,301 @@
+"""Classify your own images: turn any picture of a digit into an MNIST-style 28x28 image, then
+ask a checkpoint; ``lstmlab predict``.
+
+MNIST's own recipe is followed: white ink on black, the digit scaled into a 20x20 box keeping its
+aspect ratio, then placed in the 28x28 frame so that its centre of mass is at the centre.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lstmlab.errors import LstmlabError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    from lstmlab.checkpoint import Checkpoint
+
+# Refuse larger images before decoding them: 40 megapixels is a 7300 x 5500 photo, far more than a digit needs.
+MAX_PIXELS = 40_000_000
+BOX = 20  # MNIST: the digit fits a 20x20 box ...
+FRAME = 28  # ... centred by mass in a 28x28 frame
+STROKE = 2.2  # typical MNIST stroke width in pixels at the 20x20 scale
+WORK_SIDE = 160  # big images are first averaged down to this longest side before stroke estimation
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LstmlabError("reading images needs Pillow: pip install 'lstmlab[plot]'") from None
+    return Image
+
+
+def open_image(path: str | Path) -> PILImage.Image:
+    """Open and decode an image file, refusing empty files, non-images and images over ``MAX_PIXELS``.
+
+    The size is checked right after ``Image.open``, which reads only the header, so a huge image is
+    refused without ever being decoded.
+    """
+    Image = _pil()
+    path = Path(path)
+    if not path.is_file():
+        raise LstmlabError(f"image {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise LstmlabError(f"image {path} is an empty file")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it; treat that as the refusal it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise LstmlabError(f"image {path} is far too large (over {MAX_PIXELS:,} pixels); crop or shrink it") from None
+    except Image.UnidentifiedImageError:
+        raise LstmlabError(f"{path} is not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
+    except OSError as e:
+        raise LstmlabError(f"cannot read image {path}: {e}") from None
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        img.close()
+        raise LstmlabError(
+            f"image {path} is {width} x {height} pixels, over the {MAX_PIXELS:,}-pixel limit; crop or shrink it"
+        )
+    if width == 0 or height == 0:
+        raise LstmlabError(f"image {path} has no pixels ({width} x {height})")
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data after a valid header
+        raise LstmlabError(f"image {path} is damaged and cannot be decoded ({e})") from None
+    return img
+
+
+def _to_gray(img: PILImage.Image) -> tuple[np.ndarray, bool]:
+    """Any PIL image -> (float32 (H, W) gray in 0..1, whether the mode has a fixed 8-bit scale)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img.convert("F") if img.mode != "F" else img, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+        # High bit depths carry no fixed white level (12-bit data in 16-bit files): stretch to their own range.
+        return ((a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)).astype(np.float32), False
+    if img.mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, True
+    has_alpha = img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if not has_alpha:
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, True
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+    gray = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float32) / 255.0
+    # Composite on white, unless the visible strokes are light (white ink on a transparent sheet): then on black.
+    weight = float(alpha.sum())
+    background = 0.0 if weight > 0 and float((gray * alpha).sum()) / weight > 0.5 and alpha.min() < 1 else 1.0
+    return (gray * alpha + background * (1.0 - alpha)).astype(np.float32), True
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    """The outer frame of pixels (about 5% of each side, at least one pixel)."""
+    h, w = a.shape
+    k = max(1, min(h, w) // 20)
+    return np.concatenate([a[:k].ravel(), a[-k:].ravel(), a[:, :k].ravel(), a[:, -k:].ravel()])
+
+
+def _resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize a float image: area averaging when shrinking (as MNIST's anti-aliasing), bilinear when growing."""
+    Image = _pil()
+    shrinking = width < a.shape[1] or height < a.shape[0]
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize((width, height), method), np.float32)
+
+
+def _stroke_width(ink: np.ndarray) -> float:
+    """Estimated stroke width in pixels: 2 * area / boundary length of the binarised ink."""
+    mask = ink > 0.5
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    boundary = area - int(inner.sum())
+    return 2.0 * area / max(boundary, 1)
+
+
+def _dilate(ink: np.ndarray, k: int) -> np.ndarray:
+    """Grey dilation with a k x k square (max filter), growing the canvas by k // 2 on each side."""
+    t = torch.from_numpy(np.pad(ink, k // 2))[None, None]  # (1, 1, H, W)
+    t = torch.nn.functional.max_pool2d(t, (1, k), stride=1, padding=(0, k // 2))  # separable: rows then columns
+    t = torch.nn.functional.max_pool2d(t, (k, 1), stride=1, padding=(k // 2, 0))
+    return t[0, 0].numpy()
+
+
+def preprocess_image(img: PILImage.Image) -> Tensor:
+    """Any picture of one digit -> an MNIST-style uint8 tensor (28, 28): white ink on black, centred.
+
+    Steps: any mode (1, L, P, RGB, RGBA composited on white, LA, I;16, I, F) to grayscale; dark ink on a
+    light background is inverted (decided by the border, else by the majority); the background level is
+    removed; crop to the ink's bounding box; thin strokes are thickened to MNIST's width; scale into 20x20
+    keeping the aspect ratio; centre by centre of mass in 28x28. A blank image raises ``LstmlabError``.
+    """
+    Image = _pil()
+    if not isinstance(img, Image.Image):
+        raise LstmlabError(f"expected a PIL image, got {type(img).__name__}")
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise LstmlabError(f"image is {w} x {h} pixels, over the {MAX_PIXELS:,}-pixel limit; crop or shrink it")
+    if w == 0 or h == 0:
+        raise LstmlabError("the image has no pixels")
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # an animation: read its first frame
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+    a, fixed_scale = _to_gray(img)
+
+    # Polarity: MNIST is light ink on a dark background; the border tells which is background.
+    background = float(np.median(_border(a)))
+    if abs(background - 0.5) < 0.1:  # an ambiguous border (ink touching the edges): go by the majority
+        background = float(np.median(a))
+    if background > 0.5:
+        a, background = 1.0 - a, 1.0 - background
+    contrast = float(a.max()) - background
+    if contrast <= (0.1 if fixed_scale else 1e-6):
+        raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
+    ink = np.clip((a - background) / contrast, 0.0, 1.0)
+    ink[ink < 0.15] = 0.0  # paper texture and JPEG noise are not ink
+
+    ys, xs = np.nonzero(ink > 0.25)
+    if len(ys) == 0:
+        raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
+    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]  # crop to the ink's bounding box
+
+    side = max(ink.shape)
+    if side > WORK_SIDE:  # average big images down first so stroke estimation and dilation stay cheap
+        f = WORK_SIDE / side
+        ink = _resize(ink, max(1, round(ink.shape[1] * f)), max(1, round(ink.shape[0] * f)))
+        ink /= max(float(ink.max()), 1e-6)
+        side = max(ink.shape)
+    scale = BOX / side
+    width = _stroke_width(ink)
+    if width * scale < 0.7 * STROKE:  # a thin pen on a big canvas would vanish at 20x20: thicken it
+        k = int(round(STROKE / scale - width))
+        k += 1 - k % 2  # odd, so the dilation is centred
+        if k > 1:
+            ink = _dilate(ink, k)
+            side = max(ink.shape)
+            scale = BOX / side
+
+    out_w = max(1, min(BOX, round(ink.shape[1] * scale)))
+    out_h = max(1, min(BOX, round(ink.shape[0] * scale)))
+    small = np.clip(_resize(ink, out_w, out_h), 0.0, None)
+    small /= max(float(small.max()), 1e-6)
+
+    total = float(small.sum())
+    rows, cols = np.indices(small.shape)
+    cy = float((rows * small).sum()) / total + 0.5  # centre of mass, in pixel-centre coordinates
+    cx = float((cols * small).sum()) / total + 0.5
+    top = int(np.clip(round(FRAME / 2 - cy), 0, FRAME - out_h))
+    left = int(np.clip(round(FRAME / 2 - cx), 0, FRAME - out_w))
+    frame = np.zeros((FRAME, FRAME), dtype=np.float32)
+    frame[top : top + out_h, left : left + out_w] = small
+    return torch.from_numpy(np.round(frame * 255.0).astype(np.uint8))
+
+
+def load_digit(path: str | Path) -> Tensor:
+    """Open an image file and preprocess it: uint8 (28, 28); every problem is a one-line LstmlabError."""
+    img = open_image(path)
+    try:
+        return preprocess_image(img)
+    except LstmlabError as e:
+        raise LstmlabError(f"{path}: {e}") from None
+    finally:
+        img.close()
+
+
+def class_names(dataset: str) -> list[str]:
+    """The class names of a dataset known to ``lstmlab.data``."""
+    from lstmlab.data import DATASETS
+
+    if dataset not in DATASETS:
+        raise LstmlabError(f"the checkpoint names an unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    return list(DATASETS[dataset].classes)
+
+
+def model_input(ckpt: Checkpoint, images: Tensor) -> Tensor:
+    """uint8 images (B, 28, 28) -> the model's input (B, T, I), normalised as the checkpoint was trained."""
+    from lstmlab.data import to_sequence
+
+    d = ckpt.config.data
+    mean, std = (d.mean, d.std) if d.mean is not None and d.std is not None else (0.5, 1.0)
+    device = next(ckpt.model.parameters()).device
+    return to_sequence(images, d.view, mean, std, ckpt.permutation).to(device)
+
+
+@dataclass
+class Prediction:
+    """One image's result: the top class and the top-k (class index, name, probability)."""
+
+    source: str
+    label: int
+    name: str
+    top: list[tuple[int, str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.source,
+            "prediction": self.label,
+            "class_name": self.name,
+            "top": [{"class": c, "class_name": n, "probability": p} for c, n, p in self.top],
+        }
+
+
+@torch.no_grad()
+def predict_images(ckpt: Checkpoint, images: Tensor, sources: list[str], k: int = 3) -> list[Prediction]:
+    """Classify uint8 images (B, 28, 28) already preprocessed; returns one Prediction each."""
+    names = class_names(ckpt.config.data.dataset)
+    probs = torch.softmax(ckpt.model(model_input(ckpt, images)).float(), dim=1).cpu()  # (B, C)
+    k = min(k, probs.size(1))
+    top_p, top_c = probs.topk(k, dim=1)
+    results = []
+    for source, ps, cs in zip(sources, top_p.tolist(), top_c.tolist(), strict=True):
+        top = [(c, names[c], p) for c, p in zip(cs, ps, strict=True)]
+        results.append(Prediction(source, cs[0], names[cs[0]], top))
+    return results
+
+
+def format_prediction(p: Prediction) -> str:
+    """One line: ``digit.png: 7  (7 98.1%, 1 1.2%, 9 0.3%)``."""
+    tops = ", ".join(f"{n} {100 * q:.1f}%" for _, n, q in p.top)
+    return f"{p.source}: {p.name}  ({tops})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by `lstmlab train`")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each (PNG, JPEG, ...)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
+    parser.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lstmlab.checkpoint import load_checkpoint
+
+    if args.top < 1:
+        raise LstmlabError(f"--top must be at least 1, got {args.top}")
+    ckpt = load_checkpoint(args.checkpoint)
+    images = torch.stack([load_digit(p) for p in args.images])  # (N, 28, 28), every file checked before any output
+    results = predict_images(ckpt, images, [str(p) for p in args.images], k=args.top)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            print(format_prediction(r))
+    return 0
