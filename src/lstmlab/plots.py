@@ -1,0 +1,277 @@
+"""Figures of a training run: loss and accuracy curves, confusion matrix, misclassified test digits;
+``lstmlab plot RUN_DIR``. Also the matplotlib helpers every figure of lstmlab uses.
+
+Figures are made with ``matplotlib.figure.Figure`` and the Agg canvas directly, never pyplot, so no
+global backend or figure registry is touched and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lstmlab.errors import LstmlabError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+METRIC_COLUMNS = ("iteration", "train_loss", "val_loss", "val_accuracy", "lr")
+
+
+def new_figure(width: float, height: float, dpi: int = 100) -> Figure:
+    """A matplotlib Figure on the Agg canvas (no pyplot, no display); size in inches."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise LstmlabError("figures need matplotlib: pip install 'lstmlab[plot]'") from None
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save a figure as PNG atomically (temp file beside it, then rename); returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise LstmlabError(f"--out {path} is a folder; give a file name such as {path / 'figure.png'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=fig.dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def figure_to_array(fig: Figure):
+    """Render a figure to an RGB numpy array (H, W, 3), for the demo's image outputs."""
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a run
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """metrics.csv -> columns as float lists (NaN where a value is empty, e.g. no validation split)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise LstmlabError(f"{path} is missing; is this a run folder written by `lstmlab train`?") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise LstmlabError(f"cannot read {path}: {e}") from None
+    if not rows:
+        raise LstmlabError(f"{path} holds no rows; the run stopped before its first evaluation")
+    missing = [c for c in METRIC_COLUMNS if c not in rows[0]]
+    if missing:
+        raise LstmlabError(f"{path} lacks the column(s) {', '.join(missing)}; it was not written by `lstmlab train`")
+    columns: dict[str, list[float]] = {c: [] for c in METRIC_COLUMNS}
+    for n, row in enumerate(rows, start=2):
+        for c in METRIC_COLUMNS:
+            text = (row.get(c) or "").strip()
+            try:
+                columns[c].append(float(text) if text else math.nan)
+            except ValueError:
+                raise LstmlabError(f"{path} line {n}: {c} is {text!r}, not a number; the file is damaged") from None
+    return columns
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """summary.json, checked for the fields the figures need."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LstmlabError(f"{path} is missing; the run did not finish (summary.json is written at the end)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LstmlabError(f"{path} is not readable JSON ({e}); the file is damaged") from None
+    if not isinstance(summary, dict):
+        raise LstmlabError(f"{path} does not hold a JSON object; the file is damaged")
+    cm = summary.get("confusion_matrix")
+    if (not isinstance(cm, list) or not cm or not all(isinstance(r, list) and len(r) == len(cm) for r in cm)
+            or not all(isinstance(v, int) for r in cm for v in r)):
+        raise LstmlabError(f"{path} has no square confusion_matrix of counts; the file is damaged")
+    return summary
+
+
+def _class_names(summary: dict[str, Any], n: int) -> list[str]:
+    """Class names of the run's dataset, or 0..n-1 when the dataset is unknown."""
+    from lstmlab.data import DATASETS
+
+    dataset = (summary.get("config") or {}).get("data", {}).get("dataset")
+    if dataset in DATASETS and len(DATASETS[dataset].classes) == n:
+        return list(DATASETS[dataset].classes)
+    return [str(k) for k in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the three figures
+
+
+def curves_figure(metrics: dict[str, list[float]], title: str = "") -> Figure:
+    """Train/val loss against iteration (left); val accuracy with the learning rate on a second axis (right)."""
+    fig = new_figure(13, 5)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    it = metrics["iteration"]
+    loss_ax.plot(it, metrics["train_loss"], "o-", ms=3, label="train (mean since last evaluation)")
+    if not all(math.isnan(v) for v in metrics["val_loss"]):
+        loss_ax.plot(it, metrics["val_loss"], "s-", ms=3, label="validation")
+    loss_ax.set_xlabel("iteration")
+    loss_ax.set_ylabel("cross-entropy loss")
+    loss_ax.set_title("Loss")
+    if min(v for v in metrics["train_loss"] + metrics["val_loss"] if not math.isnan(v)) > 0:
+        loss_ax.set_yscale("log")  # losses fall over orders of magnitude
+    loss_ax.grid(True, which="both", alpha=0.3)
+    loss_ax.legend()
+
+    accuracy = [100 * v for v in metrics["val_accuracy"]]
+    if all(math.isnan(v) for v in accuracy):
+        acc_ax.text(0.5, 0.5, "no validation split in this run", ha="center", va="center", transform=acc_ax.transAxes)
+    else:
+        acc_ax.plot(it, accuracy, "o-", ms=3, color="tab:green", label="validation accuracy")
+        best = max(range(len(accuracy)), key=lambda k: -math.inf if math.isnan(accuracy[k]) else accuracy[k])
+        acc_ax.annotate(f"best {accuracy[best]:.2f}%", (it[best], accuracy[best]), textcoords="offset points",
+                        xytext=(-10, -18), ha="right", color="tab:green")
+    acc_ax.set_xlabel("iteration")
+    acc_ax.set_ylabel("validation accuracy (%)", color="tab:green")
+    acc_ax.set_title("Validation accuracy and learning rate")
+    acc_ax.grid(True, alpha=0.3)
+    lr_ax = acc_ax.twinx()
+    lr_ax.plot(it, metrics["lr"], "--", color="tab:red", label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="tab:red")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    handles = acc_ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    acc_ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: list[list[int]], names: list[str], title: str = "") -> Figure:
+    """The confusion matrix (rows: true class) as a heatmap with counts; log colour so errors show."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    cm = np.asarray(confusion, dtype=np.int64)
+    n = len(cm)
+    fig = new_figure(9, 8)
+    ax = fig.subplots()
+    image = ax.imshow(np.maximum(cm, 1), cmap="Blues", norm=LogNorm(vmin=1, vmax=max(int(cm.max()), 2)))
+    fig.colorbar(image, ax=ax, label="test images (log scale)", fraction=0.046, pad=0.04)
+    for r in range(n):
+        for c in range(n):
+            if cm[r, c]:
+                dark = cm[r, c] > math.sqrt(max(int(cm.max()), 1))
+                ax.text(c, r, str(cm[r, c]), ha="center", va="center", fontsize=9,
+                        color="white" if dark else ("black" if r == c else "darkred"))
+    ax.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right" if
+                  max(map(len, names)) > 2 else "center")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = int(cm.sum())
+    accuracy = 100 * int(np.trace(cm)) / max(total, 1)
+    ax.set_title(title or f"Confusion matrix: {total} test images, accuracy {accuracy:.2f}%")
+    fig.tight_layout()
+    return fig
+
+
+def mistakes_figure(images, true, pred, prob, names: list[str], total_wrong: int, total: int) -> Figure:
+    """A grid of misclassified digits (uint8 (N, 28, 28)) titled ``true X / pred Y (p%)``."""
+    n = len(images)
+    cols = 8
+    rows = max(1, math.ceil(n / cols))
+    fig = new_figure(cols * 1.6, rows * 1.9 + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k < n:
+            ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"true {names[true[k]]}\npred {names[pred[k]]} ({100 * prob[k]:.0f}%)", fontsize=8,
+                         color="darkred")
+    if n == 0:
+        axes[0, 0].text(0, 0.5, "no mistakes on the test set", fontsize=14)
+    shown = f"the {n} most confident" if n < total_wrong else f"all {n}"
+    fig.suptitle(f"Misclassified test images: {total_wrong} of {total}; {shown} shown")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def find_mistakes(checkpoint: Path, data_dir: str | None, limit: int, batch_size: int = 1000):
+    """Run a checkpoint over its dataset's test split; the ``limit`` most confident mistakes.
+
+    Returns (images uint8 (n, 28, 28), true, pred, prob of pred, total wrong, total, class names).
+    """
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.data import load_dataset
+    from lstmlab.predict import class_names, model_input
+
+    ckpt = load_checkpoint(checkpoint)
+    images, labels = load_dataset(ckpt.config.data.dataset, "test", data_dir=data_dir)
+    probs = torch.cat([
+        torch.softmax(ckpt.model(model_input(ckpt, images[s : s + batch_size])).float(), 1).cpu()
+        for s in range(0, len(labels), batch_size)
+    ])  # (N, C)
+    conf, pred = probs.max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    order = wrong[conf[wrong].argsort(descending=True)][:limit]  # most confident mistakes first: the instructive ones
+    return (images[order].numpy(), labels[order].tolist(), pred[order].tolist(), conf[order].tolist(),
+            len(wrong), len(labels), class_names(ckpt.config.data.dataset))
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, data_dir: str | None = None,
+             max_mistakes: int = 48) -> list[Path]:
+    """Write curves.png, confusion.png and mistakes.png for a run folder; returns their paths."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LstmlabError(f"run folder {run_dir} does not exist; pass the --out folder of `lstmlab train`")
+    out = Path(out_dir) if out_dir else run_dir
+    metrics = read_metrics(run_dir / "metrics.csv")
+    summary = read_summary(run_dir / "summary.json")
+    names = _class_names(summary, len(summary["confusion_matrix"]))
+    checkpoint = run_dir / "best.safetensors"
+    if not checkpoint.is_file():
+        raise LstmlabError(f"{checkpoint} is missing; the mistakes figure needs the run's best checkpoint")
+    cfg = summary.get("config") or {}
+    label = f"{cfg.get('data', {}).get('dataset', '?')}/{cfg.get('data', {}).get('view', '?')}, " \
+            f"H={cfg.get('model', {}).get('hidden_size', '?')}, recipe {cfg.get('recipe', '?')}"
+    test_acc = summary.get("test_accuracy")
+    title = f"{run_dir.name}: {label}" + (f", test accuracy {100 * test_acc:.2f}%" if
+                                         isinstance(test_acc, (int, float)) else "")
+    paths = [save_figure(curves_figure(metrics, title), out / "curves.png"),
+             save_figure(confusion_figure(summary["confusion_matrix"], names), out / "confusion.png")]
+    images, true, pred, prob, wrong, total, mnames = find_mistakes(checkpoint, data_dir, max_mistakes)
+    paths.append(save_figure(mistakes_figure(images, true, pred, prob, mnames, wrong, total), out / "mistakes.png"))
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `lstmlab train --out`")
+    parser.add_argument("--out-dir", help="where to write the PNGs (default: RUN_DIR)")
+    parser.add_argument("--data-dir", help="folder holding the dataset's IDX files (offline use)")
+    parser.add_argument("--max-mistakes", type=int, default=48, help="misclassified digits to show (default 48)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_mistakes < 1:
+        raise LstmlabError(f"--max-mistakes must be at least 1, got {args.max_mistakes}")
+    for path in plot_run(args.run_dir, args.out_dir, args.data_dir, args.max_mistakes):
+        print(f"wrote {path}")
+    return 0
