@@ -11,7 +11,17 @@ import torch
 
 from lstmlab.data import FILE_NAMES
 
-CORRUPTIONS = ("bad_magic", "bad_dtype", "bad_ndim", "truncated", "trailing", "corrupt_gzip", "not_gzip", "empty")
+CORRUPTIONS = (
+    "bad_magic",
+    "bad_dtype",
+    "bad_ndim",
+    "truncated",
+    "trailing",
+    "corrupt_gzip",
+    "truncated_gzip",
+    "not_gzip",
+    "empty",
+)
 
 
 def idx_bytes(t: torch.Tensor, *, dtype_byte: int = 0x08) -> bytes:
@@ -55,6 +65,9 @@ def corrupt_idx(path: Path, kind: str) -> Path:
         whole = gzip.compress(good, mtime=0)
         data = whole[: len(whole) // 2] + bytes(8)  # gzip header, then garbage
         return write_bytes(path, data, gz=False)
+    elif kind == "truncated_gzip":
+        whole = gzip.compress(good, mtime=0)
+        return write_bytes(path, whole[:-5], gz=False)  # the stream ends before its end marker
     elif kind == "not_gzip":
         return write_bytes(path, good, gz=False)  # raw IDX bytes under a .gz name
     elif kind == "empty":

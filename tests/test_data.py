@@ -120,6 +120,7 @@ def test_read_idx_roundtrip(tmp_path: Path) -> None:
         ("truncated", "bad-idx1-ubyte.gz", "truncated"),
         ("trailing", "bad-idx1-ubyte", "trailing bytes"),
         ("corrupt_gzip", "bad-idx1-ubyte.gz", "corrupt gzip"),
+        ("truncated_gzip", "bad-idx1-ubyte.gz", "corrupt gzip"),
         ("not_gzip", "bad-idx1-ubyte.gz", "not a gzip file"),
         ("empty", "bad-idx1-ubyte", "too short"),
     ],
