@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,10 @@ def open_image(path: str | Path) -> PILImage.Image:
             # PIL only warns between its limit and twice it; treat that as the refusal it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise LstmlabError(f"image {path} is far too large (over {MAX_PIXELS:,} pixels); crop or shrink it") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))  # PIL says "Image size (N pixels) exceeds limit ..."
+        size = f"has {int(found.group(1)):,} pixels" if found else "is huge"
+        raise LstmlabError(f"image {path} {size}, over the {MAX_PIXELS:,}-pixel limit; crop or shrink it") from None
     except Image.UnidentifiedImageError:
         raise LstmlabError(f"{path} is not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
     except OSError as e:
@@ -115,7 +118,7 @@ def _resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
     Image = _pil()
     shrinking = width < a.shape[1] or height < a.shape[0]
     method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize((width, height), method), np.float32)
+    return np.array(Image.fromarray(a.astype(np.float32), mode="F").resize((width, height), method), np.float32)
 
 
 def _stroke_width(ink: np.ndarray) -> float:

@@ -1,0 +1,27 @@
+"""A small model trained once per test session on the ``mnist_dir`` data, shared by the predict, plot
+and demo tests (each file's session fixture calls ``trained_run``; the run is cached on disk)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
+
+ITERATIONS = 300  # ~95% on real MNIST test digits with H=64; seconds on an idle 2-core machine
+
+
+def trained_run(base: Path, mnist_dir: Path) -> Path:
+    """A run folder (metrics.csv, summary.json, best/last.safetensors) of a briefly trained rows-view model."""
+    from lstmlab.train import train
+
+    out = base / "lstmlab-trained-run"
+    if (out / "summary.json").is_file():
+        return out
+    config = Config(
+        model=ModelConfig(hidden_size=64),
+        data=DataConfig(dataset="mnist", view="rows", val_size=1000),
+        train=TrainConfig(optimizer="adam", lr=3e-3, schedule="onecycle", batch_size=128, iterations=ITERATIONS,
+                          eval_every=100, seed=125, device="cpu"),
+    )
+    train(config, out, data_dir=mnist_dir, quiet=True)
+    return out
