@@ -67,18 +67,21 @@ def open_image(path: str | Path) -> PILImage.Image:
         raise LstmlabError(f"{path} is not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
     except OSError as e:
         raise LstmlabError(f"cannot read image {path}: {e}") from None
-    width, height = img.size
-    if width * height > MAX_PIXELS:
-        img.close()
-        raise LstmlabError(
-            f"image {path} is {width} x {height} pixels, over the {MAX_PIXELS:,}-pixel limit; crop or shrink it"
-        )
-    if width == 0 or height == 0:
-        raise LstmlabError(f"image {path} has no pixels ({width} x {height})")
     try:
-        img.load()
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data after a valid header
-        raise LstmlabError(f"image {path} is damaged and cannot be decoded ({e})") from None
+        width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise LstmlabError(
+                f"image {path} is {width} x {height} pixels, over the {MAX_PIXELS:,}-pixel limit; crop or shrink it"
+            )
+        if width == 0 or height == 0:
+            raise LstmlabError(f"image {path} has no pixels ({width} x {height})")
+        try:
+            img.load()
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data after a valid header
+            raise LstmlabError(f"image {path} is damaged and cannot be decoded ({e})") from None
+    except BaseException:
+        img.close()  # never leave the file handle to the garbage collector
+        raise
     return img
 
 
