@@ -106,6 +106,7 @@ def gates_figure(
     permutation: Tensor | None = None,
     title: str = "",
     image_title: str = "input",
+    dpi: int = 100,
 ) -> Figure:
     """The whole picture for sample ``sample`` of a recording; ``image`` is its uint8 (28, 28) input."""
     from lstmlab.plots import new_figure
@@ -115,7 +116,7 @@ def gates_figure(
     step = steps - 1 if step is None else step
     if not 0 <= step < steps:
         raise LstmlabError(f"--step must be in 0..{steps - 1}, got {step}")
-    fig = new_figure(17, 12)
+    fig = new_figure(17, 12, dpi=dpi)
     outer = fig.add_gridspec(3, 1, height_ratios=[1.0, 1.0, 1.0], hspace=0.42,
                              left=0.05, right=0.96, top=0.91, bottom=0.05)
     top = outer[0].subgridspec(1, 3, width_ratios=[1.0, 3.2, 1.2], wspace=0.25)

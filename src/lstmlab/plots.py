@@ -255,11 +255,14 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, data_dir: s
     test_acc = summary.get("test_accuracy")
     title = f"{run_dir.name}: {label}" + (f", test accuracy {100 * test_acc:.2f}%" if
                                          isinstance(test_acc, (int, float)) else "")
-    paths = [save_figure(curves_figure(metrics, title), out / "curves.png"),
-             save_figure(confusion_figure(summary["confusion_matrix"], names), out / "confusion.png")]
+    # Everything is read and checked before the first file is written, so a bad run leaves no partial output.
     images, true, pred, prob, wrong, total, mnames = find_mistakes(checkpoint, data_dir, max_mistakes)
-    paths.append(save_figure(mistakes_figure(images, true, pred, prob, mnames, wrong, total), out / "mistakes.png"))
-    return paths
+    figures = {
+        "curves.png": curves_figure(metrics, title),
+        "confusion.png": confusion_figure(summary["confusion_matrix"], names),
+        "mistakes.png": mistakes_figure(images, true, pred, prob, mnames, wrong, total),
+    }
+    return [save_figure(fig, out / name) for name, fig in figures.items()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

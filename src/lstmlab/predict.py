@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MAX_PIXELS = 40_000_000
 BOX = 20  # MNIST: the digit fits a 20x20 box ...
 FRAME = 28  # ... centred by mass in a 28x28 frame
-STROKE = 2.2  # typical MNIST stroke width in pixels at the 20x20 scale
+STROKE = 2.6  # median MNIST stroke width in pixels (2 * area / boundary of the ink above 50%)
 WORK_SIDE = 160  # big images are first averaged down to this longest side before stroke estimation
 
 
@@ -192,7 +192,7 @@ def preprocess_image(img: PILImage.Image) -> Tensor:
         side = max(ink.shape)
     scale = BOX / side
     width = _stroke_width(ink)
-    if width * scale < 0.7 * STROKE:  # a thin pen on a big canvas would vanish at 20x20: thicken it
+    if width * scale < 0.8 * STROKE:  # a thin pen on a big canvas would vanish at 20x20: thicken it
         k = int(round(STROKE / scale - width))
         k += 1 - k % 2  # odd, so the dilation is centred
         if k > 1:

@@ -1,0 +1,228 @@
+"""Draw a digit in the browser and watch the LSTM read it: ``lstmlab demo CHECKPOINT``.
+
+The work is done by ``predict_drawing``, a plain function (testable without gradio): preprocess the
+drawing MNIST-style, record the gates while the model reads it, and draw the figures. The Gradio app
+around it binds 127.0.0.1 by default and never creates a public share link.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lstmlab.errors import LstmlabError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from lstmlab.checkpoint import Checkpoint
+
+BLANK_MESSAGE = "The canvas is blank: draw a digit (one stroke or more), then press **Read my digit**."
+
+
+@dataclass
+class DrawingResult:
+    """What the page shows for one drawing; ``ok`` False means only ``message`` is meaningful."""
+
+    ok: bool
+    message: str
+    digit: Tensor | None = None  # uint8 (28, 28): what the model reads
+    probabilities: dict[str, float] = field(default_factory=dict)  # class name -> probability
+    gates: np.ndarray | None = None  # RGB (H, W, 3): the gates figure
+    evolution: np.ndarray | None = None  # RGB (H, W, 3): the guess after each step
+    steps: list[tuple[int, str, float]] = field(default_factory=list)  # (step, guess, probability) per step
+
+
+def drawing_to_image(drawing: Any):
+    """A Gradio sketchpad value (dict with ``composite``), a PIL image or an array -> PIL image or None."""
+    from PIL import Image
+
+    if isinstance(drawing, dict):  # gradio's EditorValue: background, layers, composite
+        drawing = drawing.get("composite")
+        if drawing is None:
+            return None
+    if drawing is None:
+        return None
+    if isinstance(drawing, Image.Image):
+        return drawing
+    if isinstance(drawing, (str, Path)):
+        from lstmlab.predict import open_image
+
+        return open_image(drawing)
+    array = np.asarray(drawing)
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise LstmlabError(f"cannot read a drawing of shape {array.shape}")
+    return Image.fromarray(array)
+
+
+def evolution_figure(probs: Tensor, names: list[str], view: str, digit: Tensor) -> Figure:
+    """Lines of each class's probability after every step; the classes that ever lead are labelled."""
+    from lstmlab.plots import new_figure
+
+    p = probs.detach().float().cpu().numpy()  # (T, C)
+    steps = np.arange(1, len(p) + 1)
+    fig = new_figure(10, 4.2)
+    img_ax, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3.2]})
+    img_ax.imshow(digit.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
+    img_ax.set_title("what the LSTM reads\n(28 x 28, one row per step)" if view == "rows" else
+                     "what the LSTM reads (28 x 28)", fontsize=10)
+    img_ax.set_xticks([])
+    img_ax.set_yticks([0, 9, 18, 27])
+    leaders = sorted({int(k) for k in p.argmax(1)} | {int(p[-1].argmax())})
+    colours = {c: f"C{n % 10}" for n, c in enumerate(leaders)}
+    for c in range(p.shape[1]):
+        if c in colours:
+            ax.plot(steps, p[:, c], color=colours[c], linewidth=2.2, label=names[c])
+        else:
+            ax.plot(steps, p[:, c], color="lightgray", linewidth=1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(1, len(p))
+    ax.set_xlabel("rows read so far" if view == "rows" else "pixels read so far")
+    ax.set_ylabel("probability")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="leading at some step", loc="upper left", fontsize=9)
+    final = int(p[-1].argmax())
+    ax.set_title(f"The guess as the LSTM reads — final: {names[final]} ({100 * p[-1, final]:.0f}%)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _guess_changes(probs: Tensor, names: list[str]) -> list[tuple[int, str, float]]:
+    """(step, guess, probability) at the first step and wherever the leading class changes."""
+    p = probs.detach().float().cpu()
+    best, top = p.max(1)
+    out = []
+    for t in range(len(p)):
+        if t == 0 or top[t] != top[t - 1]:
+            out.append((t + 1, names[int(top[t])], float(best[t])))
+    return out
+
+
+@torch.no_grad()
+def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True) -> DrawingResult:
+    """The demo's core: a drawing (sketchpad value, PIL image or array) -> everything the page shows.
+
+    A blank or unreadable drawing gives ``ok=False`` and a message, never an exception, so the app
+    keeps serving.
+    """
+    from lstmlab.inspect import record
+    from lstmlab.predict import class_names, model_input, preprocess_image
+
+    try:
+        img = drawing_to_image(drawing)
+        if img is None:
+            return DrawingResult(ok=False, message=BLANK_MESSAGE)
+        digit = preprocess_image(img)
+    except LstmlabError as e:
+        message = BLANK_MESSAGE if "blank" in str(e) else f"Cannot read the drawing: {e}"
+        return DrawingResult(ok=False, message=message)
+
+    names = class_names(ckpt.config.data.dataset)
+    view = ckpt.config.data.view
+    rec = record(ckpt.model, model_input(ckpt, digit[None]))
+    final = torch.softmax(rec.logits[0].float(), 0).cpu()
+    probabilities = {names[k]: float(final[k]) for k in range(len(names))}
+    top = int(final.argmax())
+    changes = _guess_changes(rec.probs[0], names) if rec.probs is not None else []
+    word = "row" if view == "rows" else "pixel"
+    story = "; ".join(f"after {word} {t}: {n} ({100 * q:.0f}%)" for t, n, q in changes[-6:])
+    message = f"**Prediction: {names[top]}** ({100 * final[top]:.1f}%)."
+    if story:
+        message += f" How the guess changed — {story}."
+    result = DrawingResult(ok=True, message=message, digit=digit, probabilities=probabilities, steps=changes)
+    if figures:
+        from lstmlab.gates import gates_figure
+        from lstmlab.plots import figure_to_array
+
+        fig = gates_figure(rec, digit, view, names, permutation=ckpt.permutation, title="Your digit",
+                           image_title="your digit, preprocessed", dpi=80)
+        result.gates = figure_to_array(fig)
+        if rec.probs is not None:
+            result.evolution = figure_to_array(evolution_figure(rec.probs[0], names, view, digit))
+    return result
+
+
+def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your digit"):
+    """The Gradio Blocks app around ``predict_drawing``."""
+    from lstmlab.predict import class_names
+
+    gr = _gradio()
+    names = class_names(ckpt.config.data.dataset)
+
+    def handle(drawing):
+        r = predict_drawing(ckpt, drawing)
+        if not r.ok:
+            return None, None, None, None, r.message
+        big = np.kron(r.digit.numpy(), np.ones((8, 8), dtype=np.uint8))  # 224 x 224, sharp pixels
+        return big, r.probabilities, r.evolution, r.gates, r.message
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(
+            f"# {title}\nDraw one {'digit' if names == [str(k) for k in range(10)] else 'item'} "
+            f"({', '.join(names)}), then press **Read my digit**. The model reads the image "
+            f"{'row by row, top to bottom' if ckpt.config.data.view == 'rows' else 'pixel by pixel'}."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                pad = gr.Sketchpad(label="draw here", type="pil", canvas_size=(400, 400), fixed_canvas=True,
+                                   brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"),
+                                   elem_id="sketchpad")
+                button = gr.Button("Read my digit", variant="primary", elem_id="read-button")
+            with gr.Column(scale=1):
+                message = gr.Markdown(elem_id="message")
+                label = gr.Label(num_top_classes=3, label="prediction", elem_id="prediction")
+                digit = gr.Image(label="what the model reads (28 x 28)", height=224, width=224, elem_id="digit")
+        evolution = gr.Image(label="the guess, step by step", elem_id="evolution")
+        gates = gr.Image(label="inside the LSTM: gates and states at every step", elem_id="gates")
+        outputs = [digit, label, evolution, gates, message]
+        button.click(handle, inputs=pad, outputs=outputs, api_name="predict")
+    return app
+
+
+def _gradio():
+    try:
+        import gradio as gr
+    except ImportError:
+        raise LstmlabError("the demo needs gradio: pip install 'lstmlab[demo]'") from None
+    return gr
+
+
+def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
+    """Serve the app on host:port (never a public share link); returns the local URL."""
+    try:
+        _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                               prevent_thread_lock=not block, quiet=not block, show_error=True)
+    except OSError as e:
+        raise LstmlabError(f"cannot serve on {host}:{port} ({e}); pick another --port") from None
+    return url
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by `lstmlab train`")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lstmlab.checkpoint import load_checkpoint
+
+    if not 0 < args.port < 65536:
+        raise LstmlabError(f"--port must be in 1..65535, got {args.port}")
+    _gradio()  # the hint comes before loading anything
+    ckpt = load_checkpoint(args.checkpoint)
+    app = build_app(ckpt)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lstmlab demo: serving on {args.host}: anyone who can reach this machine can use the demo")
+    print(f"lstmlab demo: open http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port} "
+          "(Ctrl+C to stop)")
+    launch(app, args.host, args.port, block=True)
+    return 0
