@@ -164,10 +164,12 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
         big = np.kron(r.digit.numpy(), np.ones((8, 8), dtype=np.uint8))  # 224 x 224, sharp pixels
         return big, r.probabilities, r.evolution, r.gates, r.message
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    # delete_cache: a long-running demo would otherwise pile up every figure it served in gradio's temp folder
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(
-            f"# {title}\nDraw one {'digit' if names == [str(k) for k in range(10)] else 'item'} "
-            f"({', '.join(names)}), then press **Read my digit**. The model reads the image "
+            f"# {title}\nPick the brush (the pencil left of the canvas), draw one "
+            f"{'digit' if names == [str(k) for k in range(10)] else 'item'} ({', '.join(names)}), then press "
+            f"**Read my digit**. The model reads the image "
             f"{'row by row, top to bottom' if ckpt.config.data.view == 'rows' else 'pixel by pixel'}."
         )
         with gr.Row():
@@ -179,9 +181,10 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
             with gr.Column(scale=1):
                 message = gr.Markdown(elem_id="message")
                 label = gr.Label(num_top_classes=3, label="prediction", elem_id="prediction")
-                digit = gr.Image(label="what the model reads (28 x 28)", height=224, width=224, elem_id="digit")
-        evolution = gr.Image(label="the guess, step by step", elem_id="evolution")
-        gates = gr.Image(label="inside the LSTM: gates and states at every step", elem_id="gates")
+                digit = gr.Image(label="model input, 28 x 28", height=224, width=224, format="png",
+                                 elem_id="digit")
+        evolution = gr.Image(label="the guess, step by step", format="png", elem_id="evolution")
+        gates = gr.Image(label="inside the LSTM: gates and states at every step", format="png", elem_id="gates")
         outputs = [digit, label, evolution, gates, message]
         button.click(handle, inputs=pad, outputs=outputs, api_name="predict")
     return app

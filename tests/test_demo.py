@@ -1,0 +1,228 @@
+"""``lstmlab demo``: the core function, the Gradio app through gradio_client, and a real headless Chromium.
+
+Under CI (``CI=true``) nothing here may skip: a missing gradio, selenium or chromium is a failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from trained import trained_run
+
+from lstmlab.cli import build_parser, main
+
+Image = pytest.importorskip("PIL.Image")
+ImageDraw = pytest.importorskip("PIL.ImageDraw")
+pytest.importorskip("matplotlib")
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _require(module: str):
+    """Import a test dependency: skip without it locally, fail under CI."""
+    if IN_CI:
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path):
+    from lstmlab.checkpoint import load_checkpoint
+
+    return load_checkpoint(trained_run(tmp_path_factory.getbasetemp(), mnist_dir) / "best.safetensors")
+
+
+def seven(mode: str = "RGBA", size: int = 400, width: int = 22) -> Image.Image:
+    """A 7 as the sketchpad sends it: black strokes on a transparent layer."""
+    img = Image.new(mode, (size, size), (0, 0, 0, 0) if mode == "RGBA" else "white")
+    s = size / 400
+    ImageDraw.Draw(img).line([(100 * s, 80 * s), (300 * s, 80 * s), (170 * s, 340 * s)], fill="black",
+                             width=round(width * s), joint="curve")
+    return img
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the core, without gradio
+
+
+def test_predict_drawing(checkpoint) -> None:
+    from lstmlab.demo import predict_drawing
+
+    r = predict_drawing(checkpoint, {"background": None, "layers": [], "composite": seven()})
+    assert r.ok and r.digit is not None and r.digit.shape == (28, 28)
+    assert list(r.probabilities) == [str(k) for k in range(10)]
+    assert abs(sum(r.probabilities.values()) - 1) < 1e-4
+    top3 = sorted(r.probabilities, key=r.probabilities.get, reverse=True)[:3]
+    assert "7" in top3, r.probabilities
+    best = max(r.probabilities, key=r.probabilities.get)
+    assert r.message.startswith(f"**Prediction: {best}**")
+    assert r.steps and r.steps[0][0] == 1 and r.steps[-1][1] == best  # the guess story ends at the prediction
+    for figure in (r.gates, r.evolution):
+        assert figure.ndim == 3 and figure.shape[2] == 3 and figure.dtype == np.uint8
+        assert figure.std() > 20  # not blank
+    assert r.gates.shape[:2] == (960, 1360)
+    # The same drawing as a PIL image, as an array, on white paper: the same answer.
+    for drawing in (seven(), np.asarray(seven()), seven("RGB")):
+        assert predict_drawing(checkpoint, drawing, figures=False).probabilities.keys() == r.probabilities.keys()
+        assert max(predict_drawing(checkpoint, drawing, figures=False).probabilities.items(),
+                   key=lambda kv: kv[1])[0] == best
+
+
+def test_predict_drawing_blank_and_odd_inputs(checkpoint) -> None:
+    from lstmlab.demo import BLANK_MESSAGE, predict_drawing
+
+    blank_inputs = [None, {"background": None, "layers": [], "composite": None},
+                    {"composite": Image.new("RGBA", (400, 400), (0, 0, 0, 0))},
+                    {"composite": Image.new("RGB", (400, 400), "white")}, np.full((50, 50, 3), 255, np.uint8)]
+    for drawing in blank_inputs:
+        r = predict_drawing(checkpoint, drawing)
+        assert not r.ok and r.message == BLANK_MESSAGE and r.digit is None and r.gates is None
+    r = predict_drawing(checkpoint, np.zeros((0, 5), np.uint8))
+    assert not r.ok and r.message.startswith("Cannot read the drawing")
+
+
+def test_demo_binds_localhost_and_never_shares(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lstmlab.demo import launch
+
+    args = build_parser().parse_args(["demo", "model.safetensors"])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    seen = {}
+
+    class FakeApp:
+        def launch(self, **kwargs):
+            seen.update(kwargs)
+            return None, "http://127.0.0.1:7860/", None
+
+    assert launch(FakeApp()) == "http://127.0.0.1:7860/"
+    assert seen["share"] is False and seen["server_name"] == "127.0.0.1" and seen["inbrowser"] is False
+
+
+def test_demo_without_gradio_is_a_one_line_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "gradio", None)  # import gradio now raises ImportError
+    assert main(["demo", str(tmp_path / "model.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lstmlab demo: error: the demo needs gradio: pip install 'lstmlab[demo]'"
+    assert main(["demo", str(tmp_path / "model.safetensors"), "--port", "70000"]) == 2
+    assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the app, served for real
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory: pytest.TempPathFactory):
+    """The app on 127.0.0.1 at a free port, served from a thread for the module's tests."""
+    _require("gradio")
+    from lstmlab.demo import build_app, launch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))  # served files stay in the test's tmp
+        app = build_app(checkpoint)
+        url = launch(app, "127.0.0.1", _free_port(), block=False)
+        assert url.startswith("http://127.0.0.1:")
+        yield url
+        app.close()
+
+
+def test_app_through_gradio_client(served: str, tmp_path: Path) -> None:
+    client_mod = _require("gradio_client")
+    client = client_mod.Client(served, verbose=False)
+    blank = tmp_path / "blank.png"
+    Image.new("RGBA", (400, 400), (0, 0, 0, 0)).save(blank)
+    drawn = tmp_path / "seven.png"
+    seven().save(drawn)
+
+    def editor(path: Path) -> dict:
+        return {"background": None, "layers": [], "composite": client_mod.handle_file(str(path)), "id": None}
+
+    digit, label, evolution, gates, message = client.predict(editor(blank), api_name="/predict")
+    assert (digit, evolution, gates) == (None, None, None) and not label  # gradio sends an empty Label as {}
+    assert "blank" in message
+    # The app keeps serving after a blank canvas.
+    digit, label, evolution, gates, message = client.predict(editor(drawn), api_name="/predict")
+    assert "7" in [c["label"] for c in label["confidences"]]
+    assert message.startswith(f"**Prediction: {label['label']}**")
+    with Image.open(digit) as img:
+        assert img.size == (224, 224)
+    for path in (evolution, gates):
+        with Image.open(path) as img:
+            assert np.asarray(img.convert("L")).std() > 20
+
+
+def _chromium() -> tuple[str, str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    message = "headless test needs chromium and chromedriver (apt-get install chromium chromium-driver)"
+    if IN_CI:
+        pytest.fail(f"CI=true but {message}; .ci/browser.sh should have installed them")
+    pytest.skip(message)
+
+
+def test_app_in_headless_chromium(served: str, tmp_path: Path) -> None:
+    browser, driver_path = _chromium()
+    webdriver = _require("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    profile = tempfile.mkdtemp(dir=tmp_path)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1700", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        chrome.get(served)
+        wait = WebDriverWait(chrome, 90)
+        wait.until(lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#sketchpad canvas") if c.is_displayed()])
+
+        def message() -> str:
+            return chrome.find_element(By.CSS_SELECTOR, "#message").text
+
+        chrome.find_element(By.CSS_SELECTOR, "#read-button").click()  # nothing drawn yet
+        wait.until(lambda d: "blank" in message())
+
+        chrome.find_element(By.CSS_SELECTOR, "#sketchpad button[aria-label='Brush']").click()
+        canvas = [c for c in chrome.find_elements(By.CSS_SELECTOR, "#sketchpad canvas") if c.is_displayed()][-1]
+        stroke = ActionChains(chrome).move_to_element_with_offset(canvas, -60, -70).click_and_hold()
+        for x, y in [(-20, -70), (20, -70), (60, -70), (40, -20), (20, 30), (0, 80)]:  # a 7, offsets from the centre
+            stroke.move_to_element_with_offset(canvas, x, y)
+        stroke.release().perform()
+        time.sleep(0.5)  # let the canvas commit the stroke before reading it
+        chrome.find_element(By.CSS_SELECTOR, "#read-button").click()
+        wait.until(lambda d: "Prediction" in message())
+        predicted = message().split("Prediction:")[1].split()[0]
+        label_lines = chrome.find_element(By.CSS_SELECTOR, "#prediction").text.split()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gates img"))
+        time.sleep(0.5)
+        shot = tmp_path / "demo.png"
+        chrome.save_screenshot(str(shot))
+        if os.environ.get("LSTMLAB_SCREENSHOT_DIR"):  # to look at it by eye
+            shutil.copy(shot, Path(os.environ["LSTMLAB_SCREENSHOT_DIR"]) / "demo-chromium.png")
+    finally:
+        chrome.quit()
+    assert predicted in [str(k) for k in range(10)]
+    assert "7" in label_lines[:8], label_lines  # the label shows the top 3 classes; the drawn 7 is among them
+    with Image.open(shot) as img:
+        assert np.asarray(img.convert("L")).std() > 20
