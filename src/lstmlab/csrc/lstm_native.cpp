@@ -1,0 +1,212 @@
+// The per-step loops of lstmlab's fused LSTM layer, out of Python.
+//
+// forward:  for each step, gates_t += h_{t-1} @ W_hh^T (one addmm), then ONE pass over the (B, 4H) gates
+//           that activates them in place and writes c_t, tanh(c_t) and h_t.
+// backward: for each step (last to first), ONE pass that turns dh, dc into the gradient of the four gates'
+//           pre-activations and dc_{t-1}, then dh_{t-1} = dG_t @ W_hh (one mm).
+// The weight gradients (one big matmul each over all steps) stay in Python.
+//
+// The pointwise passes are plain loops that the compiler vectorises (-O3, this machine's SIMD); exp is a
+// branch-free polynomial for float so that it vectorises too. Registered as torch ops lstmlab_native::*.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <utility>
+
+namespace {
+
+// exp(x) for float, Cephes-style: 2^n * p(r), r = x - n ln2; error ~1-2 ulp, no branches so it vectorises.
+inline float exp_f(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // keep 2^n a normal float (and NaN-free min/max vectorise)
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline double exp_f(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_f(-x));
+}
+
+// tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}); absolute error ~1e-7 in float near 0.
+template <typename T>
+inline T tanh_(T x) {
+  const T a = x < T(0) ? -x : x;
+  const T e = exp_f(T(-2) * a);
+  const T t = (T(1) - e) / (T(1) + e);
+  return x < T(0) ? -t : t;
+}
+
+template <>
+inline double tanh_(double x) {
+  return std::tanh(x);
+}
+
+// One forward step's pointwise math over rows of 4H pre-activations (in place -> activations).
+template <typename T>
+void forward_pointwise(T* __restrict gates, const T* __restrict c_prev, T* __restrict c_out, T* __restrict tc_out,
+                       T* __restrict h_out, int64_t B, int64_t H) {
+  for (int64_t b = 0; b < B; ++b) {
+    T* __restrict gi = gates + b * 4 * H;
+    T* __restrict gf = gi + H;
+    T* __restrict gg = gi + 2 * H;
+    T* __restrict go = gi + 3 * H;
+    const T* __restrict cp = c_prev + b * H;
+    T* __restrict cn = c_out + b * H;
+    T* __restrict tn = tc_out + b * H;
+    T* __restrict hn = h_out + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = sigmoid(gi[j]);
+      const T f = sigmoid(gf[j]);
+      const T g = tanh_(gg[j]);
+      const T o = sigmoid(go[j]);
+      const T c = f * cp[j] + i * g;
+      const T tc = tanh_(c);
+      gi[j] = i;
+      gf[j] = f;
+      gg[j] = g;
+      go[j] = o;
+      cn[j] = c;
+      tn[j] = tc;
+      hn[j] = o * tc;
+    }
+  }
+}
+
+// One backward step's pointwise math, in place: acts (B, 4H) holds the activations i, f, g, o on entry and
+// the gradient w.r.t. the four pre-activations on exit (same index read then written, so it vectorises).
+// dh (B, H) is the gradient reaching h_t from step t+1, d_out (B, H) or null the one from the output;
+// dc (B, H) goes from dc_t to dc_{t-1}.
+template <typename T, bool HAS_OUT>
+void backward_pointwise(T* __restrict acts, const T* __restrict c_prev, const T* __restrict tc,
+                        const T* __restrict dh_rec, const T* __restrict d_out, T* __restrict dc, int64_t B,
+                        int64_t H) {
+  for (int64_t b = 0; b < B; ++b) {
+    T* __restrict ai = acts + b * 4 * H;
+    T* __restrict af = ai + H;
+    T* __restrict ag = ai + 2 * H;
+    T* __restrict ao = ai + 3 * H;
+    const T* __restrict cp = c_prev + b * H;
+    const T* __restrict tcb = tc + b * H;
+    const T* __restrict dhr = dh_rec + b * H;
+    const T* __restrict dob = HAS_OUT ? d_out + b * H : nullptr;
+    T* __restrict dcb = dc + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = ai[j], f = af[j], g = ag[j], o = ao[j], t = tcb[j];
+      T dh = dhr[j];
+      if constexpr (HAS_OUT) {
+        dh += dob[j];
+      }
+      const T dcj = dcb[j] + dh * o * (T(1) - t * t);
+      ao[j] = dh * t * o * (T(1) - o);
+      ai[j] = dcj * g * i * (T(1) - i);
+      af[j] = dcj * cp[j] * f * (T(1) - f);
+      ag[j] = dcj * i * (T(1) - g * g);
+      dcb[j] = dcj * f;
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "lstmlab_native: ", name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), "lstmlab_native: ", name, " must be contiguous");
+}
+
+// gates (T, B, 4H): input projections with biases, activated in place; fills out, cs, tcs (T, B, H) with
+// h_t, c_t and tanh(c_t). All contiguous, on the CPU, of one floating dtype.
+void lstm_forward(at::Tensor gates, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                  at::Tensor out, at::Tensor cs, at::Tensor tcs) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&gates, &h0, &c0, &out, &cs, &tcs}) {
+    check_inputs(*t, "every tensor");
+  }
+  const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
+  TORCH_CHECK(out.numel() == T * B * H && cs.numel() == T * B * H && tcs.numel() == T * B * H,
+              "lstmlab_native.forward: out, cs, tcs must be (T, B, H)");
+  const at::Tensor w_t = w_hh.t();  // (H, 4H)
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstmlab_forward", [&] {
+    at::Tensor h = h0;
+    const scalar_t* c_prev = c0.data_ptr<scalar_t>();
+    scalar_t* const gp = gates.data_ptr<scalar_t>();
+    scalar_t* const op = out.data_ptr<scalar_t>();
+    scalar_t* const cp = cs.data_ptr<scalar_t>();
+    scalar_t* const tp = tcs.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      gates.select(0, t).addmm_(h, w_t);  // (B, 4H) += h_{t-1} @ W_hh^T
+      forward_pointwise<scalar_t>(gp + t * B * 4 * H, c_prev, cp + t * B * H, tp + t * B * H, op + t * B * H, B, H);
+      c_prev = cp + t * B * H;
+      h = out.select(0, t);
+    }
+  });
+}
+
+// acts (T, B, 4H) holds the activations on entry and dG, the gradient w.r.t. the pre-activations, on exit.
+// dh, dc (B, H): the gradients reaching h_T, c_T on entry, h_0, c_0 on exit. d_out (T, B, H) may be None.
+void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs, const at::Tensor& c0,
+                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& d_out, at::Tensor dh, at::Tensor dc) {
+  const bool has_out = d_out.has_value() && d_out->defined();
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&acts, &cs, &tcs, &c0, &dh, &dc}) {
+    check_inputs(*t, "every tensor");
+  }
+  if (has_out) {
+    check_inputs(*d_out, "d_out");
+  }
+  const int64_t T = acts.size(0), B = acts.size(1), H = acts.size(2) / 4;
+  at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the mm writes dh_next
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstmlab_backward", [&] {
+    scalar_t* const ap = acts.data_ptr<scalar_t>();
+    const scalar_t* const cp = cs.data_ptr<scalar_t>();
+    const scalar_t* const tp = tcs.data_ptr<scalar_t>();
+    const scalar_t* const dop = has_out ? d_out->data_ptr<scalar_t>() : nullptr;
+    at::Tensor cur = dh, next = dh_next;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const scalar_t* c_prev = t > 0 ? cp + (t - 1) * B * H : c0.data_ptr<scalar_t>();
+      scalar_t* a_t = ap + t * B * 4 * H;
+      if (has_out) {
+        backward_pointwise<scalar_t, true>(a_t, c_prev, tp + t * B * H, cur.data_ptr<scalar_t>(),
+                                           dop + t * B * H, dc.data_ptr<scalar_t>(), B, H);
+      } else {
+        backward_pointwise<scalar_t, false>(a_t, c_prev, tp + t * B * H, cur.data_ptr<scalar_t>(), nullptr,
+                                            dc.data_ptr<scalar_t>(), B, H);
+      }
+      at::mm_out(next, acts.select(0, t), w_hh);  // dh_{t-1} = dG_t @ W_hh
+      std::swap(cur, next);
+    }
+    if (!cur.is_same(dh)) {
+      dh.copy_(cur);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lstmlab_native, m) {
+  m.def(
+      "forward(Tensor(a!) gates, Tensor h0, Tensor c0, Tensor w_hh, Tensor(b!) out, Tensor(c!) cs, "
+      "Tensor(d!) tcs) -> ()");
+  m.def(
+      "backward(Tensor(a!) acts, Tensor cs, Tensor tcs, Tensor c0, Tensor w_hh, Tensor? d_out, Tensor(b!) dh, "
+      "Tensor(c!) dc) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
+  m.impl("forward", &lstm_forward);
+  m.impl("backward", &lstm_backward);
+}
