@@ -107,7 +107,7 @@ def test_demo_binds_localhost_and_never_shares(monkeypatch: pytest.MonkeyPatch) 
             seen.update(kwargs)
             return None, "http://127.0.0.1:7860/", None
 
-    assert launch(FakeApp()) == "http://127.0.0.1:7860/"
+    assert launch(FakeApp(), block=False) == "http://127.0.0.1:7860/"
     assert seen["share"] is False and seen["server_name"] == "127.0.0.1" and seen["inbrowser"] is False
 
 
@@ -138,6 +138,19 @@ def served(checkpoint, tmp_path_factory: pytest.TempPathFactory):
         assert url.startswith("http://127.0.0.1:")
         yield url
         app.close()
+
+
+def test_busy_port_is_a_one_line_error(checkpoint) -> None:
+    _require("gradio")
+    from lstmlab.demo import build_app, launch
+    from lstmlab.errors import LstmlabError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(LstmlabError, match=f"cannot serve on 127.0.0.1:{port} .*pick another --port"):
+            launch(build_app(checkpoint), "127.0.0.1", port, block=False)
 
 
 def test_app_through_gradio_client(served: str, tmp_path: Path) -> None:

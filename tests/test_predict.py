@@ -295,3 +295,28 @@ def test_predict_cli_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: 
         assert captured.out == ""  # nothing half-printed before the error
         err = captured.err.strip()
         assert err.startswith("lstmlab predict: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(("dataset", "view"), [("fashion-mnist", "rows"), ("mnist", "permuted")])
+def test_predict_follows_the_checkpoints_dataset_and_view(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          dataset: str, view: str) -> None:
+    """Class names come from the checkpoint's dataset; the input is laid out in its view and permutation."""
+    from lstmlab.checkpoint import save_checkpoint
+    from lstmlab.config import Config, DataConfig, ModelConfig
+    from lstmlab.data import DATASETS, make_permutation
+    from lstmlab.model import SequenceClassifier
+
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(input_size=28 if view == "rows" else 1, hidden_size=8, backend="torch"),
+                    data=DataConfig(dataset=dataset, view=view, mean=0.29, std=0.35))
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, SequenceClassifier(config.model), config, make_permutation(3) if view == "permuted" else None)
+    image = tmp_path / "shoe.png"
+    render(digit_mask(4), "RGB blue on yellow").save(image)
+    assert main(["predict", str(path), str(image), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    names = list(DATASETS[dataset].classes)
+    assert result["class_name"] == names[result["prediction"]]
+    assert [t["class_name"] for t in result["top"]] == [names[t["class"]] for t in result["top"]]
+    assert main(["predict", str(path), str(image)]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: {result['class_name']}  (")

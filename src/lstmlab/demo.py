@@ -202,9 +202,12 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -
     """Serve the app on host:port (never a public share link); returns the local URL."""
     try:
         _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
-                               prevent_thread_lock=not block, quiet=not block, show_error=True)
+                               prevent_thread_lock=True, quiet=True, show_error=True)
     except OSError as e:
         raise LstmlabError(f"cannot serve on {host}:{port} ({e}); pick another --port") from None
+    if block:
+        print(f"lstmlab demo: serving on {url} (Ctrl+C to stop)", flush=True)
+        app.block_thread()  # returns after Ctrl+C, with the server closed
     return url
 
 
@@ -224,8 +227,6 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     app = build_app(ckpt)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"lstmlab demo: serving on {args.host}: anyone who can reach this machine can use the demo")
-    print(f"lstmlab demo: open http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port} "
-          "(Ctrl+C to stop)")
+        print(f"lstmlab demo: binding {args.host}: anyone who can reach this machine can use the demo")
     launch(app, args.host, args.port, block=True)
     return 0
