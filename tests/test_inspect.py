@@ -14,6 +14,15 @@ from lstmlab.model import SequenceClassifier
 BACKENDS = ["reference", "torch", "fused"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny step-by-step ops gain nothing from threads, and OpenMP spinning on a shared machine costs 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(backend: str, layers: int, bidirectional: bool, seed: int = 0) -> SequenceClassifier:
     if backend != "torch" and backend not in _layer_backends():
         pytest.skip(f"backend {backend} is not built in this installation")
