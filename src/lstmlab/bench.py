@@ -1,0 +1,339 @@
+"""``lstmlab bench``: samples/s of each LSTM backend against ``torch.nn.LSTM``, measured in the same run.
+
+A training step is what ``lstmlab train`` does per batch: the LSTM of a ``SequenceClassifier`` (batch
+first) + linear head on the last hidden state + cross-entropy + backward + SGD step, on random data. Every
+backend gets its own copy of the same initial weights. The backends are timed in turns (A B C, B C A, ...)
+so that a burst of load from other processes hits them all alike; the table gives the median of the
+repeats and its ratio to ``torch`` (PyTorch's own LSTM kernel, oneDNN on CPU, cuDNN on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lstmlab.errors import LstmlabError
+
+BACKENDS = ("reference", "fused", "torch")
+MODES = ("train", "forward")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``lstmlab bench``."""
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024], metavar="B",
+                        help="batch sizes to time (default: 64 256 1024)")
+    parser.add_argument("--seq-len", type=int, default=28, help="time steps T (28 rows; 784 for pixel MNIST)")
+    parser.add_argument("--input-size", type=int, default=28, help="features per step I (28 rows; 1 pixels)")
+    parser.add_argument("--hidden-size", type=int, default=128, help="hidden units H (default 128)")
+    parser.add_argument("--layers", type=int, default=1, help="stacked LSTM layers (default 1)")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), metavar="NAME",
+                        help=f"backends to time, any of {', '.join(BACKENDS)} (default: all); "
+                             "'torch' is nn.LSTM's kernel and the reference of the ratio column")
+    parser.add_argument("--mode", choices=("train", "forward", "both"), default="train",
+                        help="train: forward+backward+SGD step; forward: inference only (default train)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per backend (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first")
+    parser.add_argument("--min-samples", type=int, default=2048,
+                        help="samples per timed round at least (more steps per round at small batches)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="write the rows as JSON to PATH (or stdout instead of the table without PATH)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the table (or JSON)."""
+    rows = benchmark(
+        batch_sizes=args.batch_sizes,
+        seq_len=args.seq_len,
+        input_size=args.input_size,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        backends=args.backends,
+        mode=args.mode,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        min_samples=args.min_samples,
+        threads=args.threads,
+        device=args.device,
+        seed=args.seed,
+    )
+    if args.json == "-":
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_table(rows))
+    if args.json:
+        _write_atomic(Path(args.json), json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise LstmlabError(message)
+
+
+def benchmark(
+    batch_sizes: Sequence[int] = (64, 256, 1024),
+    seq_len: int = 28,
+    input_size: int = 28,
+    hidden_size: int = 128,
+    layers: int = 1,
+    backends: Sequence[str] = BACKENDS,
+    mode: str = "train",
+    repeats: int = 5,
+    warmup: int = 2,
+    min_samples: int = 2048,
+    threads: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Time each backend; one row per (mode, batch size, backend) with samples/s, ratio and peak memory.
+
+    Raises ``LstmlabError`` on bad arguments (non-positive sizes, unknown backend, missing CUDA).
+    """
+    import torch
+
+    _check(len(batch_sizes) > 0 and all(b > 0 for b in batch_sizes),
+           f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
+    for name, value in (("--seq-len", seq_len), ("--input-size", input_size), ("--hidden-size", hidden_size),
+                        ("--layers", layers), ("--repeats", repeats), ("--min-samples", min_samples)):
+        _check(value > 0, f"{name} must be a positive integer, got {value}")
+    _check(warmup >= 0, f"--warmup must be >= 0, got {warmup}")
+    _check(threads is None or threads > 0, f"--threads must be a positive integer, got {threads}")
+    unknown = [b for b in backends if b not in BACKENDS]
+    _check(not unknown and len(backends) > 0,
+           f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
+    _check(mode in (*MODES, "both"), f"--mode must be train, forward or both, got {mode!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LstmlabError(f"--device {device!r} is not a device torch knows ({e}); use cpu or cuda") from e
+    _check(dev.type != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA GPU is available here; use cpu")
+    loops = None
+    if "fused" in backends:
+        from lstmlab.lstm import _layer_backends
+
+        _check("fused" in _layer_backends(), "the fused backend is not available in this installation")
+        loops = _prepare_native() if dev.type == "cpu" else "python"
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    backends = list(dict.fromkeys(backends))  # drop repeats, keep order
+    modes = list(MODES) if mode == "both" else [mode]
+    rows: list[dict[str, Any]] = []
+    for m in modes:
+        for batch in batch_sizes:
+            rows.extend(_bench_one(m, batch, seq_len, input_size, hidden_size, layers, backends, repeats, warmup,
+                                   min_samples, dev, seed))
+    for row in rows:
+        row["fused_loops"] = loops
+    return rows
+
+
+def _prepare_native() -> str:
+    """Make the fused backend's compiled loops ready before timing (a benchmark may wait for the one-off
+    build; training never does). Returns which loops the fused rows time: "native" or "python"."""
+    import sys
+
+    from lstmlab import _native
+
+    if os.environ.get("LSTMLAB_NATIVE", "auto").strip().lower() in ("0", "off", "false", "no"):
+        return "python"
+    if _native.get() is None and not _native.library_path().exists():
+        print("lstmlab bench: compiling the fused backend's C++ loops once (about a minute)...", file=sys.stderr)
+        try:
+            _native.build()
+        except Exception as e:  # noqa: BLE001 - no compiler, no headers...: time the Python loops
+            print(f"lstmlab bench: compiled loops unavailable ({e}); timing the Python loops", file=sys.stderr)
+            return "python"
+    deadline = time.monotonic() + 5.0
+    while _native.get() is None and time.monotonic() < deadline:  # another process may be just finishing
+        time.sleep(0.5)
+    return "native" if _native.get() is not None else "python"
+
+
+def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size: int, layers: int,
+               backends: list[str], repeats: int, warmup: int, min_samples: int, device: Any,
+               seed: int) -> list[dict[str, Any]]:
+    """One batch size and mode: every backend, interleaved."""
+    import torch
+
+    steps = {name: _make_step(mode, name, batch, seq_len, input_size, hidden_size, layers, device, seed)
+             for name in backends}
+    per_round = max(1, math.ceil(min_samples / batch))
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    memory = {name: _peak_memory(step, device) for name, step in steps.items()}
+    rates: dict[str, list[float]] = {name: [] for name in backends}
+    for r in range(repeats):
+        order = backends[r % len(backends):] + backends[: r % len(backends)]  # rotate who goes first
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(per_round):
+                steps[name]()
+            _sync(device)
+            rates[name].append(per_round * batch / (time.perf_counter() - start))
+    medians = {name: statistics.median(v) for name, v in rates.items()}
+    base = medians.get("torch")
+    del steps
+    return [
+        {
+            "backend": name,
+            "batch_size": batch,
+            "mode": mode,
+            "samples_per_s": medians[name],
+            "samples_per_s_all": rates[name],
+            "ratio_vs_torch": (medians[name] / base) if base else None,
+            "peak_memory_mib": memory[name],
+            "memory_measure": _memory_label(device),
+            "seq_len": seq_len,
+            "input_size": input_size,
+            "hidden_size": hidden_size,
+            "layers": layers,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+        }
+        for name in backends
+    ]
+
+
+def _make_step(mode: str, backend: str, batch: int, seq_len: int, input_size: int, hidden_size: int,
+               layers: int, device: Any, seed: int) -> Callable[[], None]:
+    """A closure running one step of `mode` on its own model (same initial weights for every backend)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lstmlab.config import ModelConfig
+    from lstmlab.model import SequenceClassifier
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    config = ModelConfig(input_size=input_size, hidden_size=hidden_size, num_layers=layers, backend=backend)
+    model = SequenceClassifier(config).to(device)
+    x = torch.randn(batch, seq_len, input_size, generator=gen).to(device)  # (B, T, I)
+    y = torch.randint(0, config.num_classes, (batch,), generator=gen).to(device)
+    if mode == "forward":
+        model.eval()
+
+        def forward_step() -> None:
+            with torch.no_grad():
+                model(x)
+
+        return forward_step
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return train_step
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _memory_label(device: Any) -> str:
+    return "cuda max_memory_allocated" if device.type == "cuda" else "CPU peak RSS growth (VmHWM)"
+
+
+def _peak_memory(step: Callable[[], None], device: Any) -> float | None:
+    """MiB that one step needs at its peak above what was in use before it; None where it cannot be measured.
+
+    CUDA: the caching allocator's peak. CPU: Linux's peak resident set (VmHWM) after resetting it, minus the
+    resident set before the step; the fused backend's scratch pool is emptied first so that it is counted.
+    """
+    import gc
+
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        from lstmlab.fused import release_buffers
+
+        release_buffers()
+    except ImportError:
+        pass
+    gc.collect()
+    _malloc_trim()  # hand freed heap back to the OS, so that this step's allocations show in the resident set
+    try:
+        rss = _proc_status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        step()
+        peak = _proc_status_kib("VmHWM")
+    except (OSError, ValueError):
+        step()
+        return None
+    return max(0.0, (peak - rss) / 1024)
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may then undercount reused memory
+        pass
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"{field} not in /proc/self/status")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of benchmark rows."""
+    if not rows:
+        return "(no results)"
+    first = rows[0]
+    lines = [
+        f"LSTM T={first['seq_len']} I={first['input_size']} H={first['hidden_size']} layers={first['layers']} "
+        f"device={first['device']} threads={first['threads']}; samples/s = median of repeats; "
+        f"x torch = ratio to nn.LSTM in this run; memory = {first['memory_measure']}"
+        + (f"; fused step loops: {first['fused_loops']}" if first.get("fused_loops") else ""),
+        f"{'backend':<10} {'B':>6} {'mode':<8} {'samples/s':>11} {'x torch':>8} {'peak MiB':>9}",
+    ]
+    for row in rows:
+        ratio = "-" if row["ratio_vs_torch"] is None else f"{row['ratio_vs_torch']:.2f}x"
+        mem = "n/a" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.1f}"
+        lines.append(f"{row['backend']:<10} {row['batch_size']:>6} {row['mode']:<8} "
+                     f"{row['samples_per_s']:>11.0f} {ratio:>8} {mem:>9}")
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
