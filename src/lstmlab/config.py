@@ -32,6 +32,7 @@ class DataConfig:
     view: str = "rows"
     val_size: int = 5000
     normalize: str = "dataset"  # "dataset": training-set mean/std; "seed": the textbook's (x-0.5)/1
+    augment_shift: int = 0  # training only: shift each image by up to this many pixels each way
     mean: float | None = None  # filled in from the training split when normalize == "dataset"
     std: float | None = None
 

@@ -72,6 +72,7 @@ def validate_config(config: Config) -> None:
         (d.view in VIEWS, f"--view must be one of {', '.join(VIEWS)}, got {d.view!r}"),
         (d.normalize in ("dataset", "seed"), f"--normalize must be dataset or seed, got {d.normalize!r}"),
         (d.val_size >= 0, f"--val-size must be >= 0, got {d.val_size}"),
+        (0 <= d.augment_shift <= 8, f"--augment-shift must be in 0..8 pixels, got {d.augment_shift}"),
         (m.hidden_size > 0, f"--hidden-size must be positive, got {m.hidden_size}"),
         (m.num_layers > 0, f"--layers must be positive, got {m.num_layers}"),
         (0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
@@ -106,6 +107,18 @@ def _make_optimizer(model: torch.nn.Module, t: TrainConfig, total_steps: int):
     else:
         sched = None
     return opt, sched
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each uint8 image (B, 28, 28) by its own random offset in [-max_shift, max_shift],
+    filling with black; one gather for the whole batch, no per-image Python."""
+    b, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4)  # (B, 28 + 2s, 28 + 2s)
+    dy = torch.randint(0, 2 * max_shift + 1, (b, 1, 1), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (b, 1, 1), generator=generator)
+    rows = dy + torch.arange(height).view(1, height, 1)  # (B, 28, 1)
+    cols = dx + torch.arange(width).view(1, 1, width)  # (B, 1, 28)
+    return padded[torch.arange(b).view(b, 1, 1), rows, cols]  # (B, 28, 28)
 
 
 def _metrics_csv(rows: list[dict[str, Any]]) -> str:
@@ -192,7 +205,10 @@ def train(
     model.train()
     while iteration < total:
         for idx in batch_indices(len(train_y), t.batch_size, generator=generator, shuffle=True):
-            x = to_sequence(train_x[idx], d.view, d.mean, d.std, permutation).to(device)  # (B, T, I)
+            batch = train_x[idx]  # (B, 28, 28) uint8
+            if d.augment_shift:
+                batch = random_shift(batch, d.augment_shift, generator)
+            x = to_sequence(batch, d.view, d.mean, d.std, permutation).to(device)  # (B, T, I)
             y = train_y[idx].to(device)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -293,6 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="folder holding the four IDX files (offline); else $LSTMLAB_DATA or download")
     g.add_argument("--val-size", type=_whole_number, help="images held out of training for validation (5000)")
     g.add_argument("--normalize", help="dataset (training-set mean/std) or seed ((x-0.5)/1)")
+    g.add_argument("--augment-shift", type=_whole_number,
+                   help="training images shifted randomly by up to N pixels each way (0 = off)")
     g = parser.add_argument_group("model")
     g.add_argument("--hidden-size", type=_whole_number)
     g.add_argument("--layers", type=_whole_number, dest="num_layers")
@@ -319,7 +337,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     config = recipe(args.recipe)
     sections = {
         "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend"),
-        "data": ("dataset", "view", "val_size", "normalize"),
+        "data": ("dataset", "view", "val_size", "normalize", "augment_shift"),
         "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
                   "eval_every", "clip", "seed", "device"),
     }
