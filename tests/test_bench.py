@@ -1,0 +1,65 @@
+"""``lstmlab bench`` runs tiny configurations end to end; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lstmlab import cli
+from lstmlab.bench import BACKENDS
+
+
+def test_bench_json_has_a_row_per_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--batch-sizes", "2", "3", "--seq-len", "3", "--input-size", "2", "--hidden-size", "4",
+            "--repeats", "2", "--warmup", "1", "--min-samples", "1", "--mode", "both", "--json"]
+    assert cli.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 * 2 * len(BACKENDS)  # modes x batch sizes x backends
+    for row in rows:
+        assert row["backend"] in BACKENDS
+        assert row["samples_per_s"] > 0
+        assert len(row["samples_per_s_all"]) == 2
+        assert row["ratio_vs_torch"] > 0
+    torch_rows = [r for r in rows if r["backend"] == "torch"]
+    assert all(r["ratio_vs_torch"] == pytest.approx(1.0) for r in torch_rows)
+    assert {(r["mode"], r["batch_size"]) for r in rows} == {(m, b) for m in ("train", "forward") for b in (2, 3)}
+
+
+def test_bench_table_and_json_file(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--batch-sizes", "2", "--seq-len", "2", "--input-size", "3", "--hidden-size", "3",
+            "--layers", "2", "--repeats", "1", "--warmup", "0", "--min-samples", "1", "--threads", "1",
+            "--backends", "fused", "torch", "--json", str(out)]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    lines = table.strip().splitlines()
+    assert "samples/s" in lines[1] and "x torch" in lines[1]
+    body = [line.split() for line in lines[2:]]
+    assert [row[0] for row in body] == ["fused", "torch"]
+    for row in body:
+        assert float(row[3]) > 0  # samples/s
+        assert row[4].endswith("x")  # ratio column
+    rows = json.loads(out.read_text())
+    assert [r["backend"] for r in rows] == ["fused", "torch"] and rows[0]["layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--batch-sizes", "-4", "8"], "--batch-sizes"),
+        (["--seq-len", "0"], "--seq-len"),
+        (["--hidden-size", "-1"], "--hidden-size"),
+        (["--repeats", "0"], "--repeats"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--threads", "0"], "--threads"),
+        (["--backends", "fast"], "unknown backend"),
+        (["--device", "nonsense"], "--device"),
+    ],
+)
+def test_bench_bad_flags_are_user_errors(capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
+    assert cli.main(["bench", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lstmlab bench: error:") and message in err
+    assert "Traceback" not in err
