@@ -121,7 +121,8 @@ def _resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
     Image = _pil()
     shrinking = width < a.shape[1] or height < a.shape[0]
     method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    return np.array(Image.fromarray(a.astype(np.float32), mode="F").resize((width, height), method), np.float32)
+    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32))  # float32 (H, W) -> mode "F"
+    return np.array(img.resize((width, height), method), np.float32)
 
 
 def _stroke_width(ink: np.ndarray) -> float:
