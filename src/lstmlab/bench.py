@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples per timed round at least (more steps per round at small batches)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a machine "
+                             "shared with other jobs when --threads 1")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the rows as JSON to PATH (or stdout instead of the table without PATH)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         seed=args.seed,
+        clock=args.clock,
     )
     if args.json == "-":
         print(json.dumps(rows, indent=2))
@@ -95,6 +99,7 @@ def benchmark(
     threads: int | None = None,
     device: str = "cpu",
     seed: int = 0,
+    clock: str = "wall",
 ) -> list[dict[str, Any]]:
     """Time each backend; one row per (mode, batch size, backend) with samples/s, ratio and peak memory.
 
@@ -113,6 +118,8 @@ def benchmark(
     _check(not unknown and len(backends) > 0,
            f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
     _check(mode in (*MODES, "both"), f"--mode must be train, forward or both, got {mode!r}")
+    _check(clock in ("wall", "cpu"), f"--clock must be wall or cpu, got {clock!r}")
+    _check(clock == "wall" or device == "cpu", "--clock cpu measures CPU work; use it with --device cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -133,7 +140,7 @@ def benchmark(
     for m in modes:
         for batch in batch_sizes:
             rows.extend(_bench_one(m, batch, seq_len, input_size, hidden_size, layers, backends, repeats, warmup,
-                                   min_samples, dev, seed))
+                                   min_samples, dev, seed, clock))
     for row in rows:
         row["fused_loops"] = loops
     return rows
@@ -163,7 +170,7 @@ def _prepare_native() -> str:
 
 def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size: int, layers: int,
                backends: list[str], repeats: int, warmup: int, min_samples: int, device: Any,
-               seed: int) -> list[dict[str, Any]]:
+               seed: int, clock: str = "wall") -> list[dict[str, Any]]:
     """One batch size and mode: every backend, interleaved."""
     import torch
 
@@ -174,16 +181,17 @@ def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size
         for _ in range(warmup):
             step()
     memory = {name: _peak_memory(step, device) for name, step in steps.items()}
+    now = time.process_time if clock == "cpu" else time.perf_counter
     rates: dict[str, list[float]] = {name: [] for name in backends}
     for r in range(repeats):
         order = backends[r % len(backends):] + backends[: r % len(backends)]  # rotate who goes first
         for name in order:
             _sync(device)
-            start = time.perf_counter()
+            start = now()
             for _ in range(per_round):
                 steps[name]()
             _sync(device)
-            rates[name].append(per_round * batch / (time.perf_counter() - start))
+            rates[name].append(per_round * batch / (now() - start))
     medians = {name: statistics.median(v) for name, v in rates.items()}
     base = medians.get("torch")
     del steps
@@ -202,6 +210,7 @@ def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size
             "hidden_size": hidden_size,
             "layers": layers,
             "threads": torch.get_num_threads(),
+            "clock": clock,
             "device": str(device),
         }
         for name in backends
@@ -314,7 +323,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [
         f"LSTM T={first['seq_len']} I={first['input_size']} H={first['hidden_size']} layers={first['layers']} "
-        f"device={first['device']} threads={first['threads']}; samples/s = median of repeats; "
+        f"device={first['device']} threads={first['threads']} clock={first.get('clock', 'wall')}; "
+        "samples/s = median of repeats; "
         f"x torch = ratio to nn.LSTM in this run; memory = {first['memory_measure']}"
         + (f"; fused step loops: {first['fused_loops']}" if first.get("fused_loops") else ""),
         f"{'backend':<10} {'B':>6} {'mode':<8} {'samples/s':>11} {'x torch':>8} {'peak MiB':>9}",
