@@ -320,3 +320,24 @@ def test_predict_follows_the_checkpoints_dataset_and_view(tmp_path: Path, capsys
     assert [t["class_name"] for t in result["top"]] == [names[t["class"]] for t in result["top"]]
     assert main(["predict", str(path), str(image)]) == 0
     assert capsys.readouterr().out.startswith(f"{image}: {result['class_name']}  (")
+
+
+def test_real_mnist_digits_survive_the_round_trip(run_dir: Path, mnist_dir: Path, real_mnist: bool) -> None:
+    """MNIST digits shown as a big dark-on-light picture and preprocessed back are read (almost) as before."""
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.data import load_dataset
+    from lstmlab.predict import predict_images, preprocess_image
+
+    if not real_mnist:
+        pytest.skip("needs the real MNIST digits")
+    images, labels = load_dataset("mnist", "test", data_dir=mnist_dir)
+    n = 300
+    pictures = [Image.fromarray(255 - images[k].numpy()).resize((280, 280), Image.Resampling.BICUBIC) for k in range(n)]
+    back = torch.stack([preprocess_image(p) for p in pictures])
+    ckpt = load_checkpoint(run_dir / "best.safetensors")
+    before = torch.tensor([r.label for r in predict_images(ckpt, images[:n], [""] * n)])
+    after = torch.tensor([r.label for r in predict_images(ckpt, back, [""] * n)])
+    agree = (before == after).float().mean().item()
+    acc_before = (before == labels[:n]).float().mean().item()
+    acc_after = (after == labels[:n]).float().mean().item()
+    assert agree >= 0.9 and acc_after >= acc_before - 0.05, (agree, acc_before, acc_after)
