@@ -138,6 +138,8 @@ class _Loader:
                     build()
                 if path.exists():
                     self.ops = _load(path)
+                    if self.process is not None:
+                        self.process.poll()  # reap our finished build process
                     return self.ops
                 self._start_background_build(path)
             except Exception as e:  # noqa: BLE001 - any failure just means: run the Python loops
