@@ -26,8 +26,10 @@ from typing import Any
 
 _SOURCE = Path(__file__).with_name("csrc") / "lstm_native.cpp"
 # -march=native: the library is built on the machine that runs it (the CPU's flags are in the cache key);
-# -fno-trapping-math lets the compiler vectorise the branch-free exp/sigmoid/tanh.
-_CFLAGS = ["-O3", "-march=native", "-fno-trapping-math"]
+# -fno-trapping-math lets the compiler vectorise the branch-free exp/sigmoid/tanh; -fopenmp turns on
+# at::parallel_for, which then runs on torch's own OpenMP threads (its libgomp is already loaded).
+_CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _LOCK_STALE_S = 900.0  # a build lock older than this belongs to a dead build
 _FAILED_RETRY_S = 86400.0  # after a failed build, try again only a day later (or with LSTMLAB_NATIVE=1)
 _POLL_S = 2.0  # how often a process whose build is running looks for the finished library
@@ -58,7 +60,7 @@ def _key() -> str:
 
     h = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
-                 " ".join(_CFLAGS).encode(), _cpu_flags().encode()):
+                 " ".join(_CFLAGS + _LDFLAGS).encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -98,6 +100,7 @@ def _compile(verbose: bool = False) -> Path:
             name=f"lstmlab_native_{final.parent.name}",
             sources=[str(_SOURCE)],
             extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             build_directory=str(work),
             is_python_module=False,
             verbose=verbose,

@@ -7,11 +7,14 @@
 // The weight gradients (one big matmul each over all steps) stay in Python.
 //
 // The pointwise passes are plain loops that the compiler vectorises (-O3, this machine's SIMD); exp is a
-// branch-free polynomial for float so that it vectorises too. Registered as torch ops lstmlab_native::*.
+// branch-free polynomial for float so that it vectorises too. Large steps split their rows over torch's
+// intra-op threads (at::parallel_for). Registered as torch ops lstmlab_native::*.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -125,6 +128,15 @@ void backward_pointwise(T* __restrict acts, const T* __restrict c_prev, const T*
   }
 }
 
+// Rows [b0, b1) of one step, split over torch's own intra-op threads (the same OpenMP runtime as torch's
+// kernels) only when a step is big enough to pay for waking them: at least kParallelElems per thread.
+constexpr int64_t kParallelElems = 16384;
+
+template <typename F>
+void over_rows(int64_t B, int64_t H, const F& f) {
+  at::parallel_for(0, B, std::max<int64_t>(1, kParallelElems / H), f);
+}
+
 void check_inputs(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "lstmlab_native: ", name, " must be on the CPU");
   TORCH_CHECK(t.is_contiguous(), "lstmlab_native: ", name, " must be contiguous");
@@ -150,7 +162,14 @@ void lstm_forward(at::Tensor gates, const at::Tensor& h0, const at::Tensor& c0, 
     scalar_t* const tp = tcs.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
       gates.select(0, t).addmm_(h, w_t);  // (B, 4H) += h_{t-1} @ W_hh^T
-      forward_pointwise<scalar_t>(gp + t * B * 4 * H, c_prev, cp + t * B * H, tp + t * B * H, op + t * B * H, B, H);
+      scalar_t* const g_t = gp + t * B * 4 * H;
+      scalar_t* const c_t = cp + t * B * H;
+      scalar_t* const tc_t = tp + t * B * H;
+      scalar_t* const h_t = op + t * B * H;
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        forward_pointwise<scalar_t>(g_t + b0 * 4 * H, c_prev + b0 * H, c_t + b0 * H, tc_t + b0 * H, h_t + b0 * H,
+                                    b1 - b0, H);
+      });
       c_prev = cp + t * B * H;
       h = out.select(0, t);
     }
@@ -179,13 +198,19 @@ void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs,
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* c_prev = t > 0 ? cp + (t - 1) * B * H : c0.data_ptr<scalar_t>();
       scalar_t* a_t = ap + t * B * 4 * H;
-      if (has_out) {
-        backward_pointwise<scalar_t, true>(a_t, c_prev, tp + t * B * H, cur.data_ptr<scalar_t>(),
-                                           dop + t * B * H, dc.data_ptr<scalar_t>(), B, H);
-      } else {
-        backward_pointwise<scalar_t, false>(a_t, c_prev, tp + t * B * H, cur.data_ptr<scalar_t>(), nullptr,
-                                            dc.data_ptr<scalar_t>(), B, H);
-      }
+      const scalar_t* const tc_t = tp + t * B * H;
+      const scalar_t* const dh_t = cur.data_ptr<scalar_t>();
+      const scalar_t* const do_t = has_out ? dop + t * B * H : nullptr;
+      scalar_t* const dc_p = dc.data_ptr<scalar_t>();
+      over_rows(B, H, [&](int64_t b0, int64_t b1) {
+        if (do_t != nullptr) {
+          backward_pointwise<scalar_t, true>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
+                                             do_t + b0 * H, dc_p + b0 * H, b1 - b0, H);
+        } else {
+          backward_pointwise<scalar_t, false>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
+                                              nullptr, dc_p + b0 * H, b1 - b0, H);
+        }
+      });
       at::mm_out(next, acts.select(0, t), w_hh);  // dh_{t-1} = dG_t @ W_hh
       std::swap(cur, next);
     }
