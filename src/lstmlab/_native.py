@@ -54,6 +54,7 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
 def _key() -> str:
     """What the binary depends on: the source, torch, Python, the flags and this CPU."""
     import torch
