@@ -4,8 +4,6 @@ never unpickles code and a model is rebuilt from the file alone."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from torch import Tensor
 
 from lstmlab.config import Config
 from lstmlab.errors import LstmlabError
+from lstmlab.fileio import atomic_write_bytes
 from lstmlab.model import SequenceClassifier
 
 FORMAT = "lstmlab-checkpoint"
@@ -29,25 +28,6 @@ class Checkpoint:
     config: Config
     permutation: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path`` then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text version of ``atomic_write_bytes``."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(

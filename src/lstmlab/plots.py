@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lstmlab.errors import LstmlabError
+from lstmlab.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,15 +43,9 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise LstmlabError(f"--out {path} is a folder; give a file name such as {path / 'figure.png'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=fig.dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

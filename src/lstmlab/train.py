@@ -17,10 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lstmlab.checkpoint import atomic_write_text, save_checkpoint
+from lstmlab.checkpoint import save_checkpoint
 from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
 from lstmlab.errors import LstmlabError
 from lstmlab.evaluate import evaluate_model, format_report
+from lstmlab.fileio import atomic_write_text
 from lstmlab.model import SequenceClassifier
 
 METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]
