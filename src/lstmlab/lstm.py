@@ -57,6 +57,8 @@ def resolve_backend(name: str, device: torch.device | None = None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
+        if device is not None and device.type == "cuda":
+            return "torch"  # cuDNN; the fused step loops are CPU code
         return "fused" if "fused" in _layer_backends() else "reference"
     if name != "torch" and name not in _layer_backends():
         raise ValueError(f"backend {name!r} is not available in this installation")
