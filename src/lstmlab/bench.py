@@ -14,13 +14,13 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lstmlab.errors import LstmlabError
+from lstmlab.fileio import atomic_write_text
 
 BACKENDS = ("reference", "fused", "torch")
 MODES = ("train", "forward")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_table(rows))
     if args.json:
-        _write_atomic(Path(args.json), json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -335,15 +335,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{row['backend']:<10} {row['batch_size']:>6} {row['mode']:<8} "
                      f"{row['samples_per_s']:>11.0f} {ratio:>8} {mem:>9}")
     return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -22,6 +22,7 @@ from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
 from lstmlab.errors import LstmlabError
 from lstmlab.evaluate import evaluate_model, format_report
 from lstmlab.fileio import atomic_write_text
+from lstmlab.lstm import resolve_backend
 from lstmlab.model import SequenceClassifier
 
 METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]
@@ -183,6 +184,7 @@ def train(
     m = config.model = replace(m, input_size=int(input_size))
 
     model = SequenceClassifier(m).to(device)
+    backend = resolve_backend(m.backend, device)  # what "auto" became, for the log and the summary
     steps_per_epoch = math.ceil(len(train_y) / t.batch_size)
     total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
     if dry_run:
@@ -195,7 +197,7 @@ def train(
         f"lstmlab: {d.dataset}/{d.view} (T={seq_len}, I={input_size}), {len(train_y)} train / {len(val_y)} val / "
         f"{len(test_labels)} test, H={m.hidden_size} x{m.num_layers}{' bi' if m.bidirectional else ''}, "
         f"{t.optimizer} lr={t.lr} {t.schedule}, batch {t.batch_size}, {total} iterations on {device}, "
-        f"backend {model.lstm.backend}"
+        f"backend {backend}"
     )
     rows: list[dict[str, Any]] = []
     best_acc, best_iter = -1.0, 0
@@ -278,7 +280,7 @@ def train(
         "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(iteration * t.batch_size / train_seconds, 1),
         "device": str(device),
-        "backend": model.lstm.backend,
+        "backend": backend,
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "dry_run": dry_run,
