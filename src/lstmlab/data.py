@@ -335,9 +335,9 @@ def resolve_data_dir(
         if why is not None:
             failed[base] = why
     if failed:
-        details = " | ".join(f"{base}: {why}" for base, why in failed.items())
+        first, why = next(iter(failed.items()))  # the first file's reasons stand for the rest: keep one line short
         raise LstmlabError(
-            f"could not download {', '.join(failed)} of {info.name} from any mirror ({details}); {_FIX_HINT}"
+            f"could not download {', '.join(failed)} of {info.name} from any mirror ({first}: {why}); {_FIX_HINT}"
         )
     return directory
 
