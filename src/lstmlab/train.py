@@ -27,9 +27,6 @@ from lstmlab.model import SequenceClassifier
 
 METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]
 
-RECIPES: dict[str, Config] = {}
-
-
 def recipe(name: str) -> Config:
     """A fresh copy of a named recipe: ``seed`` (the textbook's) or ``default`` (our best)."""
     if name == "seed":  # the notebooks: H=128, SGD lr 0.1, batch 100, 6 000 iterations, (x - 0.5) / 1
@@ -203,7 +200,6 @@ def train(
     best_acc, best_iter = -1.0, 0
     running, running_n = 0.0, 0
     iteration = 0
-    elapsed = 0.0
     start = time.perf_counter()
     bar = tqdm(total=total, disable=quiet, desc="train", unit="it", dynamic_ncols=True, leave=False)
     model.train()
