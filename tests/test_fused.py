@@ -232,3 +232,20 @@ def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="expected x"):
         fused.fused_layer(torch.zeros(2, 3), torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(16, 2),
                           torch.zeros(16, 4), None, None)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_row_blocks(native_ops, threads: int, dtype: torch.dtype) -> None:  # noqa: ANN001
+    """Batches big enough to be cut into per-thread row blocks (uneven ones too) give the reference's numbers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, x, state, weights = make_case(4, 149, 3, 8, 2, False, True, True, True, dtype, 6)
+        want = run_lstm(model, x, state, weights)
+        model.backend = "fused"
+        with using(native_ops):
+            got = run_lstm(model, x, state, weights)
+    finally:
+        torch.set_num_threads(before)
+    assert_all_close(got, want, TOL[dtype])

@@ -2,10 +2,10 @@
 
 Against the gate-level ``reference`` loop it saves most of the small ops that dominate an LSTM on a CPU:
 
-* the input projection of all T steps is ONE matmul ``(T*B, I) @ (I, 4H)`` with both biases folded in;
-* a forward step is one ``addmm`` of ``h @ W_hh^T`` into those precomputed gates plus the pointwise math;
+* a forward step is ONE matmul ``[h_{t-1} | x_t | 1] @ [W_hh | W_ih | b]^T`` (the textbook's h2h and x2h with
+  both biases) plus one pass of pointwise math;
 * the backward pass through time is hand-written: per step only the gates' pointwise derivatives and one
-  ``dG_t @ W_hh``; the weight gradients are ONE matmul each over all steps.
+  ``dG_t @ W_hh``; all the parameter gradients are ONE matmul over all steps.
 
 The per-step loops run either in Python (always available) or in a small C++ extension
 (:mod:`lstmlab._native`, compiled once in the background and cached on disk) when it is ready; both give
@@ -51,7 +51,7 @@ def fused_layer(
     with torch.no_grad():  # inference: nothing is kept for backward, the scratch goes straight back
         fw = _forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, native)
         h_T, c_T = fw.out[-1].clone(), fw.cs[-1].clone()
-        _pool().give(fw.acts, fw.cs, fw.tcs, fw.x2_own)
+        _pool().give(fw.acts, fw.cs, fw.tcs, fw.xh)
         return fw.out, h_T, c_T
 
 
@@ -146,8 +146,21 @@ class _Forward(NamedTuple):
     acts: Tensor  # (T, B, 4H) activated gates i, f, g, o (pool)
     cs: Tensor  # (T, B, H) c_t (pool)
     tcs: Tensor  # (T, B, H) tanh(c_t) (pool)
-    x2: Tensor  # (T*B, I) the input as a matrix
-    x2_own: Tensor | None  # x2 when it is a private copy (pool), None when it is a view of x
+    xh: Tensor  # (T, B, K) row t = [h_{t-1} | x_t | 1 | 0...], the steps' matmul input (pool)
+
+
+def _stacked_weights(weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None) -> Tensor:
+    """[W_hh | W_ih | b | 0...] (4H, K): the x2h and h2h maps (and the bias) as one matrix. K is rounded up to a
+    multiple of 16, which the CPU matmul kernels run faster, and the zero columns change nothing."""
+    H4, H = weight_hh.shape
+    n_in = weight_ih.shape[1]
+    width = H + n_in + (bias is not None)
+    w = weight_hh.new_zeros(H4, -(-width // 16) * 16)
+    w[:, :H] = weight_hh
+    w[:, H : H + n_in] = weight_ih
+    if bias is not None:
+        w[:, H + n_in] = bias
+    return w
 
 
 def _forward(
@@ -163,33 +176,31 @@ def _forward(
     """The forward loop over all steps."""
     pool = _pool()
     T, B, n_in = x.shape
-    H4 = weight_hh.shape[0]
-    H = H4 // 4
-    if x.is_contiguous():
-        x2, x2_own = x.view(T * B, n_in), None
-    else:  # e.g. batch_first input seen as (T, B, I)
-        x2 = x2_own = pool.take((T * B, n_in), x).copy_(x.reshape(T * B, n_in))
-    acts = pool.take((T, B, H4), x)
+    H4, H = weight_hh.shape
     bias = _bias(bias_ih, bias_hh)
-    # The input projection of every step at once, biases folded in: (T*B, I) @ (I, 4H).
-    if bias is None:
-        torch.mm(x2, weight_ih.t(), out=acts.view(T * B, H4))
-    else:
-        torch.addmm(bias, x2, weight_ih.t(), out=acts.view(T * B, H4))
-    h0 = h0.contiguous()
-    c0 = c0.contiguous()
+    w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
+    # Each step's matmul reads [h_{t-1} | x_t | 1]: x and the ones are laid out for all steps now, each step
+    # writes its h_t into the next row. The same buffer is the right-hand side of the weight gradients' matmul.
+    xh = pool.take((T, B, w.shape[1]), x)
+    xh[0, :, :H] = h0
+    xh[:, :, H : H + n_in] = x
+    xh[:, :, H + n_in :] = 0.0
+    if bias is not None:
+        xh[:, :, H + n_in] = 1.0
+    acts = pool.take((T, B, H4), x)
     out = x.new_empty(T, B, H)
     cs = pool.take((T, B, H), x)
     tcs = pool.take((T, B, H), x)
+    c0 = c0.contiguous()
     if native is not None:
-        native.forward(acts, h0, c0, weight_hh.contiguous(), out, cs, tcs)
-        return _Forward(out, acts, cs, tcs, x2, x2_own)
-    w_hh_t = weight_hh.t()  # (H, 4H)
+        native.forward(xh, c0, w, acts, out, cs, tcs)
+        return _Forward(out, acts, cs, tcs, xh)
+    w_t = w.t()  # (K, 4H)
     # Per-step views made once: indexing in the loop would cost a dispatcher call each.
-    steps = zip(acts.unbind(0), out.unbind(0), cs.unbind(0), tcs.unbind(0), strict=True)
-    h, c = h0, c0
-    for gates, h_t, c_t, tc_t in steps:
-        gates.addmm_(h, w_hh_t)  # (B, 4H) += h @ W_hh^T
+    steps = zip(xh.unbind(0), acts.unbind(0), out.unbind(0), cs.unbind(0), tcs.unbind(0), strict=True)
+    c = c0
+    for t, (xh_t, gates, h_t, c_t, tc_t) in enumerate(steps):
+        torch.mm(xh_t, w_t, out=gates)  # (B, 4H) = [h_{t-1} | x_t | 1] @ [W_hh | W_ih | b]^T
         gates[:, : 2 * H].sigmoid_()  # i, f
         gates[:, 2 * H : 3 * H].tanh_()  # g
         gates[:, 3 * H :].sigmoid_()  # o
@@ -198,8 +209,10 @@ def _forward(
         c_t.addcmul_(i, g)  # c' = f*c + i*g
         torch.tanh(c_t, out=tc_t)
         torch.mul(o, tc_t, out=h_t)  # h' = o * tanh(c')
-        h, c = h_t, c_t
-    return _Forward(out, acts, cs, tcs, x2, x2_own)
+        if t + 1 < T:
+            xh[t + 1, :, :H] = h_t
+        c = c_t
+    return _Forward(out, acts, cs, tcs, xh)
 
 
 def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh: Tensor,
@@ -245,26 +258,26 @@ class _FusedLSTM(torch.autograd.Function):
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, native):  # noqa: ANN001, ANN205
         ctx.set_materialize_grads(False)  # an unused output (out, or c_T) gets no zero-filled gradient
         fw = _forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, native)
-        # x2 is saved through save_for_backward when it is a view of x, so that changing x in place is caught.
-        ctx.save_for_backward(h0, c0, weight_ih, weight_hh, fw.out, fw.x2 if fw.x2_own is None else None)
+        ctx.save_for_backward(c0, weight_ih, weight_hh)
         ctx.fw = fw  # the scratch buffers: ours alone, reused in place by backward
         ctx.native = native
+        ctx.has_bias = bias_ih is not None or bias_hh is not None
         return fw.out, fw.out[-1].clone(), fw.cs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):  # noqa: ANN001, ANN205
-        h0, c0, weight_ih, weight_hh, out, x2 = ctx.saved_tensors
+        c0, weight_ih, weight_hh = ctx.saved_tensors
         fw: _Forward = ctx.fw
         if fw is None:
             raise RuntimeError("fused LSTM: backward through this graph a second time needs retain_graph=True")
-        if x2 is None:
-            x2 = fw.x2_own
         pool = _pool()
         T, B, H4 = fw.acts.shape
+        H = H4 // 4
+        n_in = weight_ih.shape[1]
         keep = _keep_graph()
-        dh = torch.zeros_like(h0) if d_hT is None else d_hT.contiguous().clone()
-        dc = torch.zeros_like(c0) if d_cT is None else d_cT.contiguous().clone()
+        dh = torch.zeros_like(fw.cs[0]) if d_hT is None else d_hT.contiguous().clone()
+        dc = torch.zeros_like(fw.cs[0]) if d_cT is None else d_cT.contiguous().clone()
         if d_out is not None:
             d_out = d_out.contiguous()
         c0 = c0.contiguous()
@@ -276,42 +289,27 @@ class _FusedLSTM(torch.autograd.Function):
             dG = _backward_steps(fw.acts, fw.cs, fw.tcs, c0, weight_hh, d_out, dh, dc)
         need = ctx.needs_input_grad
         dG2 = dG.view(T * B, H4)  # (T*B, 4H)
-        dx = torch.mm(dG2, weight_ih).view(T, B, -1) if need[0] else None
-        dw_ih = dw_hh = None
-        H = H4 // 4
-        if need[3] and need[4] and x2.device.type == "cpu":
-            # Both weight gradients in ONE matmul: dG^T @ [h_{t-1} | x_t] over all steps. A thin (N = I) matmul
-            # of its own runs at half the speed of the wide one on a CPU, and dG is read once instead of twice.
-            hx = pool.take((T, B, H + x2.shape[1]), dG)  # (T, B, H+I): row t holds [h_{t-1}, x_t]
-            hx[0, :, :H] = h0
-            hx[1:, :, :H] = out[:-1]
-            hx[:, :, H:] = x2.view(T, B, -1)
-            dw = torch.mm(dG2.t(), hx.view(T * B, -1))  # (4H, H+I)
-            pool.give(hx)
-            dw_hh, dw_ih = dw[:, :H], dw[:, H:]
-        else:
-            if need[3]:
-                dw_ih = torch.mm(dG2.t(), x2)
-            if need[4]:
-                # dW_hh = sum_t dG_t^T @ h_{t-1}: steps 1..T-1 read out[0..T-2], step 0 reads h0.
-                dw_hh = torch.mm(dG[0].t(), h0)
-                if T > 1:
-                    dw_hh.addmm_(dG[1:].reshape((T - 1) * B, H4).t(), out[:-1].reshape((T - 1) * B, -1))
-        db = dG2.sum(0) if (need[5] or need[6]) else None
-        if keep:
-            if dG is not fw.acts:
-                pool.give(dG)
-        else:
-            if dG is not fw.acts:
-                pool.give(dG)
-            pool.give(fw.acts, fw.cs, fw.tcs, fw.x2_own)
+        dx = torch.mm(dG2, weight_ih).view(T, B, n_in) if need[0] else None
+        dw_ih = dw_hh = db = None
+        if any(need[3:7]):
+            # Every parameter gradient in ONE matmul over all steps: dG^T @ [h_{t-1} | x_t | 1] = [dW_hh | dW_ih | db].
+            # Thin matmuls of their own (N = I, or a sum for db) run at a fraction of the wide one's speed on a
+            # CPU, and dG is read once instead of three times.
+            dw = torch.mm(dG2.t(), fw.xh.view(T * B, -1))  # (4H, K)
+            dw_hh, dw_ih = dw[:, :H], dw[:, H : H + n_in]
+            if ctx.has_bias:
+                db = dw[:, H + n_in]
+        if dG is not fw.acts:
+            pool.give(dG)
+        if not keep:
+            pool.give(fw.acts, fw.cs, fw.tcs, fw.xh)
             ctx.fw = None
         return (
             dx,
             dh if need[1] else None,
             dc if need[2] else None,
-            dw_ih,
-            dw_hh,
+            dw_ih if need[3] else None,
+            dw_hh if need[4] else None,
             db if need[5] else None,
             (db.clone() if need[5] else db) if need[6] else None,  # two parameters must not share one tensor
             None,

@@ -1,14 +1,14 @@
 // The per-step loops of lstmlab's fused LSTM layer, out of Python.
 //
-// forward:  for each step, gates_t += h_{t-1} @ W_hh^T (one addmm), then ONE pass over the (B, 4H) gates
-//           that activates them in place and writes c_t, tanh(c_t) and h_t.
+// forward:  for each step, gates_t = [h_{t-1} | x_t | 1] @ [W_hh | W_ih | b]^T (one mm), then ONE pass over the
+//           (B, 4H) gates that activates them in place and writes c_t, tanh(c_t) and h_t.
 // backward: for each step (last to first), ONE pass that turns dh, dc into the gradient of the four gates'
 //           pre-activations and dc_{t-1}, then dh_{t-1} = dG_t @ W_hh (one mm).
-// The weight gradients (one big matmul each over all steps) stay in Python.
+// The parameter gradients (one matmul over all steps: dG^T @ [h_{t-1} | x_t | 1]) stay in Python.
 //
 // The pointwise passes are plain loops that the compiler vectorises (-O3, this machine's SIMD); exp is a
-// branch-free polynomial for float so that it vectorises too. Large steps split their rows over torch's
-// intra-op threads (at::parallel_for). Registered as torch ops lstmlab_native::*.
+// branch-free polynomial for float so that it vectorises too. A batch is cut into row blocks, one per torch
+// intra-op thread, each running every step on its own (over_blocks). Registered as torch ops lstmlab_native::*.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -63,10 +63,11 @@ inline double tanh_(double x) {
   return std::tanh(x);
 }
 
-// One forward step's pointwise math over rows of 4H pre-activations (in place -> activations).
+// One forward step's pointwise math over rows of 4H pre-activations (in place -> activations). h_t goes to
+// h_out (rows of H) and, unless null, also to h_next (rows of h_stride): the next step's matmul input.
 template <typename T>
 void forward_pointwise(T* __restrict gates, const T* __restrict c_prev, T* __restrict c_out, T* __restrict tc_out,
-                       T* __restrict h_out, int64_t B, int64_t H) {
+                       T* __restrict h_out, T* __restrict h_next, int64_t h_stride, int64_t B, int64_t H) {
   for (int64_t b = 0; b < B; ++b) {
     T* __restrict gi = gates + b * 4 * H;
     T* __restrict gf = gi + H;
@@ -90,6 +91,9 @@ void forward_pointwise(T* __restrict gates, const T* __restrict c_prev, T* __res
       cn[j] = c;
       tn[j] = tc;
       hn[j] = o * tc;
+    }
+    if (h_next != nullptr) {
+      std::memcpy(h_next + b * h_stride, hn, sizeof(T) * H);
     }
   }
 }
@@ -142,37 +146,76 @@ void check_inputs(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "lstmlab_native: ", name, " must be contiguous");
 }
 
-// gates (T, B, 4H): input projections with biases, activated in place; fills out, cs, tcs (T, B, H) with
-// h_t, c_t and tanh(c_t). All contiguous, on the CPU, of one floating dtype.
-void lstm_forward(at::Tensor gates, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-                  at::Tensor out, at::Tensor cs, at::Tensor tcs) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&gates, &h0, &c0, &out, &cs, &tcs}) {
+// Rows (samples) never interact in an LSTM, so a batch can be cut into row blocks that run the whole sequence
+// independently, one block per thread, with single-threaded matmuls inside: no fork/join per step, and each
+// core keeps W_hh and its own rows in its cache. Worth it once a block has kMinBlockRows rows (measured on a
+// 2-core AMD EPYC: below that a matmul split over the threads wins).
+constexpr int64_t kMinBlockRows = 16;
+
+int64_t row_blocks(int64_t B) {
+  if (at::in_parallel_region()) {
+    return 1;
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinBlockRows));
+}
+
+// Runs f(r0, r1) for each row block: in parallel with one thread per block, or directly (matmuls then use every
+// thread) when there is one block.
+template <typename F>
+void over_blocks(int64_t B, const F& f) {
+  const int64_t blocks = row_blocks(B);
+  if (blocks == 1) {
+    f(int64_t{0}, B);
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    // Autograd and grad mode are thread-local: a worker thread must be told, like the calling one, that these
+    // tensors are plain buffers.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::NoGradGuard no_grad;
+    for (int64_t k = k0; k < k1; ++k) {
+      f(B * k / blocks, B * (k + 1) / blocks);
+    }
+  });
+}
+
+// The forward pass over all steps. xh (T, B, K) holds row t = [h_{t-1} | x_t | 1 | 0...] with h_0 in place and
+// x, the ones and the padding filled in; w (4H, K) = [W_hh | W_ih | b | 0...]. Per step, gates_t = xh_t @ w^T is
+// the whole textbook "x2h + h2h" as ONE matmul; gates (T, B, 4H) gets the activations, out, cs, tcs (T, B, H)
+// h_t, c_t and tanh(c_t), and h_t is also written into xh for the next step. All contiguous CPU tensors.
+void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::Tensor gates, at::Tensor out,
+                  at::Tensor cs, at::Tensor tcs) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xh, &c0, &w, &gates, &out, &cs, &tcs}) {
     check_inputs(*t, "every tensor");
   }
-  const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
+  const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4, K = xh.size(2);
+  TORCH_CHECK(xh.size(0) == T && xh.size(1) == B && w.size(0) == 4 * H && w.size(1) == K && K >= H,
+              "lstmlab_native.forward: xh must be (T, B, K), w (4H, K), gates (T, B, 4H)");
   TORCH_CHECK(out.numel() == T * B * H && cs.numel() == T * B * H && tcs.numel() == T * B * H,
               "lstmlab_native.forward: out, cs, tcs must be (T, B, H)");
-  const at::Tensor w_t = w_hh.t();  // (H, 4H)
+  const at::Tensor w_t = w.t();  // (K, 4H)
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstmlab_forward", [&] {
-    at::Tensor h = h0;
-    const scalar_t* c_prev = c0.data_ptr<scalar_t>();
+    scalar_t* const xp = xh.data_ptr<scalar_t>();
     scalar_t* const gp = gates.data_ptr<scalar_t>();
     scalar_t* const op = out.data_ptr<scalar_t>();
     scalar_t* const cp = cs.data_ptr<scalar_t>();
     scalar_t* const tp = tcs.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      gates.select(0, t).addmm_(h, w_t);  // (B, 4H) += h_{t-1} @ W_hh^T
-      scalar_t* const g_t = gp + t * B * 4 * H;
-      scalar_t* const c_t = cp + t * B * H;
-      scalar_t* const tc_t = tp + t * B * H;
-      scalar_t* const h_t = op + t * B * H;
-      over_rows(B, H, [&](int64_t b0, int64_t b1) {
-        forward_pointwise<scalar_t>(g_t + b0 * 4 * H, c_prev + b0 * H, c_t + b0 * H, tc_t + b0 * H, h_t + b0 * H,
-                                    b1 - b0, H);
-      });
-      c_prev = cp + t * B * H;
-      h = out.select(0, t);
-    }
+    const scalar_t* const c0p = c0.data_ptr<scalar_t>();
+    over_blocks(B, [&](int64_t r0, int64_t r1) {
+      const int64_t n = r1 - r0;
+      for (int64_t t = 0; t < T; ++t) {
+        at::Tensor g_rows = gates.select(0, t).narrow(0, r0, n);
+        at::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t);  // (n, 4H) = [h_{t-1} | x_t | 1] @ w^T
+        scalar_t* const g_t = gp + (t * B + r0) * 4 * H;
+        const scalar_t* const c_prev = t == 0 ? c0p + r0 * H : cp + ((t - 1) * B + r0) * H;
+        const int64_t o_t = (t * B + r0) * H;
+        scalar_t* const next = t + 1 < T ? xp + ((t + 1) * B + r0) * K : nullptr;
+        over_rows(n, H, [&](int64_t b0, int64_t b1) {
+          forward_pointwise<scalar_t>(g_t + b0 * 4 * H, c_prev + b0 * H, cp + o_t + b0 * H, tp + o_t + b0 * H,
+                                      op + o_t + b0 * H, next == nullptr ? nullptr : next + b0 * K, K, b1 - b0, H);
+        });
+      }
+    });
   });
 }
 
@@ -193,30 +236,35 @@ void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs,
     scalar_t* const ap = acts.data_ptr<scalar_t>();
     const scalar_t* const cp = cs.data_ptr<scalar_t>();
     const scalar_t* const tp = tcs.data_ptr<scalar_t>();
+    const scalar_t* const c0p = c0.data_ptr<scalar_t>();
     const scalar_t* const dop = has_out ? d_out->data_ptr<scalar_t>() : nullptr;
-    at::Tensor cur = dh, next = dh_next;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const scalar_t* c_prev = t > 0 ? cp + (t - 1) * B * H : c0.data_ptr<scalar_t>();
-      scalar_t* a_t = ap + t * B * 4 * H;
-      const scalar_t* const tc_t = tp + t * B * H;
-      const scalar_t* const dh_t = cur.data_ptr<scalar_t>();
-      const scalar_t* const do_t = has_out ? dop + t * B * H : nullptr;
-      scalar_t* const dc_p = dc.data_ptr<scalar_t>();
-      over_rows(B, H, [&](int64_t b0, int64_t b1) {
-        if (do_t != nullptr) {
-          backward_pointwise<scalar_t, true>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
-                                             do_t + b0 * H, dc_p + b0 * H, b1 - b0, H);
-        } else {
-          backward_pointwise<scalar_t, false>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
-                                              nullptr, dc_p + b0 * H, b1 - b0, H);
-        }
-      });
-      at::mm_out(next, acts.select(0, t), w_hh);  // dh_{t-1} = dG_t @ W_hh
-      std::swap(cur, next);
-    }
-    if (!cur.is_same(dh)) {
-      dh.copy_(cur);
-    }
+    scalar_t* const dcp = dc.data_ptr<scalar_t>();
+    over_blocks(B, [&](int64_t r0, int64_t r1) {
+      const int64_t n = r1 - r0;
+      at::Tensor cur = dh.narrow(0, r0, n), next = dh_next.narrow(0, r0, n);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const scalar_t* const c_prev = t > 0 ? cp + ((t - 1) * B + r0) * H : c0p + r0 * H;
+        scalar_t* const a_t = ap + (t * B + r0) * 4 * H;
+        const scalar_t* const tc_t = tp + (t * B + r0) * H;
+        const scalar_t* const dh_t = cur.data_ptr<scalar_t>();
+        const scalar_t* const do_t = has_out ? dop + (t * B + r0) * H : nullptr;
+        scalar_t* const dc_t = dcp + r0 * H;
+        over_rows(n, H, [&](int64_t b0, int64_t b1) {
+          if (do_t != nullptr) {
+            backward_pointwise<scalar_t, true>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
+                                               do_t + b0 * H, dc_t + b0 * H, b1 - b0, H);
+          } else {
+            backward_pointwise<scalar_t, false>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
+                                                nullptr, dc_t + b0 * H, b1 - b0, H);
+          }
+        });
+        at::mm_out(next, acts.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
+        std::swap(cur, next);
+      }
+      if (cur.data_ptr() != dh.data_ptr<scalar_t>() + r0 * H) {
+        dh.narrow(0, r0, n).copy_(cur);
+      }
+    });
   });
 }
 
@@ -224,8 +272,8 @@ void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs,
 
 TORCH_LIBRARY(lstmlab_native, m) {
   m.def(
-      "forward(Tensor(a!) gates, Tensor h0, Tensor c0, Tensor w_hh, Tensor(b!) out, Tensor(c!) cs, "
-      "Tensor(d!) tcs) -> ()");
+      "forward(Tensor(a!) xh, Tensor c0, Tensor w, Tensor(b!) gates, Tensor(c!) out, Tensor(d!) cs, "
+      "Tensor(e!) tcs) -> ()");
   m.def(
       "backward(Tensor(a!) acts, Tensor cs, Tensor tcs, Tensor c0, Tensor w_hh, Tensor? d_out, Tensor(b!) dh, "
       "Tensor(c!) dc) -> ()");
