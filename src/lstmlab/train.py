@@ -113,12 +113,12 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     """Translate each uint8 image (B, 28, 28) by its own random offset in [-max_shift, max_shift],
     filling with black; one gather for the whole batch, no per-image Python."""
     b, height, width = images.shape
-    padded = F.pad(images, (max_shift,) * 4)  # (B, 28 + 2s, 28 + 2s)
-    dy = torch.randint(0, 2 * max_shift + 1, (b, 1, 1), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (b, 1, 1), generator=generator)
-    rows = dy + torch.arange(height).view(1, height, 1)  # (B, 28, 1)
-    cols = dx + torch.arange(width).view(1, 1, width)  # (B, 1, 28)
-    return padded[torch.arange(b).view(b, 1, 1), rows, cols]  # (B, 28, 28)
+    padded_width = width + 2 * max_shift
+    padded = F.pad(images, (max_shift,) * 4).view(b, -1)  # (B, (28 + 2s)^2)
+    dy = torch.randint(0, 2 * max_shift + 1, (b, 1), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (b, 1), generator=generator)
+    window = (torch.arange(height).view(height, 1) * padded_width + torch.arange(width)).view(1, -1)  # (1, 784)
+    return padded.gather(1, dy * padded_width + dx + window).view(b, height, width)  # (B, 28, 28)
 
 
 def _metrics_csv(rows: list[dict[str, Any]]) -> str:

@@ -1,0 +1,38 @@
+"""The training-time shift augmentation: each image moves as a whole by its own offset, black fills in."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lstmlab.train import random_shift
+
+
+def shifted(image: torch.Tensor, dy: int, dx: int, s: int) -> torch.Tensor:
+    """image moved down by dy and right by dx (negative: up/left), zero-filled: the brute-force version."""
+    height, width = image.shape
+    padded = F.pad(image, (s, s, s, s))
+    return padded[s - dy : s - dy + height, s - dx : s - dx + width]
+
+
+def test_each_image_is_a_translation_within_the_limit() -> None:
+    images = torch.randint(1, 256, (64, 28, 28), dtype=torch.uint8)  # no zeros: every offset is distinguishable
+    s = 2
+    out = random_shift(images, s, torch.Generator().manual_seed(7))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    seen = set()
+    for image, got in zip(images, out, strict=True):
+        offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)
+                   if torch.equal(shifted(image, dy, dx, s), got)]
+        assert len(offsets) == 1, "output is not a translation of its own input by at most s pixels"
+        seen.add(offsets[0])
+    assert len(seen) > 5  # offsets really vary from image to image
+
+
+def test_same_generator_same_shifts() -> None:
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    a = random_shift(images, 3, torch.Generator().manual_seed(1))
+    b = random_shift(images, 3, torch.Generator().manual_seed(1))
+    c = random_shift(images, 3, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
