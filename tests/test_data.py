@@ -170,7 +170,7 @@ def test_verify_default_follows_environment(tmp_path: Path, monkeypatch: pytest.
 def test_other_dataset_is_caught(mnist_dir: Path, real_mnist: bool) -> None:
     if not real_mnist:
         pytest.skip("needs the real MNIST files")
-    with pytest.raises(LstmlabError, match="another dataset than fashion-mnist"):
+    with pytest.raises(LstmlabError, match="is mnist's file, not fashion-mnist's; pass --data-dir"):
         load_dataset("fashion-mnist", "test", data_dir=mnist_dir, verify=True)
 
 

@@ -212,6 +212,12 @@ def _missing(directory: Path, info: DatasetInfo) -> list[str]:
 def _check_sha256(data: bytes, path: Path, info: DatasetInfo, base: str) -> None:
     digest = hashlib.sha256(data).hexdigest()
     if digest != info.sha256[base]:
+        other = next((o.name for o in DATASETS.values() if o.sha256.get(base) == digest), None)
+        if other is not None:  # a folder of the other dataset, e.g. LSTMLAB_DATA set for MNIST
+            raise LstmlabError(
+                f"{path} is {other}'s file, not {info.name}'s; pass --data-dir DIR holding {info.name}'s four "
+                f"IDX files (or a folder with {info.name}/ inside)"
+            )
         raise LstmlabError(
             f"{path} is corrupt or of another dataset than {info.name} (SHA-256 {digest[:12]}..., expected "
             f"{info.sha256[base][:12]}...); delete it and run again to re-download, or {_FIX_HINT}"
