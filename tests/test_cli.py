@@ -107,6 +107,9 @@ def test_same_seed_same_metrics(mnist_dir, tmp_path):
         (["--optimizer", "lbfgs"], "--optimizer"),
         (["--dropout", "1.5"], "--dropout"),
         (["--recipe", "fastest"], "--recipe"),
+        (["--time-budget", "0"], "--time-budget"),
+        (["--time-budget", "-3"], "--time-budget"),
+        (["--time-budget", "inf"], "--time-budget"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
@@ -155,6 +158,21 @@ def test_truncated_checkpoint(dry_run_dir, capsys, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     code, _, err = _run(capsys, "evaluate", str(cut))
     _one_line_error(code, err, "cut.safetensors")
+
+
+def test_time_budget_ends_training_on_the_clock(mnist_dir, tmp_path):
+    """--time-budget stops a run whose iterations would last far longer, with the schedule annealed by then."""
+    budget = 1.5
+    argv = ["train", "--quiet", "--batch-size", "16", "--hidden-size", "8", "--iterations", "1000000",
+            "--eval-every", "1000000", "--time-budget", str(budget), "--data-dir", str(mnist_dir)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["iterations"] < 1_000_000
+    assert summary["train_seconds"] >= budget
+    assert summary["config"]["train"]["time_budget"] == budget
+    (last,) = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))  # one row: the end
+    assert int(last["iteration"]) == summary["iterations"]
+    assert float(last["lr"]) < 3e-3 / 100  # one-cycle annealed by the deadline, not cut off mid-way
 
 
 def test_console_script_has_no_traceback(tmp_path):

@@ -39,7 +39,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation; ``iterations`` wins over ``epochs`` when both are set."""
+    """Optimisation; ``iterations`` wins over ``epochs`` when both are set; ``time_budget`` (seconds) ends training
+    earlier when it runs out, and then drives the schedule."""
 
     optimizer: str = "adam"
     lr: float = 3e-3
@@ -50,6 +51,7 @@ class TrainConfig:
     iterations: int | None = None
     eval_every: int = 500
     clip: float | None = None
+    time_budget: float | None = None  # seconds of training: stop then, the schedule annealed by then
     seed: int = 125
     device: str = "auto"
 

@@ -87,26 +87,54 @@ def validate_config(config: Config) -> None:
         (t.iterations is not None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}"),
         (t.eval_every > 0, f"--eval-every must be positive, got {t.eval_every}"),
         (t.clip is None or t.clip > 0, f"--clip must be positive, got {t.clip}"),
+        (t.time_budget is None or (t.time_budget > 0 and math.isfinite(t.time_budget)),
+         f"--time-budget must be a positive number of seconds, got {t.time_budget}"),
     ]
     for ok, message in checks:
         if not ok:
             raise LstmlabError(message)
 
 
-def _make_optimizer(model: torch.nn.Module, t: TrainConfig, total_steps: int):
+def _make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    elif t.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    if t.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=total_steps, pct_start=0.25)
-    elif t.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    else:
-        sched = None
-    return opt, sched
+        return torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _anneal(start: float, end: float, fraction: float) -> float:
+    """Cosine from start (fraction 0) to end (fraction 1)."""
+    return end + (start - end) * (1.0 + math.cos(math.pi * fraction)) / 2.0
+
+
+def schedule(name: str, lr: float, progress: float) -> tuple[float, float | None]:
+    """(learning rate, Adam's beta1 or None) at ``progress`` in [0, 1] of the run.
+
+    ``onecycle``: a quarter warming up from lr/25 to lr while beta1 falls from 0.95 to 0.85, then both back by
+    cosine, down to lr/250 000 (Smith's one-cycle, as ``torch.optim.lr_scheduler.OneCycleLR``); ``cosine``: lr
+    to 0; ``none``: lr throughout. A function of progress rather than of a step count, so that a run with a time
+    budget can follow the clock.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if name == "onecycle":
+        warm, low = 0.25, lr / 25.0
+        if p < warm:
+            return _anneal(low, lr, p / warm), _anneal(0.95, 0.85, p / warm)
+        x = (p - warm) / (1.0 - warm)
+        return _anneal(lr, low / 1e4, x), _anneal(0.85, 0.95, x)
+    if name == "cosine":
+        return _anneal(lr, 0.0, p), None
+    return lr, None
+
+
+def _set_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig, progress: float) -> float:
+    lr, beta1 = schedule(t.schedule, t.lr, progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if beta1 is not None and "betas" in group:
+            group["betas"] = (beta1, group["betas"][1])
+    return lr
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -186,15 +214,15 @@ def train(
     total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
     if dry_run:
         total = min(total, 3)
-    optimizer, scheduler = _make_optimizer(model, t, total)
+    optimizer = _make_optimizer(model, t)
     generator = torch.Generator().manual_seed(t.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     log(
         f"lstmlab: {d.dataset}/{d.view} (T={seq_len}, I={input_size}), {len(train_y)} train / {len(val_y)} val / "
         f"{len(test_labels)} test, H={m.hidden_size} x{m.num_layers}{' bi' if m.bidirectional else ''}, "
-        f"{t.optimizer} lr={t.lr} {t.schedule}, batch {t.batch_size}, {total} iterations on {device}, "
-        f"backend {backend}"
+        f"{t.optimizer} lr={t.lr} {t.schedule}, batch {t.batch_size}, {total} iterations"
+        f"{f' or {t.time_budget:g} s' if t.time_budget else ''} on {device}, backend {backend}"
     )
     rows: list[dict[str, Any]] = []
     best_acc, best_iter = -1.0, 0
@@ -203,22 +231,24 @@ def train(
     start = time.perf_counter()
     bar = tqdm(total=total, disable=quiet, desc="train", unit="it", dynamic_ncols=True, leave=False)
     model.train()
-    while iteration < total:
+    done = False
+    while not done:
         for idx in batch_indices(len(train_y), t.batch_size, generator=generator, shuffle=True):
             batch = train_x[idx]  # (B, 28, 28) uint8
             if d.augment_shift:
                 batch = random_shift(batch, d.augment_shift, generator)
             x = to_sequence(batch, d.view, d.mean, d.std, permutation).to(device)  # (B, T, I)
             y = train_y[idx].to(device)
+            progress = iteration / total
+            if t.time_budget:  # the clock may be further along than the step count
+                progress = max(progress, (time.perf_counter() - start) / t.time_budget)
+            lr = _set_schedule(optimizer, t, progress)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
             optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
-                scheduler.step()
             iteration += 1
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -227,7 +257,8 @@ def train(
             running_n += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / running_n:.4f}", refresh=False)
-            if iteration % t.eval_every == 0 or iteration == total:
+            done = iteration >= total or (t.time_budget is not None and time.perf_counter() - start >= t.time_budget)
+            if iteration % t.eval_every == 0 or done:
                 val = None
                 if len(val_y):
                     val = evaluate_model(model, val_x, val_y, d, permutation, num_classes=m.num_classes)
@@ -253,7 +284,7 @@ def train(
                     save_checkpoint(out_dir / "best.safetensors", model, config, permutation, meta)
                 save_checkpoint(out_dir / "last.safetensors", model, config, permutation, meta)
                 atomic_write_text(out_dir / "metrics.csv", _metrics_csv(rows))
-            if iteration >= total:
+            if done:
                 break
     bar.close()
     train_seconds = time.perf_counter() - start
@@ -328,6 +359,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations", type=_whole_number, help="total iterations (wins over --epochs)")
     g.add_argument("--eval-every", type=_whole_number, help="validate every N iterations (500)")
     g.add_argument("--clip", type=float, help="clip the gradient norm to this")
+    g.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop after this much training time, the schedule following the clock (e.g. 30)")
     g.add_argument("--seed", type=_whole_number)
     g.add_argument("--device", help="auto, cpu or cuda")
 
@@ -339,7 +372,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend"),
         "data": ("dataset", "view", "val_size", "normalize", "augment_shift"),
         "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
-                  "eval_every", "clip", "seed", "device"),
+                  "eval_every", "clip", "time_budget", "seed", "device"),
     }
     for section, names in sections.items():
         given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
