@@ -149,6 +149,44 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return padded.gather(1, dy * padded_width + dx + window).view(b, height, width)  # (B, 28, 28)
 
 
+class _Deadline:
+    """A run's time budget: steps stop early enough that the closing validation also ends within it.
+
+    Progress for the schedule is the fraction of the time for steps used so far. The time a step and a validation
+    take are measured as the run goes (before the first validation: a third of a training step's time per sample,
+    a forward pass alone); at most half the budget is held back for validating.
+    """
+
+    def __init__(self, budget: float, val_fraction: float, start: float) -> None:
+        self.budget = budget
+        self.val_fraction = val_fraction  # validation samples per training batch
+        self.start = start
+        self.last = self.start
+        self.step_s = 0.0
+        self.eval_s: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def _for_steps(self) -> float:
+        reserve = self.eval_s if self.eval_s is not None else self.val_fraction * self.step_s / 3
+        return self.budget - min(reserve, self.budget / 2)
+
+    def progress(self) -> float:
+        return self.elapsed() / self._for_steps()
+
+    def step_done(self) -> bool:
+        """Record a step; True when there is no time for another one."""
+        now = time.perf_counter()
+        self.step_s = max(now - self.last, 0.5 * self.step_s)  # a slow step counts at once, a fast one halfway
+        self.last = now
+        return now - self.start + self.step_s >= self._for_steps()
+
+    def eval_done(self, seconds: float) -> None:
+        self.eval_s = seconds
+        self.last = time.perf_counter()
+
+
 def _metrics_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
@@ -229,6 +267,7 @@ def train(
     running, running_n = 0.0, 0
     iteration = 0
     start = time.perf_counter()
+    deadline = _Deadline(t.time_budget, len(val_y) / t.batch_size, start) if t.time_budget is not None else None
     bar = tqdm(total=total, disable=quiet, desc="train", unit="it", dynamic_ncols=True, leave=False)
     model.train()
     done = False
@@ -240,8 +279,8 @@ def train(
             x = to_sequence(batch, d.view, d.mean, d.std, permutation).to(device)  # (B, T, I)
             y = train_y[idx].to(device)
             progress = iteration / total
-            if t.time_budget:  # the clock may be further along than the step count
-                progress = max(progress, (time.perf_counter() - start) / t.time_budget)
+            if deadline is not None:  # the clock may be further along than the step count
+                progress = max(progress, deadline.progress())
             lr = _set_schedule(optimizer, t, progress)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -257,8 +296,10 @@ def train(
             running_n += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / running_n:.4f}", refresh=False)
-            done = iteration >= total or (t.time_budget is not None and time.perf_counter() - start >= t.time_budget)
+            done = deadline.step_done() if deadline is not None else False
+            done = done or iteration >= total
             if iteration % t.eval_every == 0 or done:
+                eval_start = time.perf_counter()
                 val = None
                 if len(val_y):
                     val = evaluate_model(model, val_x, val_y, d, permutation, num_classes=m.num_classes)
@@ -284,6 +325,8 @@ def train(
                     save_checkpoint(out_dir / "best.safetensors", model, config, permutation, meta)
                 save_checkpoint(out_dir / "last.safetensors", model, config, permutation, meta)
                 atomic_write_text(out_dir / "metrics.csv", _metrics_csv(rows))
+                if deadline is not None:
+                    deadline.eval_done(time.perf_counter() - eval_start)
             if done:
                 break
     bar.close()
