@@ -216,7 +216,7 @@ def _forward(
 
 
 def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh: Tensor,
-                    d_out: Tensor | None, dh: Tensor, dc: Tensor) -> Tensor:
+                    d_out: Tensor | None, dh: Tensor, dc: Tensor, need_dh0: bool) -> Tensor:
     """Backpropagation through time in Python. dh, dc (B, H) go from the gradients at h_T, c_T to those at
     h_0, c_0 in place; returns dG (T, B, 4H), the gradient w.r.t. the gates' pre-activations (pool)."""
     pool = _pool()
@@ -246,7 +246,8 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
         dG_t[:, :3].mul_(dc.unsqueeze(1))  # i, f, g
         dG_t[:, 3].mul_(dh_in)  # o
         dc.mul_(f[t])  # dc_{t-1} = dc_t * f_t
-        torch.mm(dG_t.view(B, H4), weight_hh, out=dh)  # dh_{t-1} = dG_t @ W_hh
+        if t > 0 or need_dh0:  # the last one only when h_0 wants its gradient
+            torch.mm(dG_t.view(B, H4), weight_hh, out=dh)  # dh_{t-1} = dG_t @ W_hh
     pool.give(k_c)
     return dG.view(T, B, H4)
 
@@ -276,6 +277,7 @@ class _FusedLSTM(torch.autograd.Function):
         H = H4 // 4
         n_in = weight_ih.shape[1]
         keep = _keep_graph()
+        need = ctx.needs_input_grad
         dh = torch.zeros_like(fw.cs[0]) if d_hT is None else d_hT.contiguous().clone()
         dc = torch.zeros_like(fw.cs[0]) if d_cT is None else d_cT.contiguous().clone()
         if d_out is not None:
@@ -284,10 +286,9 @@ class _FusedLSTM(torch.autograd.Function):
         if ctx.native is not None:
             # The native loop turns the activations into dG in place: on a copy when the graph is kept.
             dG = pool.take(fw.acts.shape, fw.acts).copy_(fw.acts) if keep else fw.acts
-            ctx.native.backward(dG, fw.cs, fw.tcs, c0, weight_hh.contiguous(), d_out, dh, dc)
+            ctx.native.backward(dG, fw.cs, fw.tcs, c0, weight_hh.contiguous(), d_out, dh, dc, need[1])
         else:
-            dG = _backward_steps(fw.acts, fw.cs, fw.tcs, c0, weight_hh, d_out, dh, dc)
-        need = ctx.needs_input_grad
+            dG = _backward_steps(fw.acts, fw.cs, fw.tcs, c0, weight_hh, d_out, dh, dc, need[1])
         dG2 = dG.view(T * B, H4)  # (T*B, 4H)
         dx = torch.mm(dG2, weight_ih).view(T, B, n_in) if need[0] else None
         dw_ih = dw_hh = db = None

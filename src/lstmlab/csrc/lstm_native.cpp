@@ -220,9 +220,11 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
 }
 
 // acts (T, B, 4H) holds the activations on entry and dG, the gradient w.r.t. the pre-activations, on exit.
-// dh, dc (B, H): the gradients reaching h_T, c_T on entry, h_0, c_0 on exit. d_out (T, B, H) may be None.
+// dh, dc (B, H): the gradients reaching h_T, c_T on entry, h_0, c_0 on exit (dh only if need_dh0: the last
+// step's matmul is skipped when nobody wants it, e.g. for a zero initial state). d_out (T, B, H) may be None.
 void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs, const at::Tensor& c0,
-                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& d_out, at::Tensor dh, at::Tensor dc) {
+                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& d_out, at::Tensor dh, at::Tensor dc,
+                   bool need_dh0) {
   const bool has_out = d_out.has_value() && d_out->defined();
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&acts, &cs, &tcs, &c0, &dh, &dc}) {
     check_inputs(*t, "every tensor");
@@ -258,8 +260,10 @@ void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs,
                                                 nullptr, dc_t + b0 * H, b1 - b0, H);
           }
         });
-        at::mm_out(next, acts.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
-        std::swap(cur, next);
+        if (t > 0 || need_dh0) {
+          at::mm_out(next, acts.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
+          std::swap(cur, next);
+        }
       }
       if (cur.data_ptr() != dh.data_ptr<scalar_t>() + r0 * H) {
         dh.narrow(0, r0, n).copy_(cur);
@@ -276,7 +280,7 @@ TORCH_LIBRARY(lstmlab_native, m) {
       "Tensor(e!) tcs) -> ()");
   m.def(
       "backward(Tensor(a!) acts, Tensor cs, Tensor tcs, Tensor c0, Tensor w_hh, Tensor? d_out, Tensor(b!) dh, "
-      "Tensor(c!) dc) -> ()");
+      "Tensor(c!) dc, bool need_dh0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
