@@ -197,9 +197,10 @@ def _forward(
         return _Forward(out, acts, cs, tcs, xh)
     w_t = w.t()  # (K, 4H)
     # Per-step views made once: indexing in the loop would cost a dispatcher call each.
-    steps = zip(xh.unbind(0), acts.unbind(0), out.unbind(0), cs.unbind(0), tcs.unbind(0), strict=True)
+    h_next = [*xh[1:, :, :H].unbind(0), None]  # where h_t goes for step t+1's matmul (nowhere after the last)
+    steps = zip(xh.unbind(0), acts.unbind(0), out.unbind(0), cs.unbind(0), tcs.unbind(0), h_next, strict=True)
     c = c0
-    for t, (xh_t, gates, h_t, c_t, tc_t) in enumerate(steps):
+    for xh_t, gates, h_t, c_t, tc_t, next_t in steps:
         torch.mm(xh_t, w_t, out=gates)  # (B, 4H) = [h_{t-1} | x_t | 1] @ [W_hh | W_ih | b]^T
         gates[:, : 2 * H].sigmoid_()  # i, f
         gates[:, 2 * H : 3 * H].tanh_()  # g
@@ -209,8 +210,8 @@ def _forward(
         c_t.addcmul_(i, g)  # c' = f*c + i*g
         torch.tanh(c_t, out=tc_t)
         torch.mul(o, tc_t, out=h_t)  # h' = o * tanh(c')
-        if t + 1 < T:
-            xh[t + 1, :, :H] = h_t
+        if next_t is not None:
+            next_t.copy_(h_t)
         c = c_t
     return _Forward(out, acts, cs, tcs, xh)
 

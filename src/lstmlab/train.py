@@ -168,15 +168,12 @@ class _Deadline:
         self.step_s = 0.0
         self.eval_s: float | None = None
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
     def _for_steps(self) -> float:
         reserve = self.eval_s if self.eval_s is not None else self.val_fraction * self.step_s / 3
         return self.budget - min(reserve, self.budget / 2)
 
     def progress(self) -> float:
-        return self.elapsed() / self._for_steps()
+        return (time.perf_counter() - self.start) / self._for_steps()
 
     def step_done(self) -> bool:
         """Record a step; True when there is no time for another one."""
@@ -299,8 +296,7 @@ def train(
             running_n += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / running_n:.4f}", refresh=False)
-            done = deadline.step_done() if deadline is not None else False
-            done = done or iteration >= total
+            done = (deadline is not None and deadline.step_done()) or iteration >= total
             if iteration % t.eval_every == 0 or done:
                 eval_start = time.perf_counter()
                 val = None
