@@ -155,9 +155,11 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 class _Deadline:
     """A run's time budget: steps stop early enough that the closing validation also ends within it.
 
-    Progress for the schedule is the fraction of the time for steps used so far. The time a step and a validation
-    take are measured as the run goes (before the first validation: a third of a training step's time per sample,
-    a forward pass alone); at most half the budget is held back for validating.
+    Progress for the schedule is the fraction of the time for steps used so far; it never goes back. The time a
+    step and a validation take are measured as the run goes. Until the first validation, its time is guessed from
+    the average step (a third of a training step's time per sample, a forward pass alone): the average, not the
+    last step, because the guess multiplies it by the validation batches and one slow step on a busy machine must
+    not end the run. At most half the budget is held back for validating.
     """
 
     def __init__(self, budget: float, val_fraction: float, start: float) -> None:
@@ -165,20 +167,28 @@ class _Deadline:
         self.val_fraction = val_fraction  # validation samples per training batch
         self.start = start
         self.last = self.start
-        self.step_s = 0.0
+        self.step_s = 0.0  # the next step's time, for stopping in time: a slow step counts at once
+        self.step_avg: float | None = None  # a moving average of step times, for the validation guess
         self.eval_s: float | None = None
+        self._progress = 0.0
 
     def _for_steps(self) -> float:
-        reserve = self.eval_s if self.eval_s is not None else self.val_fraction * self.step_s / 3
+        if self.eval_s is not None:
+            reserve = self.eval_s
+        else:
+            reserve = self.val_fraction * (self.step_avg or 0.0) / 3
         return self.budget - min(reserve, self.budget / 2)
 
     def progress(self) -> float:
-        return (time.perf_counter() - self.start) / self._for_steps()
+        self._progress = max(self._progress, (time.perf_counter() - self.start) / self._for_steps())
+        return self._progress
 
     def step_done(self) -> bool:
         """Record a step; True when there is no time for another one."""
         now = time.perf_counter()
-        self.step_s = max(now - self.last, 0.5 * self.step_s)  # a slow step counts at once, a fast one halfway
+        took = now - self.last
+        self.step_s = max(took, 0.5 * self.step_s)
+        self.step_avg = took if self.step_avg is None else 0.9 * self.step_avg + 0.1 * took
         self.last = now
         return now - self.start + self.step_s >= self._for_steps()
 
