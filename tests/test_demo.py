@@ -59,7 +59,7 @@ def _free_port() -> int:
 # the core, without gradio
 
 
-def test_predict_drawing(checkpoint) -> None:
+def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
     from lstmlab.demo import predict_drawing
 
     r = predict_drawing(checkpoint, {"background": None, "layers": [], "composite": seven()})
@@ -67,7 +67,8 @@ def test_predict_drawing(checkpoint) -> None:
     assert list(r.probabilities) == [str(k) for k in range(10)]
     assert abs(sum(r.probabilities.values()) - 1) < 1e-4
     top3 = sorted(r.probabilities, key=r.probabilities.get, reverse=True)[:3]
-    assert "7" in top3, r.probabilities
+    if real_mnist:  # a model trained on the synthetic stand-in has never seen a digit
+        assert "7" in top3, r.probabilities
     best = max(r.probabilities, key=r.probabilities.get)
     assert r.message.startswith(f"**Prediction: {best}**")
     assert r.steps and r.steps[0][0] == 1 and r.steps[-1][1] == best  # the guess story ends at the prediction
@@ -153,7 +154,7 @@ def test_busy_port_is_a_one_line_error(checkpoint) -> None:
             launch(build_app(checkpoint), "127.0.0.1", port, block=False)
 
 
-def test_app_through_gradio_client(served: str, tmp_path: Path) -> None:
+def test_app_through_gradio_client(served: str, tmp_path: Path, real_mnist: bool) -> None:
     client_mod = _require("gradio_client")
     client = client_mod.Client(served, verbose=False)
     blank = tmp_path / "blank.png"
@@ -169,7 +170,9 @@ def test_app_through_gradio_client(served: str, tmp_path: Path) -> None:
     assert "blank" in message
     # The app keeps serving after a blank canvas.
     digit, label, evolution, gates, message = client.predict(editor(drawn), api_name="/predict")
-    assert "7" in [c["label"] for c in label["confidences"]]
+    assert len(label["confidences"]) >= 3
+    if real_mnist:  # a model trained on the synthetic stand-in has never seen a digit
+        assert "7" in [c["label"] for c in label["confidences"]]
     assert message.startswith(f"**Prediction: {label['label']}**")
     with Image.open(digit) as img:
         assert img.size == (224, 224)
@@ -189,7 +192,7 @@ def _chromium() -> tuple[str, str]:
     pytest.skip(message)
 
 
-def test_app_in_headless_chromium(served: str, tmp_path: Path) -> None:
+def test_app_in_headless_chromium(served: str, tmp_path: Path, real_mnist: bool) -> None:
     browser, driver_path = _chromium()
     webdriver = _require("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
@@ -236,6 +239,7 @@ def test_app_in_headless_chromium(served: str, tmp_path: Path) -> None:
     finally:
         chrome.quit()
     assert predicted in [str(k) for k in range(10)]
-    assert "7" in label_lines[:8], label_lines  # the label shows the top 3 classes; the drawn 7 is among them
+    if real_mnist:  # a model trained on the synthetic stand-in has never seen a digit
+        assert "7" in label_lines[:8], label_lines  # the label shows the top 3 classes; the drawn 7 is among them
     with Image.open(shot) as img:
         assert np.asarray(img.convert("L")).std() > 20
