@@ -73,7 +73,7 @@ def _settle_native_loops(timeout: float = 120.0) -> None:
     neither run below switches mid-way (the two paths differ in the last bits)."""
     import time
 
-    from lstmlab import _native
+    from lstmlab.nn import _native
 
     deadline = time.monotonic() + timeout
     while _native.get() is None and not _native._loader().disabled and time.monotonic() < deadline:

@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lstmlab import fused
-from lstmlab.lstm import LSTM
+from lstmlab.nn import fused
+from lstmlab.nn.lstm import LSTM
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -21,7 +21,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 @pytest.fixture(scope="session")
 def native_ops():  # noqa: ANN201 - torch.ops namespace
     """The compiled loops, built into the user's cache if needed (once per machine, ~20-60 s)."""
-    from lstmlab import _native
+    from lstmlab.nn import _native
 
     try:
         _native.build()
@@ -132,7 +132,7 @@ def test_fused_matches_nn_lstm(loops, case: dict) -> None:  # noqa: ANN001
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_layer_direct_all_gradients(loops, dtype: torch.dtype) -> None:  # noqa: ANN001
     """fused_layer itself against reference_layer, at a size where the loops' SIMD paths run."""
-    from lstmlab.lstm import reference_layer
+    from lstmlab.nn.lstm import reference_layer
 
     gen = torch.Generator().manual_seed(3)
     T, B, I, H = 7, 5, 9, 20  # noqa: E741
@@ -218,7 +218,7 @@ def test_native_and_python_loops_agree(native_ops) -> None:  # noqa: ANN001
 
 
 def test_native_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
-    from lstmlab import _native
+    from lstmlab.nn import _native
 
     monkeypatch.setenv("LSTMLAB_CACHE_DIR", str(tmp_path))
     assert _native.library_path().is_relative_to(tmp_path)

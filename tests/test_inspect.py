@@ -8,8 +8,8 @@ import torch
 from lstmlab.config import ModelConfig
 from lstmlab.errors import LstmlabError
 from lstmlab.inspect import GATE_NAMES, record
-from lstmlab.lstm import _layer_backends
 from lstmlab.model import SequenceClassifier
+from lstmlab.nn.lstm import _layer_backends
 
 BACKENDS = ["reference", "torch", "fused"]
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lstmlab import LSTM, LSTMCell, ModelConfig, SequenceClassifier
-from lstmlab.lstm import _layer_backends
+from lstmlab.nn.lstm import _layer_backends
 
 BACKENDS = [*_layer_backends(), "torch"]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}

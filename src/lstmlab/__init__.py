@@ -1,10 +1,10 @@
 """lstmlab: a gate-level LSTM equal to ``torch.nn.LSTM``, and a sequential-MNIST lab around it."""
 
-from lstmlab.cell import LSTMCell, lstm_step
 from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
 from lstmlab.errors import LstmlabError
-from lstmlab.lstm import LSTM
 from lstmlab.model import SequenceClassifier
+from lstmlab.nn.cell import LSTMCell, lstm_step
+from lstmlab.nn.lstm import LSTM
 
 __version__ = "0.1.0"
 

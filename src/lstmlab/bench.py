@@ -127,7 +127,7 @@ def benchmark(
     _check(dev.type != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA GPU is available here; use cpu")
     loops = None
     if "fused" in backends:
-        from lstmlab.lstm import _layer_backends
+        from lstmlab.nn.lstm import _layer_backends
 
         _check("fused" in _layer_backends(), "the fused backend is not available in this installation")
         loops = _prepare_native() if dev.type == "cpu" else "python"
@@ -151,7 +151,7 @@ def _prepare_native() -> str:
     build; training never does). Returns which loops the fused rows time: "native" or "python"."""
     import sys
 
-    from lstmlab import _native
+    from lstmlab.nn import _native
 
     if os.environ.get("LSTMLAB_NATIVE", "auto").strip().lower() in ("0", "off", "false", "no"):
         return "python"
@@ -280,7 +280,7 @@ def _peak_memory(step: Callable[[], None], device: Any) -> float | None:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
-        from lstmlab.fused import release_buffers
+        from lstmlab.nn.fused import release_buffers
 
         release_buffers()
     except ImportError:

@@ -1,6 +1,6 @@
 """Look inside the LSTM: record every gate of every layer at every time step.
 
-``record`` re-runs a ``SequenceClassifier`` through the reference gate math (``lstmlab.cell.lstm_step``)
+``record`` re-runs a ``SequenceClassifier`` through the reference gate math (``lstmlab.nn.cell.lstm_step``)
 with the model's own weights, whatever backend the model itself uses, and keeps what the fast
 backends never materialise: i, f, g, o, c and h per layer, direction and step, plus the class
 probabilities the head would give after each step.
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lstmlab.cell import lstm_step
 from lstmlab.errors import LstmlabError
 from lstmlab.model import SequenceClassifier
+from lstmlab.nn.cell import lstm_step
 
 GATE_NAMES = ("i", "f", "g", "o", "c", "h")
 MAX_PREFIX_STEPS = 64  # bidirectional per-step probs cost O(T^2) steps: fine for rows (28), not pixels (784)

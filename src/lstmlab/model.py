@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lstmlab.config import ModelConfig
-from lstmlab.lstm import LSTM
+from lstmlab.nn.lstm import LSTM
 
 
 class SequenceClassifier(nn.Module):

@@ -22,8 +22,8 @@ from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
 from lstmlab.errors import LstmlabError
 from lstmlab.evaluate import evaluate_model, format_report
 from lstmlab.fileio import atomic_write_text
-from lstmlab.lstm import resolve_backend
 from lstmlab.model import SequenceClassifier
+from lstmlab.nn.lstm import resolve_backend
 
 METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]
 
@@ -65,7 +65,7 @@ def resolve_device(name: str) -> torch.device:
 def validate_config(config: Config) -> None:
     """Refuse nonsense before any work starts, with a message naming the flag."""
     from lstmlab.data import DATASETS, VIEWS
-    from lstmlab.lstm import BACKENDS
+    from lstmlab.nn.lstm import BACKENDS
 
     m, d, t = config.model, config.data, config.train
     checks = [

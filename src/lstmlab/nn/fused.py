@@ -8,7 +8,7 @@ Against the gate-level ``reference`` loop it saves most of the small ops that do
   ``dG_t @ W_hh``; all the parameter gradients are ONE matmul over all steps.
 
 The per-step loops run either in Python (always available) or in a small C++ extension
-(:mod:`lstmlab._native`, compiled once in the background and cached on disk) when it is ready; both give
+(:mod:`lstmlab.nn._native`, compiled once in the background and cached on disk) when it is ready; both give
 the same numbers up to float rounding.
 """
 
@@ -64,7 +64,7 @@ def _native_for(x: Tensor):  # noqa: ANN202 - an optional module or None
     """The compiled step loops when they are built and support x's device and dtype, else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
-    from lstmlab import _native
+    from lstmlab.nn import _native
 
     return _native.get()
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstmlab.cell import lstm_step, reset_lstm_parameters
+from lstmlab.nn.cell import lstm_step, reset_lstm_parameters
 
 # (x (T, B, I), h0 (B, H), c0 (B, H), w_ih, w_hh, b_ih, b_hh) -> (out (T, B, H), h_T, c_T)
 LayerFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -41,7 +41,7 @@ def _layer_backends() -> dict[str, LayerFn]:
     """Per-layer backends, looked up at call time so optional modules load lazily."""
     backends: dict[str, LayerFn] = {"reference": reference_layer}
     try:
-        from lstmlab.fused import fused_layer
+        from lstmlab.nn.fused import fused_layer
     except ImportError:  # the fused backend is optional until it is built
         pass
     else:

@@ -6,7 +6,7 @@ is ready the fused backend runs its Python loops, which give the same numbers up
 
 Controlled by the environment variable ``LSTMLAB_NATIVE``: ``auto`` (default, as above), ``0`` (never
 build or load it), ``1`` (build in the foreground on first use if needed, and use it). The cache lives in
-``$LSTMLAB_CACHE_DIR`` or ``$XDG_CACHE_HOME/lstmlab`` or ``~/.cache/lstmlab``. ``python -m lstmlab._native``
+``$LSTMLAB_CACHE_DIR`` or ``$XDG_CACHE_HOME/lstmlab`` or ``~/.cache/lstmlab``. ``python -m lstmlab.nn._native``
 builds it now and prints where. This file imports nothing from lstmlab so that it can run as a script.
 """
 
@@ -232,7 +232,7 @@ def _background(lock: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lstmlab._native``: build (or find) the library and print its path."""
+    """``python -m lstmlab.nn._native``: build (or find) the library and print its path."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--background"]:
         return _background(argv[1])
