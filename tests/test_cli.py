@@ -160,17 +160,39 @@ def test_truncated_checkpoint(dry_run_dir, capsys, tmp_path):
     _one_line_error(code, err, "cut.safetensors")
 
 
+class _FakeClock:
+    """A clock that moves ``tick`` seconds each time it is read: the run's timing follows the code, not the
+    machine's speed or load, so the budgeted run below ends at the same step every time."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def test_time_budget_ends_training_on_the_clock(mnist_dir, tmp_path):
     """--time-budget stops a run whose iterations would last far longer, with the schedule annealed by then."""
+    from lstmlab.train import recipe, train
+
     budget = 1.5
-    argv = ["train", "--quiet", "--batch-size", "16", "--hidden-size", "8", "--iterations", "1000000",
-            "--eval-every", "1000000", "--time-budget", str(budget), "--data-dir", str(mnist_dir)]
-    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert 0 < summary["iterations"] < 1_000_000
-    assert summary["train_seconds"] >= budget / 2  # it used the time (ending early enough to validate in it)
+    config = recipe("default")
+    config.model.hidden_size = 8
+    config.data.val_size = 500
+    config.train.batch_size = 16
+    config.train.iterations = 1_000_000
+    config.train.eval_every = 1_000_000
+    config.train.time_budget = budget
+    config.train.device = "cpu"
+    out = tmp_path / "run"
+    summary = train(config, out, data_dir=mnist_dir, quiet=True, clock=_FakeClock(0.01))
+    again = train(config, tmp_path / "again", data_dir=mnist_dir, quiet=True, clock=_FakeClock(0.01))
+    assert 10 < summary["iterations"] < 1_000
+    assert again["iterations"] == summary["iterations"]  # the fake clock makes the stop exact
+    assert budget / 2 <= summary["train_seconds"] <= budget  # it used the time, validation included
     assert summary["config"]["train"]["time_budget"] == budget
-    (last,) = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))  # one row: the end
+    (last,) = list(csv.DictReader((out / "metrics.csv").open()))  # one row: the end
     assert int(last["iteration"]) == summary["iterations"]
     assert float(last["lr"]) < 3e-3 / 100  # one-cycle annealed by the deadline, not cut off mid-way
 

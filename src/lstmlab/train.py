@@ -9,6 +9,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -162,7 +163,9 @@ class _Deadline:
     not end the run. At most half the budget is held back for validating.
     """
 
-    def __init__(self, budget: float, val_fraction: float, start: float) -> None:
+    def __init__(self, budget: float, val_fraction: float, start: float,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.budget = budget
         self.val_fraction = val_fraction  # validation samples per training batch
         self.start = start
@@ -180,12 +183,12 @@ class _Deadline:
         return self.budget - min(reserve, self.budget / 2)
 
     def progress(self) -> float:
-        self._progress = max(self._progress, (time.perf_counter() - self.start) / self._for_steps())
+        self._progress = max(self._progress, (self.clock() - self.start) / self._for_steps())
         return self._progress
 
     def step_done(self) -> bool:
         """Record a step; True when there is no time for another one."""
-        now = time.perf_counter()
+        now = self.clock()
         took = now - self.last
         self.step_s = max(took, 0.5 * self.step_s)
         self.step_avg = took if self.step_avg is None else 0.9 * self.step_avg + 0.1 * took
@@ -194,7 +197,7 @@ class _Deadline:
 
     def eval_done(self, seconds: float) -> None:
         self.eval_s = seconds
-        self.last = time.perf_counter()
+        self.last = self.clock()
 
 
 def _metrics_csv(rows: list[dict[str, Any]]) -> str:
@@ -211,11 +214,14 @@ def train(
     data_dir: Path | str | None = None,
     quiet: bool = False,
     dry_run: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Train, validate every ``eval_every`` iterations, test the best model once; returns the summary.
 
     Writes ``metrics.csv``, ``summary.json``, ``best.safetensors`` and ``last.safetensors`` to out_dir.
-    ``dry_run`` runs a few batches on small subsets, end to end, to check the set-up.
+    ``dry_run`` runs a few batches on small subsets, end to end, to check the set-up. ``clock`` (seconds) times
+    the run and drives ``--time-budget``; tests pass a fake one so that a budgeted run does not depend on the
+    machine's speed.
     """
     from tqdm import tqdm
 
@@ -276,8 +282,8 @@ def train(
     best_acc, best_iter = -1.0, 0
     running, running_n = 0.0, 0
     iteration = 0
-    start = time.perf_counter()
-    deadline = _Deadline(t.time_budget, len(val_y) / t.batch_size, start) if t.time_budget is not None else None
+    start = clock()
+    deadline = _Deadline(t.time_budget, len(val_y) / t.batch_size, start, clock) if t.time_budget is not None else None
     bar = tqdm(total=total, disable=quiet, desc="train", unit="it", dynamic_ncols=True, leave=False)
     model.train()
     done = False
@@ -308,12 +314,12 @@ def train(
             bar.set_postfix(loss=f"{running / running_n:.4f}", refresh=False)
             done = (deadline is not None and deadline.step_done()) or iteration >= total
             if iteration % t.eval_every == 0 or done:
-                eval_start = time.perf_counter()
+                eval_start = clock()
                 val = None
                 if len(val_y):
                     val = evaluate_model(model, val_x, val_y, d, permutation, num_classes=m.num_classes)
                 model.train()
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 row = {
                     "iteration": iteration,
                     "epoch": round(iteration / steps_per_epoch, 4),
@@ -335,11 +341,11 @@ def train(
                 save_checkpoint(out_dir / "last.safetensors", model, config, permutation, meta)
                 atomic_write_text(out_dir / "metrics.csv", _metrics_csv(rows))
                 if deadline is not None:
-                    deadline.eval_done(time.perf_counter() - eval_start)
+                    deadline.eval_done(clock() - eval_start)
             if done:
                 break
     bar.close()
-    train_seconds = time.perf_counter() - start
+    train_seconds = clock() - start
 
     from lstmlab.checkpoint import load_checkpoint
 
