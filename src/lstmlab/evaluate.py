@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lstmlab.checkpoint import load_checkpoint
     from lstmlab.data import DATASETS, load_dataset
-    from lstmlab.train import resolve_device
+    from lstmlab.device import resolve_device
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, map_location=device)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lstmlab.checkpoint import save_checkpoint
 from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
+from lstmlab.device import resolve_device
 from lstmlab.errors import LstmlabError
 from lstmlab.evaluate import evaluate_model, format_report
 from lstmlab.fileio import atomic_write_text
@@ -49,18 +50,6 @@ def recipe(name: str) -> Config:
             recipe="default",
         )
     raise LstmlabError(f"unknown recipe {name!r}; choose seed or default")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; asking for cuda without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LstmlabError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise LstmlabError(f"unknown device {name!r}; use auto, cpu or cuda") from e
 
 
 def validate_config(config: Config) -> None:
