@@ -284,8 +284,13 @@ def test_predict_cli_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: 
     blank = tmp_path / "blank.png"
     Image.new("L", (40, 40), 255).save(blank)
     huge = _png_header_only(tmp_path / "huge.png", 20_000, 20_000)
+    # A bad image among good ones: the good ones are answered on stdout, the bad one is one line on stderr, exit 2.
+    assert main(["predict", ckpt, str(good), str(blank)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{good}: ") and captured.out.count("\n") == 1
+    err = captured.err.strip()
+    assert err.startswith("lstmlab predict: error: ") and "blank.png: the image is blank" in err and "\n" not in err
     for argv, message in [
-        (["predict", ckpt, str(good), str(blank)], "blank.png: the image is blank"),
         (["predict", ckpt, str(huge)], "has 400,000,000 pixels, over the 40,000,000-pixel limit"),
         (["predict", str(good), str(good)], "not a readable lstmlab checkpoint"),
         (["predict", ckpt, str(good), "--top", "0"], "--top must be at least 1"),

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (or JSON)."""
+    from lstmlab.oserrors import check_writable, os_error
+
+    if args.json not in (None, "-"):
+        check_writable(args.json, "--json")  # before the minutes of timing, not after
     rows = benchmark(
         batch_sizes=args.batch_sizes,
         seq_len=args.seq_len,
@@ -76,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_table(rows))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
+        try:
+            atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
+        except OSError as e:
+            raise os_error(e, args.json, "write") from None
     return 0
 
 

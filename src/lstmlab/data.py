@@ -12,8 +12,8 @@ for their small synthetic files when the real MNIST is not on the machine).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -124,23 +124,110 @@ def dataset_info(name: str) -> DatasetInfo:
 # IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped in memory when it is a gzip file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LstmlabError(f"cannot read {path}: {e.strerror or e}; {_FIX_HINT}") from e
-    is_gzip = raw[:2] == b"\x1f\x8b"
-    if path.suffix == ".gz" or is_gzip:
-        if not is_gzip:
-            raise LstmlabError(f"{path} is not a gzip file; delete it and run again to re-download, or {_FIX_HINT}")
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
+# Decompressed size of each standard file (the same for MNIST and Fashion-MNIST): header + payload.
+KNOWN_SIZES: Mapping[str, int] = MappingProxyType(
+    {
+        "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+        "train-labels-idx1-ubyte": 8 + 60_000,
+        "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+        "t10k-labels-idx1-ubyte": 8 + 10_000,
+    }
+)
+# Unverified IDX files of one's own may be larger than MNIST's, but not without bound: 2 GiB is 2.7 M images.
+MAX_IDX_BYTES = 2 << 30
+_CHUNK = 1 << 20  # compressed bytes read at a time
+
+
+def _size_limit(path: Path, verify: bool) -> int:
+    """The most bytes the decompressed file may hold: its known size when checked against a checksum, else
+    ``MAX_IDX_BYTES``."""
+    base = path.name.removesuffix(".gz")
+    return KNOWN_SIZES[base] if verify and base in KNOWN_SIZES else MAX_IDX_BYTES
+
+
+def _idx_start_ok(head: bytes | bytearray) -> bool:
+    """Whether the first 4 bytes are an IDX magic number this reader takes (unsigned bytes, 1 or 3 dimensions)."""
+    return len(head) >= 4 and head[0] == 0 and head[1] == 0 and head[2] == 0x08 and head[3] in (1, 3)
+
+
+def _idx_total(head: bytes | bytearray) -> int:
+    """The whole size (header + payload) announced by a complete IDX header that ``_idx_start_ok`` accepted."""
+    dims = [int.from_bytes(head[4 + 4 * k : 8 + 4 * k], "big") for k in range(head[3])]
+    return 4 + 4 * head[3] + math.prod(dims)
+
+
+def _inflate(path: Path, f, limit: int) -> bytes:
+    """Gunzip an open file streaming, never producing more than its IDX header announces (nor ``limit``): a gzip
+    bomb is refused after a few bytes of output, not after inflating gigabytes."""
+    redo = f"delete it and run again to re-download, or {_FIX_HINT}"
+    out = bytearray()
+    want = 4  # output needed before the IDX header can be read
+    cap: int | None = None  # the whole size the header announces
+    d = None
+    pending = b""
+    while True:
+        if not pending:
+            pending = f.read(_CHUNK)
+            if not pending:
+                break
+        if d is None:  # the start of a gzip member (several may be concatenated, as gzip.decompress accepts)
+            if not pending.strip(b"\0"):  # zero padding after the last member
+                pending = b""
+                continue
+            d = zlib.decompressobj(wbits=31)
+        room = (cap if cap is not None else want) + 1 - len(out)
+        out += d.decompress(pending, room)
+        pending = d.unconsumed_tail
+        if d.eof:
+            pending, d = d.unused_data + pending, None
+        if cap is None and len(out) >= want:
+            if not _idx_start_ok(out):
+                return bytes(out[:4])  # not an IDX header: _parse_idx says what is wrong with it
+            want = 4 + 4 * out[3]
+            if len(out) >= want:
+                cap = _idx_total(out)
+                if cap > limit:
+                    raise LstmlabError(
+                        f"{path}'s IDX header announces {cap:,} bytes, more than the {limit:,} such a file can "
+                        f"hold; {redo}"
+                    )
+        if cap is not None and len(out) > cap:
             raise LstmlabError(
-                f"{path} is a corrupt gzip file ({e}); delete it and run again to re-download, or {_FIX_HINT}"
-            ) from e
-    return raw
+                f"{path} inflates past the {cap:,} bytes its IDX header announces (trailing data or a gzip bomb); "
+                f"{redo}"
+            )
+    if d is not None:
+        raise EOFError("the compressed stream ends before its end-of-stream marker")
+    return bytes(out)
+
+
+def _read_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
+    """The file's content, gunzipped (streaming, bounded by its IDX header and ``limit``) when it is a gzip file."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+            is_gzip = magic == b"\x1f\x8b"
+            if path.suffix == ".gz" and not is_gzip:
+                raise LstmlabError(
+                    f"{path} is not a gzip file; delete it and run again to re-download, or {_FIX_HINT}"
+                )
+            if not is_gzip:
+                size = os.fstat(f.fileno()).st_size
+                if size > limit:
+                    raise LstmlabError(
+                        f"{path} holds {size:,} bytes, more than the {limit:,} such an IDX file can hold; "
+                        f"delete it and run again to re-download, or {_FIX_HINT}"
+                    )
+                return magic + f.read()
+            f.seek(0)
+            try:
+                return _inflate(path, f, limit)
+            except (EOFError, zlib.error) as e:
+                raise LstmlabError(
+                    f"{path} is a corrupt gzip file ({e}); delete it and run again to re-download, or {_FIX_HINT}"
+                ) from None
+    except OSError as e:
+        raise LstmlabError(f"cannot read {path}: {e.strerror or e}; {_FIX_HINT}") from None
 
 
 def _parse_idx(data: bytes, path: Path) -> torch.Tensor:
@@ -248,23 +335,39 @@ def _download_one(
     """Fetch ``base``.gz from the first mirror that serves it intact; None on success, else why not."""
     import urllib.request
 
+    from lstmlab.oserrors import os_error
+
     failures = []
+    limit = KNOWN_SIZES.get(base, MAX_IDX_BYTES) if verify else MAX_IDX_BYTES
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + base + ".gz"
         # a temp file in the target dir, renamed into place only once verified: never a half file
-        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{base}.", suffix=".part")
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{base}.", suffix=".part")
+        except OSError as e:
+            raise os_error(e, target_dir, "download into") from None
         tmp = Path(tmp_name)
         try:
             if not quiet:
                 print(f"lstmlab: downloading {url}", file=sys.stderr)
             request = urllib.request.Request(url, headers={"User-Agent": "lstmlab"})
+            received = 0
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
                 while chunk := response.read(1 << 20):
-                    out.write(chunk)
+                    received += len(chunk)
+                    if received > limit + (1 << 20):  # gzip never grows real data by this much
+                        raise _MirrorError(f"sent more than {limit:,} bytes")
+                    try:
+                        out.write(chunk)
+                    except OSError as e:  # the local disk, not the mirror: no other mirror helps
+                        raise os_error(e, target_dir / f"{base}.gz", "download") from None
             try:
-                data = gzip.decompress(tmp.read_bytes())
-            except (OSError, EOFError, zlib.error) as e:
-                raise _MirrorError(f"not a valid gzip file ({e})") from e
+                with open(tmp, "rb") as f:
+                    if f.read(2) != b"\x1f\x8b":
+                        raise _MirrorError("not a gzip file")
+                data = _read_bytes(tmp, limit)
+            except LstmlabError as e:
+                raise _MirrorError("not a valid gzip file of IDX data") from e
             if verify:
                 digest = hashlib.sha256(data).hexdigest()
                 if digest != info.sha256[base]:
@@ -309,6 +412,11 @@ def resolve_data_dir(
         directory = Path(given).expanduser()
         if not directory.is_dir():
             raise LstmlabError(f"{source} {directory} is not a directory; {_FIX_HINT}")
+        try:
+            os.listdir(directory)  # an unreadable folder would otherwise look empty
+        except OSError as e:
+            raise LstmlabError(f"cannot read {source} {directory}: {e.strerror or e}; fix its permissions or "
+                               f"{_FIX_HINT}") from None
         directory = _given_dir(directory, info)
         missing = _missing(directory, info)
         if missing:
@@ -377,7 +485,7 @@ def load_dataset(
         path = _find_file(directory, base)
         if path is None:  # removed between resolving and reading
             raise LstmlabError(f"{directory} lacks {base} (raw or .gz); {_FIX_HINT}")
-        data = _read_bytes(path)
+        data = _read_bytes(path, _size_limit(path, check))
         if check:
             _check_sha256(data, path, info, base)
         tensors[kind] = (_parse_idx(data, path), path)

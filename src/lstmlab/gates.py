@@ -151,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--index", type=int, help="which image of --split to read (0-based)")
     source.add_argument("--image", help="your own image of a digit (any format Pillow reads)")
-    parser.add_argument("--out", default="gates.png", help="PNG to write (default gates.png)")
+    parser.add_argument("--out", default="gates.png",
+                        help="figure to write, .png, .jpg, .pdf or .svg (default gates.png)")
     parser.add_argument("--split", choices=["test", "train"], default="test", help="split for --index (default test)")
     parser.add_argument("--data-dir", help="folder holding the dataset's IDX files (offline use)")
     parser.add_argument("--layer", type=int, default=-1, help="which LSTM layer to draw (default the last, -1)")
@@ -163,9 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lstmlab.checkpoint import load_checkpoint
     from lstmlab.inspect import record
-    from lstmlab.plots import save_figure
+    from lstmlab.plots import check_figure_path, save_figure
     from lstmlab.predict import class_names, load_digit, model_input
 
+    check_figure_path(args.out)  # a bad --out is found before the checkpoint and data are read
     ckpt = load_checkpoint(args.checkpoint)
     dataset = ckpt.config.data.dataset
     names = class_names(dataset)

@@ -38,14 +38,43 @@ def new_figure(width: float, height: float, dpi: int = 100) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Save a figure as PNG atomically (temp file beside it, then rename); returns the path."""
+# file suffix -> matplotlib format; anything else is refused before the figure is drawn
+FIGURE_FORMATS: dict[str, str] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
+
+def figure_format(path: str | Path, flag: str = "--out") -> str:
+    """The format a figure is written in, from the file's suffix; an unknown suffix is a one-line error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise LstmlabError(f"{flag} {path}: cannot write figures as {suffix or 'a file without a suffix'}; "
+                           f"name it .png, .jpg, .pdf or .svg")
+    return FIGURE_FORMATS[suffix]
+
+
+def check_figure_path(path: str | Path, flag: str = "--out") -> Path:
+    """Before drawing: the suffix is a known format and the file can be written there; returns the path."""
+    from lstmlab.oserrors import check_writable
+
+    figure_format(path, flag)
+    return check_writable(path, flag)
+
+
+def save_figure(fig: Figure, path: str | Path, flag: str = "--out") -> Path:
+    """Save a figure atomically (temp file beside it, then rename) in the format its suffix names (PNG, JPEG, PDF,
+    SVG); returns the path. An OS error (read-only, full disk, ...) is a one-line error and the old file stays."""
+    from lstmlab.oserrors import os_error
+
     path = Path(path)
     if path.is_dir():
-        raise LstmlabError(f"--out {path} is a folder; give a file name such as {path / 'figure.png'}")
+        raise LstmlabError(f"{flag} {path} is a folder; give a file name such as {path / 'figure.png'}")
+    kind = figure_format(path, flag)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
-    atomic_write_bytes(path, buf.getvalue())
+    options = {"pil_kwargs": {"quality": 90}} if kind == "jpeg" else {}
+    fig.savefig(buf, format=kind, dpi=fig.dpi, **options)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise os_error(e, path, "write") from None
     return path
 
 
@@ -236,7 +265,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, data_dir: s
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LstmlabError(f"run folder {run_dir} does not exist; pass the --out folder of `lstmlab train`")
+    from lstmlab.oserrors import check_writable_dir
+
     out = Path(out_dir) if out_dir else run_dir
+    check_writable_dir(out, "--out-dir" if out_dir else "RUN_DIR")  # before the minutes of work, not after
     metrics = read_metrics(run_dir / "metrics.csv")
     summary = read_summary(run_dir / "summary.json")
     names = _class_names(summary, len(summary["confusion_matrix"]))
@@ -256,7 +288,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, data_dir: s
         "confusion.png": confusion_figure(summary["confusion_matrix"], names),
         "mistakes.png": mistakes_figure(images, true, pred, prob, mnames, wrong, total),
     }
-    return [save_figure(fig, out / name) for name, fig in figures.items()]
+    return [save_figure(fig, out / name, "--out-dir") for name, fig in figures.items()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -292,17 +292,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
 
 
+def _read_all(paths: list[str]) -> tuple[list[tuple[str, Tensor]], dict[str, str]]:
+    """Each image preprocessed, or the one-line reason it cannot be; no image stops the others."""
+    digits: list[tuple[str, Tensor]] = []
+    errors: dict[str, str] = {}
+    for p in paths:
+        try:
+            digits.append((p, load_digit(p)))
+        except LstmlabError as e:
+            errors[p] = str(e)
+        except Exception as e:  # noqa: BLE001 - a decoder bug on one odd file must not cost the other answers
+            errors[p] = f"cannot read image {p} ({type(e).__name__}: {e})".replace("\n", " ")
+    return digits, errors
+
+
 def run(args: argparse.Namespace) -> int:
+    """Classify every image given: an answer for each readable one, a one-line error for each other; exit 2 if any
+    failed."""
+    import sys
+
     from lstmlab.checkpoint import load_checkpoint
 
     if args.top < 1:
         raise LstmlabError(f"--top must be at least 1, got {args.top}")
     ckpt = load_checkpoint(args.checkpoint)
-    images = torch.stack([load_digit(p) for p in args.images])  # (N, 28, 28), every file checked before any output
-    results = predict_images(ckpt, images, [str(p) for p in args.images], k=args.top)
+    paths = [str(p) for p in args.images]
+    digits, errors = _read_all(paths)
+    results: dict[str, Prediction] = {}
+    if digits:
+        images = torch.stack([d for _, d in digits])  # (N, 28, 28)
+        answers = predict_images(ckpt, images, [p for p, _ in digits], k=args.top)
+        results = {r.source: r for r in answers}
+    records = []
+    for p in paths:  # in the order given, each image once
+        if p in errors:
+            print(f"lstmlab predict: error: {errors[p]}", file=sys.stderr)
+            records.append({"image": p, "error": errors[p]})
+        elif p in results:
+            if not args.json:
+                print(format_prediction(results[p]), flush=True)
+            records.append(results[p].to_dict())
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        for r in results:
-            print(format_prediction(r))
-    return 0
+        print(json.dumps(records, indent=2))
+    return 2 if errors else 0
