@@ -196,14 +196,31 @@ def test_retain_graph_and_interleaved_graphs(loops) -> None:  # noqa: ANN001
     assert want[0].shape == out_a.shape
 
 
-def test_double_backward_raises(loops) -> None:  # noqa: ANN001
-    model, x, _, _ = make_case(3, 2, 3, 4, 1, False, False, False, True, torch.float64, 4)
+def test_double_backward_is_exact(loops) -> None:  # noqa: ANN001
+    """A gradient penalty (create_graph=True, then backward through |dL/dx|^2) gives nn.LSTM's weight gradients."""
+    model, x, state, _ = make_case(4, 3, 3, 5, 2, True, False, True, True, torch.float64, 4)
+    ref = torch.nn.LSTM(3, 5, 2, bidirectional=True).double()
+    ref.load_state_dict(model.state_dict())
     model.backend = "fused"
+
+    def penalty_grads(m: torch.nn.Module) -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_(True)
+        out, (h, c) = m(xi, state)
+        (g,) = torch.autograd.grad((out * out).sum() + h.sum() + c.sum(), xi, create_graph=True)
+        return [g, *torch.autograd.grad((g * g).sum(), list(m.parameters()))]
+
     with using(loops):
-        out, _ = model(x.requires_grad_(True))
-        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError):
-            g.sum().backward()
+        got = penalty_grads(model)
+    assert_all_close(got, penalty_grads(ref), 1e-10)
+
+
+def test_gradgradcheck_fp64(loops) -> None:  # noqa: ANN001
+    gen = torch.Generator().manual_seed(1)
+    T, B, I, H = 3, 2, 2, 2  # noqa: E741
+    shapes = [(T, B, I), (B, H), (B, H), (4 * H, I), (4 * H, H), (4 * H,), (4 * H,)]
+    args = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes]
+    with using(loops):
+        assert torch.autograd.gradgradcheck(fused.fused_layer, args, eps=1e-6, atol=1e-7)
 
 
 def test_native_and_python_loops_agree(native_ops) -> None:  # noqa: ANN001

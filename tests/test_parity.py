@@ -161,11 +161,12 @@ def test_classifier_uses_last_step_of_both_directions():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="positive"):
+    """nn.LSTM's own checks, with nn.LSTM's exception types (lstmlab.LSTM is an nn.LSTM)."""
+    with pytest.raises(ValueError, match="greater than zero"):
         LSTM(0, 4)
     with pytest.raises(ValueError, match="dropout"):
         LSTM(3, 4, dropout=1.5)
     with pytest.raises(ValueError, match="backend"):
         LSTM(3, 4, backend="nope")
-    with pytest.raises(ValueError, match="expected input"):
+    with pytest.raises(RuntimeError, match="input_size"):
         LSTM(3, 4)(torch.randn(2, 2, 5))

@@ -10,6 +10,9 @@ gates in PyTorch's order i, f, g, o::
     o = sigmoid(gates[:, 3H:4H])   output gate: how much of the cell to show
     c' = f * c + i * g
     h' = o * tanh(c')
+    h' = W_hr @ h'                                      # only with proj_size (nn.LSTM's projection)
+
+``reference_layer`` runs that step over a whole sequence; every fast path is held equal to it.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ def lstm_step(
     weight_hh: Tensor,
     bias_ih: Tensor | None = None,
     bias_hh: Tensor | None = None,
+    weight_hr: Tensor | None = None,
 ) -> Gates:
-    """One LSTM step; returns every gate so that tools can look inside. x (B, I), h and c (B, H)."""
+    """One LSTM step; returns every gate so that tools can look inside. x (B, I), h (B, P), c (B, H);
+    P = H, or proj_size when ``weight_hr`` (P, H) projects the hidden state."""
     gates = x @ weight_ih.T + h @ weight_hh.T  # (B, 4H): x2h and h2h of the textbook
     if bias_ih is not None:
         gates = gates + bias_ih + bias_hh
@@ -52,7 +57,41 @@ def lstm_step(
     o = torch.sigmoid(o)
     c = f * c + i * g
     h = o * torch.tanh(c)
+    if weight_hr is not None:
+        h = h @ weight_hr.T  # (B, P)
     return Gates(i, f, g, o, c, h)
+
+
+def reference_layer(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+    weight_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the cell over every step of x (T, B, I); the ground truth for every other backend.
+
+    Returns (out (T, B, P), h_T, c_T). With ``batch_sizes`` (a packed batch, longest first, laid out padded) step t
+    updates only the first ``batch_sizes[t]`` rows: the others keep their final state and output zeros.
+    """
+    sizes = None if batch_sizes is None else batch_sizes.tolist()
+    outputs = []
+    for t, x_t in enumerate(x.unbind(0)):  # (B, I) per step
+        n = x.shape[1] if sizes is None else min(sizes[t], x.shape[1])
+        step = lstm_step(x_t[:n], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+        if n == x.shape[1]:
+            h, c = step.h, step.c
+            outputs.append(h)
+        else:  # finished rows keep their state
+            h, c = torch.cat([step.h, h[n:]]), torch.cat([step.c, c[n:]])
+            outputs.append(torch.cat([step.h, step.h.new_zeros(x.shape[1] - n, step.h.shape[1])]))
+    if not outputs:
+        return x.new_zeros(0, x.shape[1], h.shape[1]), h, c
+    return torch.stack(outputs), h, c  # (T, B, P), (B, P), (B, H)
 
 
 class LSTMCell(nn.Module):

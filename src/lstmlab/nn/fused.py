@@ -1,11 +1,20 @@
-"""The ``fused`` backend: one layer, one direction, the whole sequence in one autograd node.
+"""The ``fused`` backend: one layer, one direction, the whole sequence as ONE registered PyTorch operator.
 
-Against the gate-level ``reference`` loop it saves most of the small ops that dominate an LSTM on a CPU:
+Against the gate-level reference loop (:func:`lstmlab.nn.cell.reference_layer`) it saves most of the small ops
+that dominate an LSTM on a CPU:
 
 * a forward step is ONE matmul ``[h_{t-1} | x_t | 1] @ [W_hh | W_ih | b]^T`` (the textbook's h2h and x2h with
   both biases) plus one pass of pointwise math;
 * the backward pass through time is hand-written: per step only the gates' pointwise derivatives and one
   ``dG_t @ W_hh``; all the parameter gradients are ONE matmul over all steps.
+
+``lstmlab::lstm_layer`` and ``lstmlab::lstm_layer_backward`` are ``torch.library`` custom ops with fake (meta)
+kernels, an autograd formula whose saved tensors go through ``ctx.save_for_backward`` (so saved-tensor hooks and
+checkpointing see them) and a vmap rule, so ``torch.compile(fullgraph=True)``, ``torch.export``, ``torch.func``
+and inference mode treat the layer like any built-in op. No buffer outlives a call.
+
+Double backward (``create_graph=True``, ``torch.func.grad``) is exact: the first backward is then recomputed with
+the differentiable reference math instead of the hand-written kernels.
 
 The per-step loops run either in Python (always available) or in a small C++ extension
 (:mod:`lstmlab.nn._native`, compiled once in the background and cached on disk) when it is ready; both give
@@ -14,14 +23,12 @@ the same numbers up to float rounding.
 
 from __future__ import annotations
 
-import functools
-import math
-import threading
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from lstmlab.nn.cell import reference_layer
 
 
 def fused_layer(
@@ -32,105 +39,38 @@ def fused_layer(
     weight_hh: Tensor,
     bias_ih: Tensor | None,
     bias_hh: Tensor | None,
+    weight_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one LSTM layer over x (T, B, I) from (h0, c0) each (B, H).
+    """Run one LSTM layer over x (T, B, I) from h0 (B, P) and c0 (B, H); P = H unless ``weight_hr`` projects.
 
-    Returns ``(out (T, B, H), h_T (B, H), c_T (B, H))``; gates in i, f, g, o order as ``nn.LSTM``.
-    Differentiable once w.r.t. every tensor argument (double backward raises an error).
+    Returns ``(out (T, B, P), h_T (B, P), c_T (B, H))``; gates in i, f, g, o order as ``nn.LSTM``. With
+    ``batch_sizes`` (T,) int64 on the CPU, non-increasing: step t runs only the first ``batch_sizes[t]`` rows (a
+    packed batch laid out padded), ``out`` is zero past them and h_T, c_T are each row's state at its last step.
     """
-    if x.dim() != 3 or h0.shape != c0.shape or h0.shape != (x.shape[1], weight_hh.shape[1]):
+    P = h0.shape[-1] if h0.dim() == 2 else -1
+    if x.dim() != 3 or h0.dim() != 2 or c0.dim() != 2 or h0.shape[0] != x.shape[1] or c0.shape[0] != x.shape[1] \
+            or weight_hh.shape[1] != P or c0.shape[1] * 4 != weight_hh.shape[0]:
         raise ValueError(
-            f"fused_layer: expected x (T, B, I) and h0, c0 (B, H), got {tuple(x.shape)}, "
+            f"fused_layer: expected x (T, B, I), h0 (B, P) and c0 (B, H), got {tuple(x.shape)}, "
             f"{tuple(h0.shape)}, {tuple(c0.shape)}"
         )
-    native = _native_for(x)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    ):
-        return _FusedLSTM.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, native)
-    with torch.no_grad():  # inference: nothing is kept for backward, the scratch goes straight back
-        fw = _forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, native)
-        h_T, c_T = fw.out[-1].clone(), fw.cs[-1].clone()
-        _pool().give(fw.acts, fw.cs, fw.tcs, fw.xh)
-        return fw.out, h_T, c_T
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    )
+    out, h_T, c_T, *_ = torch.ops.lstmlab.lstm_layer(
+        x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save
+    )
+    return out, h_T, c_T
 
 
-def release_buffers() -> None:
-    """Free the scratch buffers the fused backend keeps between steps (e.g. after training)."""
-    _pool().clear()
-
-
-def _native_for(x: Tensor):  # noqa: ANN202 - an optional module or None
+def _native_for(x: Tensor) -> Any:
     """The compiled step loops when they are built and support x's device and dtype, else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     from lstmlab.nn import _native
 
     return _native.get()
-
-
-class _ScratchPool:
-    """Big CPU scratch buffers kept from one step to the next.
-
-    A fresh multi-megabyte CPU tensor comes from the kernel as untouched pages, and touching them costs more
-    than the LSTM math at large batches (measured: filling a fresh 58 MB buffer took as long as 28 steps of
-    the recurrent matmul). Only buffers that never reach the caller go here; other devices have their own
-    caching allocators and bypass the pool.
-    """
-
-    def __init__(self, max_bytes: int = 2 << 30, per_key: int = 4) -> None:
-        self._free: dict[tuple[int, torch.dtype], list[Tensor]] = {}
-        self._bytes = 0
-        self._max_bytes = max_bytes
-        self._per_key = per_key
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """An uninitialised contiguous tensor of this shape with like's dtype and device."""
-        if like.device.type != "cpu":
-            return like.new_empty(shape)
-        key = (math.prod(shape), like.dtype)
-        with self._lock:
-            stack = self._free.get(key)
-            if stack:
-                buf = stack.pop()
-                self._bytes -= buf.numel() * buf.element_size()
-                return buf.view(shape)
-        return like.new_empty(shape)
-
-    def give(self, *buffers: Tensor | None) -> None:
-        """Hand buffers back; the caller must hold no other reference to them."""
-        with self._lock:
-            for buf in buffers:
-                if buf is None or buf.device.type != "cpu":
-                    continue
-                size = buf.numel() * buf.element_size()
-                stack = self._free.setdefault((buf.numel(), buf.dtype), [])
-                if len(stack) < self._per_key and self._bytes + size <= self._max_bytes:
-                    stack.append(buf.view(-1))
-                    self._bytes += size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
-
-
-@functools.cache
-def _pool() -> _ScratchPool:
-    # One per process, like an allocator's cache: buffers outlive any one call by design.
-    return _ScratchPool()
-
-
-def _keep_graph() -> bool:
-    """Whether the running backward keeps the graph (retain_graph=True): then the saved buffers must survive."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if probe is None:  # a torch without the probe: always keep, the safe choice
-        return True
-    try:
-        return bool(probe())
-    except RuntimeError:
-        return True
 
 
 def _bias(bias_ih: Tensor | None, bias_hh: Tensor | None) -> Tensor | None:
@@ -141,29 +81,46 @@ def _bias(bias_ih: Tensor | None, bias_hh: Tensor | None) -> Tensor | None:
     return bias_ih + bias_hh
 
 
-class _Forward(NamedTuple):
-    out: Tensor  # (T, B, H) h_t, the caller's
-    acts: Tensor  # (T, B, 4H) activated gates i, f, g, o (pool)
-    cs: Tensor  # (T, B, H) c_t (pool)
-    tcs: Tensor  # (T, B, H) tanh(c_t) (pool)
-    xh: Tensor  # (T, B, K) row t = [h_{t-1} | x_t | 1 | 0...], the steps' matmul input (pool)
+def _width(P: int, n_in: int, has_bias: bool) -> int:
+    """K, the steps' matmul width [h | x | 1] rounded up to a multiple of 16 (faster CPU matmul kernels; the
+    zero columns change nothing)."""
+    return -(-(P + n_in + has_bias) // 16) * 16
 
 
 def _stacked_weights(weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None) -> Tensor:
-    """[W_hh | W_ih | b | 0...] (4H, K): the x2h and h2h maps (and the bias) as one matrix. K is rounded up to a
-    multiple of 16, which the CPU matmul kernels run faster, and the zero columns change nothing."""
-    H4, H = weight_hh.shape
+    """[W_hh | W_ih | b | 0...] (4H, K): the x2h and h2h maps (and the bias) as one matrix."""
+    H4, P = weight_hh.shape
     n_in = weight_ih.shape[1]
-    width = H + n_in + (bias is not None)
-    w = weight_hh.new_zeros(H4, -(-width // 16) * 16)
-    w[:, :H] = weight_hh
-    w[:, H : H + n_in] = weight_ih
+    w = weight_hh.new_zeros(H4, _width(P, n_in, bias is not None))
+    w[:, :P] = weight_hh
+    w[:, P : P + n_in] = weight_ih
     if bias is not None:
-        w[:, H + n_in] = bias
+        w[:, P + n_in] = bias
     return w
 
 
-def _forward(
+def _lengths(batch_sizes: Tensor, B: int) -> Tensor:
+    """Each row's number of live steps, from a packed batch's per-step row counts."""
+    return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)  # (B,)
+
+
+def _last_steps(seq: Tensor, batch_sizes: Tensor | None) -> Tensor:
+    """seq (T, B, N) -> (B, N): each row at its last live step."""
+    if batch_sizes is None:
+        return seq[-1].clone()
+    last = (_lengths(batch_sizes, seq.shape[1]) - 1).to(seq.device)
+    return seq.gather(0, last.view(1, -1, 1).expand(1, -1, seq.shape[2])).squeeze(0)
+
+
+def _live(batch_sizes: list[int] | None, t: int, B: int) -> int:
+    return B if batch_sizes is None else min(B, batch_sizes[t])
+
+
+# --- forward ------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lstmlab::lstm_layer", mutates_args=())
+def lstm_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
@@ -171,148 +128,266 @@ def _forward(
     weight_hh: Tensor,
     bias_ih: Tensor | None,
     bias_hh: Tensor | None,
-    native,  # noqa: ANN001
-) -> _Forward:
-    """The forward loop over all steps."""
-    pool = _pool()
+    weight_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, h_T, c_T, acts, cs, tcs, xh): the last four are what backward needs, empty unless ``save``."""
     T, B, n_in = x.shape
-    H4, H = weight_hh.shape
+    H4, P = weight_hh.shape
+    H = H4 // 4
     bias = _bias(bias_ih, bias_hh)
     w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
+    packed = batch_sizes is not None
+    new = x.new_zeros if packed else x.new_empty  # a packed step leaves rows untouched: they must read as zeros
     # Each step's matmul reads [h_{t-1} | x_t | 1]: x and the ones are laid out for all steps now, each step
     # writes its h_t into the next row. The same buffer is the right-hand side of the weight gradients' matmul.
-    xh = pool.take((T, B, w.shape[1]), x)
-    xh[0, :, :H] = h0
-    xh[:, :, H : H + n_in] = x
-    xh[:, :, H + n_in :] = 0.0
-    if bias is not None:
-        xh[:, :, H + n_in] = 1.0
-    acts = pool.take((T, B, H4), x)
-    out = x.new_empty(T, B, H)
-    cs = pool.take((T, B, H), x)
-    tcs = pool.take((T, B, H), x)
-    c0 = c0.contiguous()
-    if native is not None:
-        native.forward(xh, c0, w, acts, out, cs, tcs)
-        return _Forward(out, acts, cs, tcs, xh)
+    xh = new(T, B, w.shape[1])
+    if T and B:
+        xh[0, :, :P] = h0
+        xh[:, :, P : P + n_in] = x
+        xh[:, :, P + n_in :] = 0.0
+        if bias is not None:
+            xh[:, :, P + n_in] = 1.0
+    acts, cs, tcs = new(T, B, H4), new(T, B, H), new(T, B, H)
+    out = new(T, B, P)
+    native = _native_for(x) if weight_hr is None else None  # the compiled loops have no projection
+    if T and B:
+        if native is not None:
+            sizes = batch_sizes.to(torch.int64).contiguous() if packed else None
+            native.forward(xh, c0.contiguous(), w, acts, out, cs, tcs, sizes)
+        else:
+            _forward_steps(xh, c0, w, weight_hr, acts, out, cs, tcs, batch_sizes)
+    h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
+    if T == 0:
+        h_T, c_T = h0.clone(), c0.clone()
+    if not save:  # inference: keep nothing (four distinct tensors: a custom op's outputs may not alias)
+        acts, cs, tcs, xh = (x.new_empty(0) for _ in range(4))
+    return out, h_T, c_T, acts, cs, tcs, xh
+
+
+@lstm_layer.register_fake
+def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save):  # noqa: ANN001, ANN202
+    T, B, n_in = x.shape
+    H4, P = weight_hh.shape
+    H = H4 // 4
+    K = _width(P, n_in, bias_ih is not None or bias_hh is not None)
+    saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, K))
+    if not save:
+        saved = tuple(x.new_empty(0) for _ in range(4))
+    return (x.new_empty(T, B, P), x.new_empty(B, P), x.new_empty(B, H), *saved)
+
+
+def _forward_steps(xh: Tensor, c0: Tensor, w: Tensor, weight_hr: Tensor | None, acts: Tensor, out: Tensor,
+                   cs: Tensor, tcs: Tensor, batch_sizes: Tensor | None) -> None:
+    """The forward loop over all steps in Python, filling acts, out, cs, tcs and xh's h columns."""
+    T, B, _ = xh.shape
+    H = cs.shape[2]
+    P = out.shape[2]
+    sizes = None if batch_sizes is None else batch_sizes.tolist()
     w_t = w.t()  # (K, 4H)
-    # Per-step views made once: indexing in the loop would cost a dispatcher call each.
-    h_next = [*xh[1:, :, :H].unbind(0), None]  # where h_t goes for step t+1's matmul (nowhere after the last)
-    steps = zip(xh.unbind(0), acts.unbind(0), out.unbind(0), cs.unbind(0), tcs.unbind(0), h_next, strict=True)
     c = c0
-    for xh_t, gates, h_t, c_t, tc_t, next_t in steps:
-        torch.mm(xh_t, w_t, out=gates)  # (B, 4H) = [h_{t-1} | x_t | 1] @ [W_hh | W_ih | b]^T
+    for t in range(T):
+        n = _live(sizes, t, B)
+        gates = acts[t, :n]
+        torch.mm(xh[t, :n], w_t, out=gates)  # (n, 4H) = [h_{t-1} | x_t | 1] @ [W_hh | W_ih | b]^T
         gates[:, : 2 * H].sigmoid_()  # i, f
         gates[:, 2 * H : 3 * H].tanh_()  # g
         gates[:, 3 * H :].sigmoid_()  # o
         i, f, g, o = gates.split(H, dim=1)
-        torch.mul(f, c, out=c_t)
+        c_t, tc_t, h_t = cs[t, :n], tcs[t, :n], out[t, :n]
+        torch.mul(f, c[:n], out=c_t)
         c_t.addcmul_(i, g)  # c' = f*c + i*g
         torch.tanh(c_t, out=tc_t)
-        torch.mul(o, tc_t, out=h_t)  # h' = o * tanh(c')
-        if next_t is not None:
-            next_t.copy_(h_t)
-        c = c_t
-    return _Forward(out, acts, cs, tcs, xh)
+        if weight_hr is None:
+            torch.mul(o, tc_t, out=h_t)  # h' = o * tanh(c')
+        else:
+            torch.mm(o * tc_t, weight_hr.t(), out=h_t)  # h' = W_hr (o * tanh(c'))
+        if t + 1 < T:
+            xh[t + 1, :n, :P] = h_t
+        c = cs[t]
 
 
-def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh: Tensor,
-                    d_out: Tensor | None, dh: Tensor, dc: Tensor, need_dh0: bool) -> Tensor:
-    """Backpropagation through time in Python. dh, dc (B, H) go from the gradients at h_T, c_T to those at
-    h_0, c_0 in place; returns dG (T, B, 4H), the gradient w.r.t. the gates' pre-activations (pool)."""
-    pool = _pool()
+# --- backward -----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lstmlab::lstm_layer_backward", mutates_args=())
+def lstm_layer_backward(
+    d_out: Tensor | None,
+    d_hT: Tensor | None,
+    d_cT: Tensor | None,
+    c0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    weight_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    acts: Tensor,
+    cs: Tensor,
+    tcs: Tensor,
+    xh: Tensor,
+    has_bias: bool,
+    need_x: bool,
+    need_h0: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr); a gradient nobody needs comes back empty."""
     T, B, H4 = acts.shape
     H = H4 // 4
-    i, f, g, o = acts.split(H, dim=2)  # each (T, B, H), strided views
-    # What does not depend on the incoming gradient, for all steps at once (a few big ops instead of many
-    # small ones in the loop): d(pre-activation)/d(c_t) for gates i, f, g and d(pre-activation)/d(h_t) for o.
-    dG = pool.take((T, B, 4, H), acts)
-    torch.mul(i * (1 - i), g, out=dG[:, :, 0])
-    torch.mul(1 - g * g, i, out=dG[:, :, 2])
-    torch.mul(o * (1 - o), tcs, out=dG[:, :, 3])
-    dG1 = dG[:, :, 1]
-    torch.mul(f[0] * (1 - f[0]), c0, out=dG1[0])
-    if T > 1:
-        torch.mul(f[1:] * (1 - f[1:]), cs[:-1], out=dG1[1:])
-    k_c = pool.take((T, B, H), acts)
-    torch.mul(o, 1 - tcs * tcs, out=k_c)  # dc_t += dh_t * o * (1 - tanh(c_t)^2)
-    dh_in = acts.new_empty(B, H)
+    P, n_in = weight_hh.shape[1], weight_ih.shape[1]
+    def empty() -> Tensor:  # a distinct tensor each: a custom op's outputs may not alias
+        return acts.new_empty(0)
+
+    dh = acts.new_zeros(B, P) if d_hT is None else d_hT.contiguous().clone()
+    dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
+    packed = batch_sizes is not None
+    dG = (acts.new_zeros if packed else acts.new_empty)(T, B, H4)  # rows a packed step skips must be zero
+    dH = None
+    native = _native_for(acts) if weight_hr is None else None
+    if T and B:
+        d_out = None if d_out is None else d_out.contiguous()
+        if native is not None:
+            sizes = batch_sizes.to(torch.int64).contiguous() if packed else None
+            native.backward(acts, dG, cs, tcs, c0.contiguous(), weight_hh.contiguous(), d_out, dh, dc, need_h0, sizes)
+        else:
+            dH = _backward_steps(acts, cs, tcs, c0, weight_hh, weight_hr, d_out, dh, dc, dG, batch_sizes)
+    dG2 = dG.view(T * B, H4)  # (T*B, 4H)
+    dx = torch.mm(dG2, weight_ih).view(T, B, n_in) if need_x else empty()
+    dw_ih, dw_hh, db, dw_hr = empty(), empty(), empty(), empty()
+    if need_weights:
+        # Every parameter gradient in ONE matmul over all steps: dG^T @ [h_{t-1} | x_t | 1] = [dW_hh | dW_ih | db].
+        # Thin matmuls of their own (N = I, or a sum for db) run at a fraction of the wide one's speed on a
+        # CPU, and dG is read once instead of three times.
+        dw = torch.mm(dG2.t(), xh.view(T * B, -1))  # (4H, K)
+        dw_hh, dw_ih = dw[:, :P].clone(), dw[:, P : P + n_in].clone()
+        if has_bias:
+            db = dw[:, P + n_in].clone()
+        if weight_hr is not None:  # dW_hr = sum_t dh_t^T (o_t * tanh(c_t))
+            raw = acts[:, :, 3 * H :] * tcs  # (T, B, H)
+            dw_hr = torch.mm(dH.view(T * B, P).t(), raw.reshape(T * B, H)) if dH is not None else \
+                weight_hr.new_zeros(weight_hr.shape)
+    return dx, (dh if need_h0 else empty()), (dc if need_h0 else empty()), dw_ih, dw_hh, db, dw_hr
+
+
+@lstm_layer_backward.register_fake
+def _(d_out, d_hT, d_cT, c0, weight_ih, weight_hh, weight_hr, batch_sizes, acts, cs, tcs, xh, has_bias,  # noqa: ANN001, ANN202
+      need_x, need_h0, need_weights):
+    T, B, H4 = acts.shape
+    P, n_in = weight_hh.shape[1], weight_ih.shape[1]
+    w = need_weights
+    shapes = [(T, B, n_in) if need_x else (0,), (B, P) if need_h0 else (0,), (B, H4 // 4) if need_h0 else (0,),
+              weight_ih.shape if w else (0,), weight_hh.shape if w else (0,), (H4,) if w and has_bias else (0,),
+              weight_hr.shape if w and weight_hr is not None else (0,)]
+    return tuple(acts.new_empty(shape) for shape in shapes)
+
+
+def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh: Tensor, weight_hr: Tensor | None,
+                    d_out: Tensor | None, dh: Tensor, dc: Tensor, dG: Tensor, batch_sizes: Tensor | None) -> Tensor:
+    """Backpropagation through time in Python. dh (B, P), dc (B, H) go from the gradients at h_T, c_T to those at
+    h_0, c_0 in place; dG (T, B, 4H) gets the gradient w.r.t. the gates' pre-activations. Returns dH (T, B, P),
+    the gradient reaching each h_t (for dW_hr)."""
+    T, B, H4 = acts.shape
+    H = H4 // 4
+    sizes = None if batch_sizes is None else batch_sizes.tolist()
+    dH = acts.new_zeros(T, B, dh.shape[1])
     for t in range(T - 1, -1, -1):
-        if d_out is not None:
-            torch.add(dh, d_out[t], out=dh_in)
-        else:
-            dh_in.copy_(dh)
-        dc.addcmul_(dh_in, k_c[t])
-        dG_t = dG[t]  # (B, 4, H)
-        dG_t[:, :3].mul_(dc.unsqueeze(1))  # i, f, g
-        dG_t[:, 3].mul_(dh_in)  # o
-        dc.mul_(f[t])  # dc_{t-1} = dc_t * f_t
-        if t > 0 or need_dh0:  # the last one only when h_0 wants its gradient
-            torch.mm(dG_t.view(B, H4), weight_hh, out=dh)  # dh_{t-1} = dG_t @ W_hh
-    pool.give(k_c)
-    return dG.view(T, B, H4)
+        n = _live(sizes, t, B)
+        i, f, g, o = acts[t, :n].split(H, dim=1)  # each (n, H)
+        tc = tcs[t, :n]
+        c_prev = cs[t - 1, :n] if t > 0 else c0[:n]
+        dh_t = dH[t, :n]
+        torch.add(dh[:n], d_out[t, :n], out=dh_t) if d_out is not None else dh_t.copy_(dh[:n])
+        d_raw = dh_t if weight_hr is None else dh_t @ weight_hr  # through the projection: (n, H)
+        dcn = dc[:n]
+        dcn.addcmul_(d_raw, o * (1 - tc * tc))  # dc_t += dh_t * o * (1 - tanh(c_t)^2)
+        dG_t = dG[t, :n]  # (n, 4H)
+        torch.mul(dcn, i * (1 - i) * g, out=dG_t[:, :H])
+        torch.mul(dcn, f * (1 - f) * c_prev, out=dG_t[:, H : 2 * H])
+        torch.mul(dcn, i * (1 - g * g), out=dG_t[:, 2 * H : 3 * H])
+        torch.mul(d_raw, o * (1 - o) * tc, out=dG_t[:, 3 * H :])
+        dcn.mul_(f)  # dc_{t-1} = dc_t * f_t
+        dh[:n] = dG_t @ weight_hh  # dh_{t-1} = dG_t @ W_hh
+    return dH
 
 
-class _FusedLSTM(torch.autograd.Function):
-    """One layer over the whole sequence; backward is hand-written BPTT (first derivatives only)."""
+# --- autograd -----------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, native):  # noqa: ANN001, ANN205
-        ctx.set_materialize_grads(False)  # an unused output (out, or c_T) gets no zero-filled gradient
-        fw = _forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, native)
-        ctx.save_for_backward(c0, weight_ih, weight_hh)
-        ctx.fw = fw  # the scratch buffers: ours alone, reused in place by backward
-        ctx.native = native
-        ctx.has_bias = bias_ih is not None or bias_hh is not None
-        return fw.out, fw.out[-1].clone(), fw.cs[-1].clone()
+_INPUTS = ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_hT, d_cT):  # noqa: ANN001, ANN205
-        c0, weight_ih, weight_hh = ctx.saved_tensors
-        fw: _Forward = ctx.fw
-        if fw is None:
-            raise RuntimeError("fused LSTM: backward through this graph a second time needs retain_graph=True")
-        pool = _pool()
-        T, B, H4 = fw.acts.shape
-        H = H4 // 4
-        n_in = weight_ih.shape[1]
-        keep = _keep_graph()
-        need = ctx.needs_input_grad
-        dh = torch.zeros_like(fw.cs[0]) if d_hT is None else d_hT.contiguous().clone()
-        dc = torch.zeros_like(fw.cs[0]) if d_cT is None else d_cT.contiguous().clone()
-        if d_out is not None:
-            d_out = d_out.contiguous()
-        c0 = c0.contiguous()
-        if ctx.native is not None:
-            # The native loop turns the activations into dG in place: on a copy when the graph is kept.
-            dG = pool.take(fw.acts.shape, fw.acts).copy_(fw.acts) if keep else fw.acts
-            ctx.native.backward(dG, fw.cs, fw.tcs, c0, weight_hh.contiguous(), d_out, dh, dc, need[1])
-        else:
-            dG = _backward_steps(fw.acts, fw.cs, fw.tcs, c0, weight_hh, d_out, dh, dc, need[1])
-        dG2 = dG.view(T * B, H4)  # (T*B, 4H)
-        dx = torch.mm(dG2, weight_ih).view(T, B, n_in) if need[0] else None
-        dw_ih = dw_hh = db = None
-        if any(need[3:7]):
-            # Every parameter gradient in ONE matmul over all steps: dG^T @ [h_{t-1} | x_t | 1] = [dW_hh | dW_ih | db].
-            # Thin matmuls of their own (N = I, or a sum for db) run at a fraction of the wide one's speed on a
-            # CPU, and dG is read once instead of three times.
-            dw = torch.mm(dG2.t(), fw.xh.view(T * B, -1))  # (4H, K)
-            dw_hh, dw_ih = dw[:, :H], dw[:, H : H + n_in]
-            if ctx.has_bias:
-                db = dw[:, H + n_in]
-        if dG is not fw.acts:
-            pool.give(dG)
-        if not keep:
-            pool.give(fw.acts, fw.cs, fw.tcs, fw.xh)
-            ctx.fw = None
-        return (
-            dx,
-            dh if need[1] else None,
-            dc if need[2] else None,
-            dw_ih if need[3] else None,
-            dw_hh if need[4] else None,
-            db if need[5] else None,
-            (db.clone() if need[5] else db) if need[6] else None,  # two parameters must not share one tensor
-            None,
-        )
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, save = inputs
+    _, _, _, acts, cs, tcs, xh = output
+    ctx.has = [t is not None for t in (b_ih, b_hh, w_hr, batch_sizes)]
+    present = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) if t is not None]
+    ctx.save_for_backward(*present, acts, cs, tcs, xh)
+
+
+def _unpack(ctx: Any) -> tuple[list[Tensor | None], Tensor | None, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    saved = list(ctx.saved_tensors)
+    acts, cs, tcs, xh = saved[-4:]
+    it = iter(saved[:-4])
+    x, h0, c0, w_ih, w_hh = (next(it) for _ in range(5))
+    b_ih, b_hh, w_hr, batch_sizes = (next(it) if has else None for has in ctx.has)
+    return [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], batch_sizes, (acts, cs, tcs, xh)
+
+
+def _backward(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, *_: Any) -> tuple:
+    inputs, batch_sizes, (acts, cs, tcs, xh) = _unpack(ctx)
+    need = list(ctx.needs_input_grad[:8])
+    if torch.is_grad_enabled():  # create_graph: the gradient itself must be differentiable
+        return (*_differentiable_backward(inputs, batch_sizes, need, d_out, d_hT, d_cT), None, None)
+    if acts.dim() != 3:
+        raise RuntimeError("lstmlab fused LSTM: this forward kept nothing for backward (it ran without grad)")
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
+    grads = torch.ops.lstmlab.lstm_layer_backward(
+        d_out, d_hT, d_cT, c0, w_ih, w_hh, w_hr, batch_sizes, acts, cs, tcs, xh,
+        b_ih is not None or b_hh is not None, need[0], need[1] or need[2], any(need[3:]),
+    )
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads
+    out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr]
+    result = [o if n else None for o, n in zip(out, need, strict=True)]
+    if need[5] and need[6]:
+        result[6] = db.clone()  # two parameters must not share one gradient tensor
+    return (*result, None, None)
+
+
+def _differentiable_backward(inputs: list[Tensor | None], batch_sizes: Tensor | None, need: list[bool],
+                             d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None) -> list[Tensor | None]:
+    """The first backward as differentiable reference math, for double backward and torch.func."""
+    wanted = [t for t, n in zip(inputs, need, strict=True) if n]
+    with torch.enable_grad():
+        outs = reference_layer(*inputs, batch_sizes=batch_sizes)
+        pairs = [(o, g) for o, g in zip(outs, (d_out, d_hT, d_cT), strict=True) if g is not None]
+        if not pairs:
+            return [torch.zeros_like(t) if n else None for t, n in zip(inputs, need, strict=True)]
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                    allow_unused=True)
+    it = iter(grads)
+    result = []
+    for t, n in zip(inputs, need, strict=True):
+        g = next(it) if n else None
+        result.append(torch.zeros_like(t) if n and g is None else g)
+    return result
+
+
+lstm_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- vmap: run the op once per vmapped slice (correct for any in_dims; torch.func users want the numbers) ---------
+
+
+def _loop_vmap(op: Any) -> Any:
+    def rule(info: Any, in_dims: tuple, *args: Any) -> tuple:
+        outs = []
+        for k in range(info.batch_size):
+            sliced = [a.select(d, k) if d is not None and isinstance(a, Tensor) else a
+                      for a, d in zip(args, in_dims, strict=True)]
+            outs.append(op(*sliced))
+        stacked = tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
+        return stacked, tuple(0 for _ in stacked)
+
+    return rule
+
+
+torch.library.register_vmap("lstmlab::lstm_layer", _loop_vmap(lstm_layer))
+torch.library.register_vmap("lstmlab::lstm_layer_backward", _loop_vmap(lstm_layer_backward))

@@ -1,8 +1,14 @@
-"""Stacked, optionally bidirectional LSTM layers with the interface of ``torch.nn.LSTM``.
+"""``lstmlab.LSTM``: ``torch.nn.LSTM`` itself, with the time loop run by lstmlab's backends.
 
-Parameter names, shapes, ``state_dict`` keys, inputs and outputs are those of ``nn.LSTM``, so
-weights load both ways. The time loop can run on several backends (``BACKENDS``); each takes one
-layer in one direction and must give the same numbers as ``reference``.
+The class subclasses ``nn.LSTM`` and overrides only ``forward``: the constructor, its argument checks, parameter
+names (``weight_ih_l0``, ``weight_hr_l0_reverse``...), ``state_dict``, ``proj_size``, ``flatten_parameters``,
+``all_weights``, ``repr`` and the input checks are PyTorch's, and ``isinstance(m, nn.LSTM)`` holds. Each layer and
+direction runs on a backend (``BACKENDS``) that must give the same numbers as ``reference``:
+
+* ``reference``: the textbook cell of :mod:`lstmlab.nn.cell`, step by step, differentiated by autograd;
+* ``fused``: :mod:`lstmlab.nn.fused`, one registered op per layer and direction (the default on a CPU);
+* ``torch``: PyTorch's own kernel (oneDNN / cuDNN), the default on CUDA. ONNX export always takes this path, so
+  exported graphs hold the standard ONNX ``LSTM`` operator.
 """
 
 from __future__ import annotations
@@ -12,64 +18,38 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
-from lstmlab.nn.cell import lstm_step, reset_lstm_parameters
+from lstmlab.nn.cell import reference_layer
 
-# (x (T, B, I), h0 (B, H), c0 (B, H), w_ih, w_hh, b_ih, b_hh) -> (out (T, B, H), h_T, c_T)
+# (x (T, B, I), h0 (B, P), c0 (B, H), w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> (out (T, B, P), h_T, c_T)
 LayerFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
-
-
-def reference_layer(
-    x: Tensor,
-    h: Tensor,
-    c: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Tensor | None,
-    bias_hh: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the textbook cell over every step of x (T, B, I); the ground truth for other backends."""
-    outputs = []
-    for x_t in x.unbind(0):  # (B, I) per step
-        step = lstm_step(x_t, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
-        h, c = step.h, step.c
-        outputs.append(h)
-    return torch.stack(outputs), h, c  # (T, B, H), (B, H), (B, H)
-
-
-def _layer_backends() -> dict[str, LayerFn]:
-    """Per-layer backends, looked up at call time so optional modules load lazily."""
-    backends: dict[str, LayerFn] = {"reference": reference_layer}
-    try:
-        from lstmlab.nn.fused import fused_layer
-    except ImportError:  # the fused backend is optional until it is built
-        pass
-    else:
-        backends["fused"] = fused_layer
-    return backends
-
 
 BACKENDS = ("auto", "reference", "fused", "torch")
 
 
+def _layer_backends() -> dict[str, LayerFn]:
+    """Per-layer backends, looked up at call time so that the fused module loads lazily."""
+    from lstmlab.nn.fused import fused_layer
+
+    return {"reference": reference_layer, "fused": fused_layer}
+
+
 def resolve_backend(name: str, device: torch.device | None = None) -> str:
-    """Turn ``auto`` into the fastest backend available here; check that a named one exists."""
+    """Turn ``auto`` into the fastest backend for this device; check that a named one exists."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        if device is not None and device.type == "cuda":
-            return "torch"  # cuDNN; the fused step loops are CPU code
-        return "fused" if "fused" in _layer_backends() else "reference"
-    if name != "torch" and name not in _layer_backends():
-        raise ValueError(f"backend {name!r} is not available in this installation")
+        return "torch" if device is not None and device.type == "cuda" else "fused"  # fused loops are CPU code
     return name
 
 
-class LSTM(nn.Module):
-    """A drop-in for ``torch.nn.LSTM`` (without ``proj_size``) built from the gate-level cell.
+class LSTM(nn.LSTM):
+    """A drop-in for ``torch.nn.LSTM`` (it is one) whose time loop runs on lstmlab's gate-level backends.
 
-    Returns ``(output, (h_n, c_n))`` with ``output`` (T, B, D*H) or (B, T, D*H) when
-    ``batch_first``, and ``h_n``, ``c_n`` (num_layers*D, B, H), D = 2 if bidirectional else 1.
+    Same arguments as ``nn.LSTM`` plus, keyword-only, ``forget_bias`` (added to the forget gate's slice of every
+    ``bias_ih`` at initialisation; 1.0 makes the cell remember by default early in training) and ``backend``.
+    Returns ``(output, (h_n, c_n))`` exactly as ``nn.LSTM``, PackedSequence in, PackedSequence out.
     """
 
     def __init__(
@@ -81,103 +61,126 @@ class LSTM(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         forget_bias: float = 0.0,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:
-            raise ValueError(
-                "input_size, hidden_size and num_layers must be positive, got "
-                f"{input_size}, {hidden_size}, {num_layers}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         resolve_backend(backend)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.bias = bias
-        self.batch_first = batch_first
-        self.dropout = dropout
-        self.bidirectional = bidirectional
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype)
         self.forget_bias = forget_bias
         self.backend = backend
-        self.num_directions = 2 if bidirectional else 1
-        for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
-            for suffix in self._suffixes(layer):
-                setattr(self, f"weight_ih{suffix}", nn.Parameter(torch.empty(4 * hidden_size, layer_input)))
-                setattr(self, f"weight_hh{suffix}", nn.Parameter(torch.empty(4 * hidden_size, hidden_size)))
-                if bias:
-                    setattr(self, f"bias_ih{suffix}", nn.Parameter(torch.empty(4 * hidden_size)))
-                    setattr(self, f"bias_hh{suffix}", nn.Parameter(torch.empty(4 * hidden_size)))
-        self.reset_parameters()
+        if forget_bias:
+            self._add_forget_bias()
 
-    def _suffixes(self, layer: int) -> list[str]:
-        return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.bidirectional else [])
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     def reset_parameters(self) -> None:
-        """uniform(±1/sqrt(H)) as nn.LSTM, then ``forget_bias`` on the forget gate of bias_ih."""
-        reset_lstm_parameters(self, self.hidden_size, self.forget_bias)
+        """uniform(±1/sqrt(H)) as nn.LSTM (same draws for the same seed), then ``forget_bias``."""
+        super().reset_parameters()
+        if getattr(self, "forget_bias", 0.0):  # nn.LSTM's constructor calls this before forget_bias is set
+            self._add_forget_bias()
 
-    def layer_weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction (1 = reverse)."""
-        suffix = self._suffixes(layer)[direction]
-        if self.bias:
-            biases = (getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}"))
-        else:
-            biases = (None, None)
-        return getattr(self, f"weight_ih{suffix}"), getattr(self, f"weight_hh{suffix}"), *biases
+    def _add_forget_bias(self) -> None:
+        H = self.hidden_size
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("bias_ih"):
+                    p[H : 2 * H] += self.forget_bias
+
+    def layer_weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of one layer and direction (1 = reverse); the
+        biases are None without ``bias``, weight_hr without ``proj_size``."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        return tuple(getattr(self, name + suffix, None) for name in names)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-            f"batch_first={self.batch_first}, dropout={self.dropout}, "
-            f"bidirectional={self.bidirectional}, backend={self.backend!r}"
-        )
+        return super().extra_repr() + f", backend={self.backend!r}"
 
-    def forward(
-        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """input (T, B, I), (B, T, I) if batch_first, or unbatched (T, I); hx (h_0, c_0) or zeros."""
-        unbatched = input.dim() == 2
-        if input.dim() not in (2, 3) or input.size(-1) != self.input_size:
-            raise ValueError(
-                f"expected input of shape (T, B, {self.input_size}) or (T, {self.input_size}), "
-                f"got {tuple(input.shape)}"
-            )
-        if unbatched:
-            input = input.unsqueeze(1)
-            hx = None if hx is None else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        elif self.batch_first:
-            input = input.transpose(0, 1)
-        x = input  # (T, B, I)
-        states = self.num_layers * self.num_directions
-        if hx is None:
-            zeros = x.new_zeros(states, x.size(1), self.hidden_size)
-            hx = (zeros, zeros)
-        elif hx[0].shape != (states, x.size(1), self.hidden_size) or hx[1].shape != hx[0].shape:
-            raise ValueError(
-                f"expected h_0 and c_0 of shape {(states, x.size(1), self.hidden_size)}, "
-                f"got {tuple(hx[0].shape)} and {tuple(hx[1].shape)}"
-            )
-
-        backend = resolve_backend(self.backend, x.device)
-        if backend == "torch":
-            output, h_n, c_n = self._forward_torch(x, hx)
-        else:
-            output, h_n, c_n = self._forward_layers(x, hx, _layer_backends()[backend])
-
-        if unbatched:
-            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):  # noqa: ANN201
+        """As ``nn.LSTM.forward``: input (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or packed."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        backend = resolve_backend(self.backend, data.device)
+        if backend == "torch" or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting():
+            return super().forward(input, hx)  # ONNX: PyTorch's exporters map aten::lstm to ONNX's LSTM
+        x, hx, batch_sizes, sorted_indices, unsorted_indices, unbatched = self._prepare(input, hx)
+        out, h_n, c_n = self._run_layers(x, hx, batch_sizes, _layer_backends()[backend])
+        hidden = self.permute_hidden((h_n, c_n), unsorted_indices)
+        if batch_sizes is not None:
+            return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), hidden
         if self.batch_first:
-            output = output.transpose(0, 1)
-        return output, (h_n, c_n)
+            out = out.transpose(0, 1)
+        if unbatched:
+            return out.squeeze(0 if self.batch_first else 1), (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return out, hidden
 
-    def _forward_layers(
-        self, x: Tensor, hx: tuple[Tensor, Tensor], layer_fn: LayerFn
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _prepare(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None) -> tuple:
+        """nn.LSTM's input handling: (x, (h0, c0), batch_sizes, sorted_indices, unsorted_indices, unbatched)."""
+        batch_sizes = sorted_indices = unsorted_indices = None
+        unbatched = False
+        if isinstance(input, PackedSequence):
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch = int(batch_sizes[0])
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
+            max_batch = x.size(0 if self.batch_first else 1)
+        if hx is None:
+            states = self.num_layers * self.num_directions
+            real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+            hx = (torch.zeros(states, max_batch, real_hidden, dtype=x.dtype, device=x.device),
+                  torch.zeros(states, max_batch, self.hidden_size, dtype=x.dtype, device=x.device))
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
+                raise TypeError(
+                    "LSTM: hx must be a tuple (h_0, c_0) of two tensors, got "
+                    f"{type(hx).__name__}; pass (h_0, c_0), e.g. the (h_n, c_n) a previous call returned"
+                )
+            want = 2 if unbatched else 3
+            if hx[0].dim() != want or hx[1].dim() != want:
+                kind = "unbatched 2-D input (T, I)" if unbatched else "batched 3-D input"
+                shape = "(num_layers * D, H)" if unbatched else "(num_layers * D, B, H)"
+                raise RuntimeError(
+                    f"For {kind}, hx and cx should also be {want}-D {shape} but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if unbatched:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(x, hx, batch_sizes)
+        if batch_sizes is None and self.batch_first:
+            x = x.transpose(0, 1)  # (T, B, I) from here on
+        hx = self.permute_hidden(hx, sorted_indices)
+        return x, hx, batch_sizes, sorted_indices, unsorted_indices, unbatched
+
+    def _run_layers(self, x: Tensor, hx: tuple[Tensor, Tensor], batch_sizes: Tensor | None,
+                    layer_fn: LayerFn) -> tuple[Tensor, Tensor, Tensor]:
+        """Every layer and direction over x (T, B, I), or over packed data (N, I) laid out padded on the way."""
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # as nn.LSTM under autocast: compute in the autocast dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
+                weights = [[w if w is None else w.to(dtype) for w in self.layer_weights(layer, d)]
+                           for layer in range(self.num_layers) for d in range(self.num_directions)]
+                return self._layers(x, hx, batch_sizes, layer_fn, weights)
+        weights = [list(self.layer_weights(layer, d))
+                   for layer in range(self.num_layers) for d in range(self.num_directions)]
+        return self._layers(x, hx, batch_sizes, layer_fn, weights)
+
+    def _layers(self, x: Tensor, hx: tuple[Tensor, Tensor], batch_sizes: Tensor | None, layer_fn: LayerFn,
+                weights: list[list[Tensor | None]]) -> tuple[Tensor, Tensor, Tensor]:
+        if batch_sizes is not None:
+            T, B = batch_sizes.numel(), hx[0].shape[1]
+            index, reverse = _packed_layout(batch_sizes, B, x.device)
+            x = x.new_zeros(T * B, x.shape[1]).index_copy(0, index, x).view(T, B, -1)  # (T, B, I), zero padded
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -185,20 +188,31 @@ class LSTM(nn.Module):
             outs = []
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
-                seq = x.flip(0) if direction == 1 else x  # the reverse direction reads from the end
-                out, h, c = layer_fn(seq, hx[0][k], hx[1][k], *self.layer_weights(layer, direction))
-                outs.append(out.flip(0) if direction == 1 else out)
+                seq = x if direction == 0 else _reversed(x, reverse if batch_sizes is not None else None)
+                out, h, c = layer_fn(seq, hx[0][k], hx[1][k], *weights[k], batch_sizes=batch_sizes)
+                outs.append(out if direction == 0 else _reversed(out, reverse if batch_sizes is not None else None))
                 h_n.append(h)
                 c_n.append(c)
-            x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (T, B, D*H)
+            x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (T, B, D*P)
+        if batch_sizes is not None:
+            x = x.reshape(-1, x.shape[2]).index_select(0, index)  # back to packed rows
         return x, torch.stack(h_n), torch.stack(c_n)
 
-    def _forward_torch(self, x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Delegate to PyTorch's own LSTM kernel (oneDNN or cuDNN), for comparison."""
-        weights = [w for layer in range(self.num_layers) for d in range(self.num_directions)
-                   for w in self.layer_weights(layer, d) if w is not None]
-        output, h_n, c_n = torch.lstm(
-            x, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
-            self.bidirectional, False,
-        )
-        return output, h_n, c_n
+
+def _packed_layout(batch_sizes: Tensor, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For packed data (rows of step 0, then step 1, ...): each packed row's index in a padded (T*B) layout, and the
+    (T, B) time index that reverses every row within its own length (padding stays in place)."""
+    T = batch_sizes.numel()
+    live = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B)
+    index = live.flatten().nonzero().squeeze(1).to(device)
+    lengths = live.sum(0)  # (B,)
+    t = torch.arange(T).unsqueeze(1)
+    reverse = torch.where(t < lengths, lengths - 1 - t, t).to(device)  # (T, B)
+    return index, reverse
+
+
+def _reversed(seq: Tensor, reverse: Tensor | None) -> Tensor:
+    """seq (T, B, N) read backwards in time: whole (plain) or each row within its length (packed)."""
+    if reverse is None:
+        return seq.flip(0)
+    return seq.gather(0, reverse.unsqueeze(2).expand(-1, -1, seq.shape[2]))

@@ -4,6 +4,7 @@
 //           (B, 4H) gates that activates them in place and writes c_t, tanh(c_t) and h_t.
 // backward: for each step (last to first), ONE pass that turns dh, dc into the gradient of the four gates'
 //           pre-activations and dc_{t-1}, then dh_{t-1} = dG_t @ W_hh (one mm).
+// Packed batches (sorted longest first): step t runs only its first batch_sizes[t] rows.
 // The parameter gradients (one matmul over all steps: dG^T @ [h_{t-1} | x_t | 1]) stay in Python.
 //
 // The pointwise passes are plain loops that the compiler vectorises (-O3, this machine's SIMD); exp is a
@@ -98,19 +99,23 @@ void forward_pointwise(T* __restrict gates, const T* __restrict c_prev, T* __res
   }
 }
 
-// One backward step's pointwise math, in place: acts (B, 4H) holds the activations i, f, g, o on entry and
-// the gradient w.r.t. the four pre-activations on exit (same index read then written, so it vectorises).
+// One backward step's pointwise math: from the activations i, f, g, o in acts (B, 4H) to the gradient w.r.t. the
+// four pre-activations in dgates (B, 4H); the saved activations are never written (autograd may need them again).
 // dh (B, H) is the gradient reaching h_t from step t+1, d_out (B, H) or null the one from the output;
 // dc (B, H) goes from dc_t to dc_{t-1}.
 template <typename T, bool HAS_OUT>
-void backward_pointwise(T* __restrict acts, const T* __restrict c_prev, const T* __restrict tc,
-                        const T* __restrict dh_rec, const T* __restrict d_out, T* __restrict dc, int64_t B,
-                        int64_t H) {
+void backward_pointwise(const T* __restrict acts, T* __restrict dgates, const T* __restrict c_prev,
+                        const T* __restrict tc, const T* __restrict dh_rec, const T* __restrict d_out,
+                        T* __restrict dc, int64_t B, int64_t H) {
   for (int64_t b = 0; b < B; ++b) {
-    T* __restrict ai = acts + b * 4 * H;
-    T* __restrict af = ai + H;
-    T* __restrict ag = ai + 2 * H;
-    T* __restrict ao = ai + 3 * H;
+    const T* __restrict ai = acts + b * 4 * H;
+    const T* __restrict af = ai + H;
+    const T* __restrict ag = ai + 2 * H;
+    const T* __restrict ao = ai + 3 * H;
+    T* __restrict di = dgates + b * 4 * H;
+    T* __restrict df = di + H;
+    T* __restrict dg = di + 2 * H;
+    T* __restrict d_o = di + 3 * H;
     const T* __restrict cp = c_prev + b * H;
     const T* __restrict tcb = tc + b * H;
     const T* __restrict dhr = dh_rec + b * H;
@@ -123,10 +128,10 @@ void backward_pointwise(T* __restrict acts, const T* __restrict c_prev, const T*
         dh += dob[j];
       }
       const T dcj = dcb[j] + dh * o * (T(1) - t * t);
-      ao[j] = dh * t * o * (T(1) - o);
-      ai[j] = dcj * g * i * (T(1) - i);
-      af[j] = dcj * cp[j] * f * (T(1) - f);
-      ag[j] = dcj * i * (T(1) - g * g);
+      d_o[j] = dh * t * o * (T(1) - o);
+      di[j] = dcj * g * i * (T(1) - i);
+      df[j] = dcj * cp[j] * f * (T(1) - f);
+      dg[j] = dcj * i * (T(1) - g * g);
       dcb[j] = dcj * f;
     }
   }
@@ -179,12 +184,29 @@ void over_blocks(int64_t B, const F& f) {
   });
 }
 
+// Rows of step t that are live: all B, or batch_sizes[t] for a packed batch (sorted longest first, so the live rows
+// of a step are its first ones). A block [r0, r1) then runs rows [r0, min(r1, live)).
+int64_t live_rows(const int64_t* batch_sizes, int64_t t, int64_t B) {
+  return batch_sizes == nullptr ? B : std::min<int64_t>(B, batch_sizes[t]);
+}
+
+const int64_t* sizes_ptr(const c10::optional<at::Tensor>& batch_sizes, int64_t T) {
+  if (!batch_sizes.has_value() || !batch_sizes->defined()) {
+    return nullptr;
+  }
+  TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->scalar_type() == at::kLong &&
+                  batch_sizes->is_contiguous() && batch_sizes->numel() == T,
+              "lstmlab_native: batch_sizes must be a contiguous CPU int64 tensor of T entries");
+  return batch_sizes->data_ptr<int64_t>();
+}
+
 // The forward pass over all steps. xh (T, B, K) holds row t = [h_{t-1} | x_t | 1 | 0...] with h_0 in place and
 // x, the ones and the padding filled in; w (4H, K) = [W_hh | W_ih | b | 0...]. Per step, gates_t = xh_t @ w^T is
 // the whole textbook "x2h + h2h" as ONE matmul; gates (T, B, 4H) gets the activations, out, cs, tcs (T, B, H)
 // h_t, c_t and tanh(c_t), and h_t is also written into xh for the next step. All contiguous CPU tensors.
+// With batch_sizes, step t touches only its live rows; the others are left as they were.
 void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::Tensor gates, at::Tensor out,
-                  at::Tensor cs, at::Tensor tcs) {
+                  at::Tensor cs, at::Tensor tcs, const c10::optional<at::Tensor>& batch_sizes) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xh, &c0, &w, &gates, &out, &cs, &tcs}) {
     check_inputs(*t, "every tensor");
   }
@@ -193,6 +215,7 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
               "lstmlab_native.forward: xh must be (T, B, K), w (4H, K), gates (T, B, 4H)");
   TORCH_CHECK(out.numel() == T * B * H && cs.numel() == T * B * H && tcs.numel() == T * B * H,
               "lstmlab_native.forward: out, cs, tcs must be (T, B, H)");
+  const int64_t* const sizes = sizes_ptr(batch_sizes, T);
   const at::Tensor w_t = w.t();  // (K, 4H)
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstmlab_forward", [&] {
     scalar_t* const xp = xh.data_ptr<scalar_t>();
@@ -202,8 +225,11 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
     scalar_t* const tp = tcs.data_ptr<scalar_t>();
     const scalar_t* const c0p = c0.data_ptr<scalar_t>();
     over_blocks(B, [&](int64_t r0, int64_t r1) {
-      const int64_t n = r1 - r0;
       for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = std::min(r1, live_rows(sizes, t, B)) - r0;
+        if (n <= 0) {
+          break;  // live rows only shrink with t
+        }
         at::Tensor g_rows = gates.select(0, t).narrow(0, r0, n);
         at::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t);  // (n, 4H) = [h_{t-1} | x_t | 1] @ w^T
         scalar_t* const g_t = gp + (t * B + r0) * 4 * H;
@@ -219,54 +245,68 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
   });
 }
 
-// acts (T, B, 4H) holds the activations on entry and dG, the gradient w.r.t. the pre-activations, on exit.
-// dh, dc (B, H): the gradients reaching h_T, c_T on entry, h_0, c_0 on exit (dh only if need_dh0: the last
-// step's matmul is skipped when nobody wants it, e.g. for a zero initial state). d_out (T, B, H) may be None.
-void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs, const at::Tensor& c0,
-                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& d_out, at::Tensor dh, at::Tensor dc,
-                   bool need_dh0) {
+// Backpropagation through time. acts (T, B, 4H) holds the saved activations (read only); dgates (T, B, 4H) gets the
+// gradient w.r.t. the pre-activations (rows a packed step does not reach are left untouched). dh, dc (B, H): the
+// gradients reaching h_T, c_T on entry, h_0, c_0 on exit (dh only if need_dh0: the last step's matmul is skipped
+// when nobody wants it, e.g. for a zero initial state). d_out (T, B, H) may be None.
+void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& cs, const at::Tensor& tcs,
+                   const at::Tensor& c0, const at::Tensor& w_hh, const c10::optional<at::Tensor>& d_out,
+                   at::Tensor dh, at::Tensor dc, bool need_dh0, const c10::optional<at::Tensor>& batch_sizes) {
   const bool has_out = d_out.has_value() && d_out->defined();
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&acts, &cs, &tcs, &c0, &dh, &dc}) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&acts, &dgates, &cs, &tcs, &c0, &dh, &dc}) {
     check_inputs(*t, "every tensor");
   }
   if (has_out) {
     check_inputs(*d_out, "d_out");
   }
   const int64_t T = acts.size(0), B = acts.size(1), H = acts.size(2) / 4;
+  TORCH_CHECK(dgates.sizes() == acts.sizes(), "lstmlab_native.backward: dgates must be shaped like acts");
+  const int64_t* const sizes = sizes_ptr(batch_sizes, T);
   at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the mm writes dh_next
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstmlab_backward", [&] {
-    scalar_t* const ap = acts.data_ptr<scalar_t>();
+    const scalar_t* const ap = acts.data_ptr<scalar_t>();
+    scalar_t* const dgp = dgates.data_ptr<scalar_t>();
     const scalar_t* const cp = cs.data_ptr<scalar_t>();
     const scalar_t* const tp = tcs.data_ptr<scalar_t>();
     const scalar_t* const c0p = c0.data_ptr<scalar_t>();
     const scalar_t* const dop = has_out ? d_out->data_ptr<scalar_t>() : nullptr;
     scalar_t* const dcp = dc.data_ptr<scalar_t>();
     over_blocks(B, [&](int64_t r0, int64_t r1) {
-      const int64_t n = r1 - r0;
-      at::Tensor cur = dh.narrow(0, r0, n), next = dh_next.narrow(0, r0, n);
+      const int64_t rows = r1 - r0;
+      // cur holds dh for this block's rows; rows a packed step does not reach keep theirs until their last step.
+      at::Tensor cur = dh.narrow(0, r0, rows), next = dh_next.narrow(0, r0, rows);
       for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t n = std::min(r1, live_rows(sizes, t, B)) - r0;
+        if (n <= 0) {
+          continue;  // none of this block's rows is live yet (going backwards, live rows only grow)
+        }
         const scalar_t* const c_prev = t > 0 ? cp + ((t - 1) * B + r0) * H : c0p + r0 * H;
-        scalar_t* const a_t = ap + (t * B + r0) * 4 * H;
+        const scalar_t* const a_t = ap + (t * B + r0) * 4 * H;
+        scalar_t* const dg_t = dgp + (t * B + r0) * 4 * H;
         const scalar_t* const tc_t = tp + (t * B + r0) * H;
         const scalar_t* const dh_t = cur.data_ptr<scalar_t>();
         const scalar_t* const do_t = has_out ? dop + (t * B + r0) * H : nullptr;
         scalar_t* const dc_t = dcp + r0 * H;
         over_rows(n, H, [&](int64_t b0, int64_t b1) {
           if (do_t != nullptr) {
-            backward_pointwise<scalar_t, true>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
-                                               do_t + b0 * H, dc_t + b0 * H, b1 - b0, H);
+            backward_pointwise<scalar_t, true>(a_t + b0 * 4 * H, dg_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H,
+                                               dh_t + b0 * H, do_t + b0 * H, dc_t + b0 * H, b1 - b0, H);
           } else {
-            backward_pointwise<scalar_t, false>(a_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
-                                                nullptr, dc_t + b0 * H, b1 - b0, H);
+            backward_pointwise<scalar_t, false>(a_t + b0 * 4 * H, dg_t + b0 * 4 * H, c_prev + b0 * H,
+                                                tc_t + b0 * H, dh_t + b0 * H, nullptr, dc_t + b0 * H, b1 - b0, H);
           }
         });
         if (t > 0 || need_dh0) {
-          at::mm_out(next, acts.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
+          if (n < rows) {  // rows past this step keep their dh: carry them into the buffer that becomes cur
+            next.narrow(0, n, rows - n).copy_(cur.narrow(0, n, rows - n));
+          }
+          at::Tensor next_rows = next.narrow(0, 0, n);
+          at::mm_out(next_rows, dgates.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
           std::swap(cur, next);
         }
       }
       if (cur.data_ptr() != dh.data_ptr<scalar_t>() + r0 * H) {
-        dh.narrow(0, r0, n).copy_(cur);
+        dh.narrow(0, r0, rows).copy_(cur);
       }
     });
   });
@@ -277,10 +317,10 @@ void lstm_backward(at::Tensor acts, const at::Tensor& cs, const at::Tensor& tcs,
 TORCH_LIBRARY(lstmlab_native, m) {
   m.def(
       "forward(Tensor(a!) xh, Tensor c0, Tensor w, Tensor(b!) gates, Tensor(c!) out, Tensor(d!) cs, "
-      "Tensor(e!) tcs) -> ()");
+      "Tensor(e!) tcs, Tensor? batch_sizes) -> ()");
   m.def(
-      "backward(Tensor(a!) acts, Tensor cs, Tensor tcs, Tensor c0, Tensor w_hh, Tensor? d_out, Tensor(b!) dh, "
-      "Tensor(c!) dc, bool need_dh0) -> ()");
+      "backward(Tensor acts, Tensor(a!) dgates, Tensor cs, Tensor tcs, Tensor c0, Tensor w_hh, Tensor? d_out, "
+      "Tensor(b!) dh, Tensor(c!) dc, bool need_dh0, Tensor? batch_sizes) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
