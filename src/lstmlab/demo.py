@@ -8,6 +8,7 @@ around it binds 127.0.0.1 by default and never creates a public share link.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from lstmlab.checkpoint import Checkpoint
+
+# Drawings handled at once: the model and the figure code are thread-safe; two fit a 2-core machine, and more
+# only make each answer slower (the figure drawing is serialised by one lock anyway).
+CONCURRENCY = max(1, min(4, os.cpu_count() or 1))
+QUEUE_SIZE = 256  # waiting requests; the next ones get "queue full" at once instead of waiting for minutes
+MAX_UPLOAD = "5mb"  # a 400 x 400 canvas is ~20 KB as PNG; anything this big is not a drawing
+MAX_DRAWING_PIXELS = 4_000_000  # decoded size cap for what reaches the demo (the CLI allows 40 MP photos)
 
 BLANK_MESSAGE = "The canvas is blank: draw a digit (one stroke or more), then press **Read my digit**."
 
@@ -63,36 +71,117 @@ def drawing_to_image(drawing: Any):
     return Image.fromarray(array)
 
 
+class EvolutionFigure:
+    """Lines of each class's probability after every step beside the input, built once and refilled per drawing
+    (``update``, then ``to_array``, which redraws only what changed over a cached background). One thread at a
+    time per object."""
+
+    def __init__(self, probs: Tensor, names: list[str], view: str, digit: Tensor) -> None:
+        from lstmlab.plots import new_figure
+
+        p = probs.detach().float().cpu().numpy()  # (T, C)
+        self.names, self.steps = names, np.arange(1, len(p) + 1)
+        fig = self.fig = new_figure(10, 4.2)
+        img_ax, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3.2]})
+        self.ax = ax
+        self.digit = img_ax.imshow(digit.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
+        img_ax.set_title("what the LSTM reads\n(28 x 28, one row per step)" if view == "rows" else
+                         "what the LSTM reads (28 x 28)", fontsize=10)
+        img_ax.set_xticks([])
+        img_ax.set_yticks([0, 9, 18, 27])
+        self.lines = [ax.plot(self.steps, p[:, c])[0] for c in range(p.shape[1])]
+        self._background = None
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(1, len(p))
+        ax.set_xlabel("rows read so far" if view == "rows" else "pixels read so far")
+        ax.set_ylabel("probability")
+        ax.grid(True, alpha=0.3)
+        self._fill(p)
+        fig.tight_layout()
+
+    def _fill(self, p: np.ndarray) -> None:
+        leaders = sorted({int(k) for k in p.argmax(1)} | {int(p[-1].argmax())})
+        colours = {c: f"C{n % 10}" for n, c in enumerate(leaders)}
+        for c, line in enumerate(self.lines):
+            line.set_ydata(p[:, c])
+            line.set_color(colours.get(c, "lightgray"))
+            line.set_linewidth(2.2 if c in colours else 1)
+            line.set_zorder(3 if c in colours else 2)
+        legend = self.ax.legend([self.lines[c] for c in leaders], [self.names[c] for c in leaders],
+                                title="leading at some step", loc="upper left", fontsize=9)
+        legend.set_animated(self._background is not None)
+        final = int(p[-1].argmax())
+        self.ax.set_title(f"The guess as the LSTM reads — final: {self.names[final]} ({100 * p[-1, final]:.0f}%)",
+                          fontsize=11)
+
+    def update(self, probs: Tensor, digit: Tensor) -> EvolutionFigure:
+        """Show another drawing's per-step probabilities (T, C) and input."""
+        p = probs.detach().float().cpu().numpy()
+        if p.shape != (len(self.steps), len(self.lines)):
+            raise ValueError("EvolutionFigure.update needs probabilities of the same shape")
+        self.digit.set_data(digit.cpu().numpy())
+        self._fill(p)
+        return self
+
+    def _dynamic(self) -> list:
+        ax = self.digit.axes
+        return [self.digit, *ax.spines.values(), *sorted(self.lines, key=lambda a: a.get_zorder()),
+                self.ax.get_legend(), self.ax.title]
+
+    def to_array(self) -> np.ndarray:
+        """The figure as an RGB array (H, W, 3)."""
+        canvas = self.fig.canvas
+        if self._background is None:
+            for artist in self._dynamic():
+                artist.set_animated(True)
+            canvas.draw()
+            self._background = canvas.copy_from_bbox(self.fig.bbox)
+        else:
+            canvas.restore_region(self._background)
+        for artist in self._dynamic():
+            self.fig.draw_artist(artist)
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def evolution_figure(probs: Tensor, names: list[str], view: str, digit: Tensor) -> Figure:
     """Lines of each class's probability after every step; the classes that ever lead are labelled."""
-    from lstmlab.plots import new_figure
+    return EvolutionFigure(probs, names, view, digit).fig
 
-    p = probs.detach().float().cpu().numpy()  # (T, C)
-    steps = np.arange(1, len(p) + 1)
-    fig = new_figure(10, 4.2)
-    img_ax, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3.2]})
-    img_ax.imshow(digit.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
-    img_ax.set_title("what the LSTM reads\n(28 x 28, one row per step)" if view == "rows" else
-                     "what the LSTM reads (28 x 28)", fontsize=10)
-    img_ax.set_xticks([])
-    img_ax.set_yticks([0, 9, 18, 27])
-    leaders = sorted({int(k) for k in p.argmax(1)} | {int(p[-1].argmax())})
-    colours = {c: f"C{n % 10}" for n, c in enumerate(leaders)}
-    for c in range(p.shape[1]):
-        if c in colours:
-            ax.plot(steps, p[:, c], color=colours[c], linewidth=2.2, label=names[c])
-        else:
-            ax.plot(steps, p[:, c], color="lightgray", linewidth=1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(1, len(p))
-    ax.set_xlabel("rows read so far" if view == "rows" else "pixels read so far")
-    ax.set_ylabel("probability")
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="leading at some step", loc="upper left", fontsize=9)
-    final = int(p[-1].argmax())
-    ax.set_title(f"The guess as the LSTM reads — final: {names[final]} ({100 * p[-1, final]:.0f}%)", fontsize=11)
-    fig.tight_layout()
-    return fig
+
+class FigureCache:
+    """The demo's two figures for one checkpoint, built on the first drawing and refilled for every later one.
+
+    Matplotlib is not thread-safe, so one lock serialises the drawing; with the figures reused and only their
+    data redrawn, a drawing costs tens of milliseconds, so the requests the server runs at once mostly wait for
+    the model, not for each other."""
+
+    def __init__(self, permutation: Tensor | None, names: list[str], view: str) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.permutation, self.names, self.view = permutation, names, view
+        self.gates: Any = None
+        self.evolution: EvolutionFigure | None = None
+
+    def render(self, rec: Any, digit: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(gates figure, evolution figure or None) as RGB arrays for one recording."""
+        from lstmlab.gates import GatesFigure
+
+        with self.lock:
+            if self.gates is None:
+                self.gates = GatesFigure(rec, digit, self.view, self.names, permutation=self.permutation,
+                                         title="Your digit", image_title="your digit, preprocessed", dpi=80)
+            else:
+                self.gates.update(rec, digit)
+            gates = self.gates.to_array()
+            evolution = None
+            if rec.probs is not None:
+                if self.evolution is None:
+                    self.evolution = EvolutionFigure(rec.probs[0], self.names, self.view, digit)
+                else:
+                    self.evolution.update(rec.probs[0], digit)
+                evolution = self.evolution.to_array()
+        return gates, evolution
 
 
 def _guess_changes(probs: Tensor, names: list[str]) -> list[tuple[int, str, float]]:
@@ -107,11 +196,13 @@ def _guess_changes(probs: Tensor, names: list[str]) -> list[tuple[int, str, floa
 
 
 @torch.no_grad()
-def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True) -> DrawingResult:
+def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True,
+                    figure_cache: FigureCache | None = None) -> DrawingResult:
     """The demo's core: a drawing (sketchpad value, PIL image or array) -> everything the page shows.
 
     A blank or unreadable drawing gives ``ok=False`` and a message, never an exception, so the app
-    keeps serving.
+    keeps serving. ``figure_cache`` (one per checkpoint, shared by the server's threads) makes the figures cheap;
+    without it they are drawn from scratch. Safe to call from several threads at once.
     """
     from lstmlab.inspect import record
     from lstmlab.predict import class_names, model_input, preprocess_image
@@ -120,6 +211,10 @@ def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True) -> 
         img = drawing_to_image(drawing)
         if img is None:
             return DrawingResult(ok=False, message=BLANK_MESSAGE)
+        width, height = img.size
+        if width * height > MAX_DRAWING_PIXELS:
+            raise LstmlabError(f"the drawing is {width} x {height} pixels, over the demo's "
+                               f"{MAX_DRAWING_PIXELS:,}-pixel limit; draw on the canvas or upload a smaller image")
         digit = preprocess_image(img)
     except LstmlabError as e:
         message = BLANK_MESSAGE if "blank" in str(e) else f"Cannot read the drawing: {e}"
@@ -139,14 +234,8 @@ def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True) -> 
         message += f" How the guess changed — {story}."
     result = DrawingResult(ok=True, message=message, digit=digit, probabilities=probabilities, steps=changes)
     if figures:
-        from lstmlab.gates import gates_figure
-        from lstmlab.plots import figure_to_array
-
-        fig = gates_figure(rec, digit, view, names, permutation=ckpt.permutation, title="Your digit",
-                           image_title="your digit, preprocessed", dpi=80)
-        result.gates = figure_to_array(fig)
-        if rec.probs is not None:
-            result.evolution = figure_to_array(evolution_figure(rec.probs[0], names, view, digit))
+        cache = figure_cache or FigureCache(ckpt.permutation, names, view)
+        result.gates, result.evolution = cache.render(rec, digit)
     return result
 
 
@@ -156,9 +245,10 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
 
     gr = _gradio()
     names = class_names(ckpt.config.data.dataset)
+    figures = FigureCache(ckpt.permutation, names, ckpt.config.data.view)
 
     def handle(drawing):
-        r = predict_drawing(ckpt, drawing)
+        r = predict_drawing(ckpt, drawing, figure_cache=figures)
         if not r.ok:
             return None, None, None, None, r.message
         big = np.kron(r.digit.numpy(), np.ones((8, 8), dtype=np.uint8))  # 224 x 224, sharp pixels
@@ -186,7 +276,9 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
         evolution = gr.Image(label="the guess, step by step", format="png", elem_id="evolution")
         gates = gr.Image(label="inside the LSTM: gates and states at every step", format="png", elem_id="gates")
         outputs = [digit, label, evolution, gates, message]
-        button.click(handle, inputs=pad, outputs=outputs, api_name="predict")
+        button.click(handle, inputs=pad, outputs=outputs, api_name="predict", concurrency_limit=CONCURRENCY)
+    # Requests beyond the running ones wait in gradio's queue, in order, up to QUEUE_SIZE; more are turned away.
+    app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return app
 
 
@@ -202,7 +294,7 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -
     """Serve the app on host:port (never a public share link); returns the local URL."""
     try:
         _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
-                               prevent_thread_lock=True, quiet=True, show_error=True)
+                               prevent_thread_lock=True, quiet=True, show_error=True, max_file_size=MAX_UPLOAD)
     except OSError as e:
         raise LstmlabError(f"cannot serve on {host}:{port} ({e}); pick another --port") from None
     if block:
@@ -224,7 +316,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise LstmlabError(f"--port must be in 1..65535, got {args.port}")
     _gradio()  # the hint comes before loading anything
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint)  # a damaged or hostile checkpoint is refused before anything is served
+    from PIL import Image
+
+    # Each request is one small sample: more intra-op threads per request only fight the concurrent requests.
+    torch.set_num_threads(1)
+    # Uploads are decoded by gradio before the demo sees them: PIL refuses above twice this, before decoding.
+    Image.MAX_IMAGE_PIXELS = MAX_DRAWING_PIXELS // 2
     app = build_app(ckpt)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lstmlab demo: binding {args.host}: anyone who can reach this machine can use the demo")

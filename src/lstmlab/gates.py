@@ -44,11 +44,11 @@ def _time_label(view: str) -> str:
             "permuted": "time step = pixel read (fixed shuffle)"}.get(view, "time step")
 
 
-def draw_image(ax, image: Tensor, view: str, step: int, permutation: Tensor | None, title: str) -> None:
-    """The 28x28 input with the pixels read at ``step`` outlined."""
+def draw_image(ax, image: Tensor, view: str, step: int, permutation: Tensor | None, title: str):
+    """The 28x28 input with the pixels read at ``step`` outlined; returns the image artist."""
     from matplotlib.patches import Rectangle
 
-    ax.imshow(image.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
+    shown = ax.imshow(image.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
     row, col = step_position(view, step, permutation)
     if col is None:
         ax.add_patch(Rectangle((-0.5, row - 0.5), 28, 1, fill=False, edgecolor="red", linewidth=2))
@@ -59,38 +59,166 @@ def draw_image(ax, image: Tensor, view: str, step: int, permutation: Tensor | No
     ax.set_title(f"{title}\nred: step {step} reads {where}", fontsize=10)
     ax.set_xticks([0, 9, 18, 27])
     ax.set_yticks([0, 9, 18, 27])
+    return shown
 
 
-def draw_probs(fig, ax, probs: Tensor | None, note: str, names: list[str], step: int, view: str) -> None:
-    """Classes x time heatmap of the prediction after each step, or the reason there is none."""
+def _probs_title(p, names: list[str]) -> str:
+    final = int(p[:, -1].argmax())
+    return f"The guess after each step (class probabilities) — final: {names[final]} ({100 * p[final, -1]:.1f}%)"
+
+
+def draw_probs(fig, ax, probs: Tensor | None, note: str, names: list[str], step: int, view: str):
+    """Classes x time heatmap of the prediction after each step, or the reason there is none; returns the heatmap
+    artist (None without probabilities)."""
     if probs is None:
         ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
         ax.set_axis_off()
-        return
+        return None
     p = probs.detach().float().cpu().numpy().T  # (C, T)
     image = ax.imshow(p, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="probability", fraction=0.04, pad=0.02)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel(_time_label(view))
     ax.axvline(step, color="cyan", linestyle="--", linewidth=1)
-    final = int(p[:, -1].argmax())
-    ax.set_title(f"The guess after each step (class probabilities) — final: {names[final]} ({100 * p[final, -1]:.1f}%)",
-                 fontsize=10)
+    ax.set_title(_probs_title(p, names), fontsize=10)
+    return image
 
 
-def draw_final_bars(ax, probs: Tensor, names: list[str]) -> None:
-    """Horizontal bars of the final class probabilities, the top one highlighted."""
-    p = probs.detach().float().cpu().tolist()
+def _update_bars(bars, texts, p: list[float]) -> None:
     top = max(range(len(p)), key=p.__getitem__)
-    ax.barh(range(len(p)), p, color=["tab:red" if k == top else "tab:gray" for k in range(len(p))])
+    for k, (bar, text, v) in enumerate(zip(bars, texts, p, strict=True)):
+        bar.set_width(v)
+        bar.set_color("tab:red" if k == top else "tab:gray")
+        text.set_x(min(v + 0.02, 0.8))
+        text.set_text(f"{100 * v:.0f}%" if v >= 0.01 else "")
+
+
+def draw_final_bars(ax, probs: Tensor, names: list[str]):
+    """Horizontal bars of the final class probabilities, the top one highlighted; returns (bars, labels)."""
+    p = probs.detach().float().cpu().tolist()
+    bars = ax.barh(range(len(p)), p)
     ax.set_yticks(range(len(p)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability")
     ax.set_title("Final prediction", fontsize=10)
-    for k, v in enumerate(p):
-        if v >= 0.01:
-            ax.text(min(v + 0.02, 0.8), k, f"{100 * v:.0f}%", va="center", fontsize=8)
+    texts = [ax.text(0, k, "", va="center", fontsize=8) for k in range(len(p))]
+    _update_bars(bars, texts, p)
+    return bars, texts
+
+
+class GatesFigure:
+    """The gates figure of one sample, built once and then refilled: ``update`` puts a new recording in,
+    ``to_array`` renders it. After the first ``to_array`` only what changes is redrawn over a cached background
+    (blitting), which makes the demo's figure some 20 times cheaper than drawing a new one. Not thread-safe: one
+    thread at a time per object."""
+
+    def __init__(
+        self,
+        rec: Recording,
+        image: Tensor,
+        view: str,
+        names: list[str],
+        *,
+        sample: int = 0,
+        layer: int = -1,
+        direction: int = 0,
+        step: int | None = None,
+        permutation: Tensor | None = None,
+        title: str = "",
+        image_title: str = "input",
+        dpi: int = 100,
+    ) -> None:
+        from lstmlab.plots import new_figure
+
+        layer_rec = rec.get(layer, direction)
+        steps = layer_rec.h.size(1)
+        step = steps - 1 if step is None else step
+        if not 0 <= step < steps:
+            raise LstmlabError(f"--step must be in 0..{steps - 1}, got {step}")
+        self.names, self.layer, self.direction = names, layer, direction
+        self.shape = (len(rec.layers), steps, layer_rec.h.size(2), rec.probs is not None)
+        fig = self.fig = new_figure(17, 12, dpi=dpi)
+        outer = fig.add_gridspec(3, 1, height_ratios=[1.0, 1.0, 1.0], hspace=0.42,
+                                 left=0.05, right=0.96, top=0.91, bottom=0.05)
+        top = outer[0].subgridspec(1, 3, width_ratios=[1.0, 3.2, 1.2], wspace=0.25)
+        self.image = draw_image(fig.add_subplot(top[0]), image, view, step, permutation, image_title)
+        probs = rec.probs[sample] if rec.probs is not None else None
+        self.probs_ax = fig.add_subplot(top[1])
+        self.probs = draw_probs(fig, self.probs_ax, probs, rec.probs_note, names, step, view)
+        self.bars, self.bar_texts = draw_final_bars(fig.add_subplot(top[2]),
+                                                    torch.softmax(rec.logits[sample].float(), 0), names)
+        grid = outer[1:].subgridspec(2, 3, hspace=0.42, wspace=0.22)
+        self.heat = {}
+        self.colorbars = {}
+        for k, (name, (panel_title, cmap, limits)) in enumerate(PANELS.items()):
+            ax = fig.add_subplot(grid[k // 3, k % 3])
+            values = layer_rec[name][sample].detach().float().cpu().numpy().T  # (H, T)
+            if limits is None:
+                limits = self._symmetric(values)
+            heat = ax.imshow(values, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1],
+                             interpolation="nearest")
+            self.heat[name] = heat
+            self.colorbars[name] = fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02)
+            ax.axvline(step, color="black" if cmap == "RdBu_r" else "white", linestyle="--", linewidth=1)
+            ax.set_title(panel_title, fontsize=10)
+            if k % 3 == 0:  # one label per row: the colour bars leave no room between panels
+                ax.set_ylabel("hidden unit")
+            ax.set_xlabel(_time_label(view), fontsize=9)
+        where = f"layer {layer_rec.layer + 1} of {rec.num_layers}"
+        if rec.num_directions == 2:
+            where += ", forward direction" if direction == 0 else ", reverse direction (reads from the last step)"
+        fig.suptitle(f"{title}  —  {where}" if title else f"Inside the LSTM — {where}", fontsize=13)
+        self._background = None
+
+    @staticmethod
+    def _symmetric(values) -> tuple[float, float]:
+        bound = max(float(abs(values).max()), 1e-6)
+        return -bound, bound
+
+    def _dynamic(self) -> list:
+        """The artists a new recording changes; everything else is the cached background."""
+        images = [self.image, *self.heat.values()] + ([self.probs] if self.probs is not None else [])
+        artists = [*self.bars, *self.bar_texts] + ([self.probs_ax.title] if self.probs is not None else [])
+        for image in images:  # the image, then what lies on it (step markers, frame), in drawing order
+            ax = image.axes
+            artists += [image, *ax.lines, *ax.patches, *ax.spines.values()]
+        unbounded = [name for name, (_, _, limits) in PANELS.items() if limits is None]
+        return artists + [self.colorbars[name].ax for name in unbounded]  # their ticks follow the data
+
+    def update(self, rec: Recording, image: Tensor, sample: int = 0) -> GatesFigure:
+        """Show another recording of a model of the same shape (layers, steps, hidden size)."""
+        layer_rec = rec.get(self.layer, self.direction)
+        if (len(rec.layers), layer_rec.h.size(1), layer_rec.h.size(2), rec.probs is not None) != self.shape:
+            raise ValueError("GatesFigure.update needs a recording of the same model shape")
+        self.image.set_data(image.cpu().numpy())
+        if self.probs is not None:
+            p = rec.probs[sample].detach().float().cpu().numpy().T  # (C, T)
+            self.probs.set_data(p)
+            self.probs_ax.set_title(_probs_title(p, self.names), fontsize=10)
+        _update_bars(self.bars, self.bar_texts, torch.softmax(rec.logits[sample].float(), 0).cpu().tolist())
+        for name, (_, _, limits) in PANELS.items():
+            values = layer_rec[name][sample].detach().float().cpu().numpy().T  # (H, T)
+            self.heat[name].set_data(values)
+            if limits is None:
+                self.heat[name].set_clim(*self._symmetric(values))
+        return self
+
+    def to_array(self):
+        """The figure as an RGB array (H, W, 3), redrawing only what ``update`` changes after the first call."""
+        import numpy as np
+
+        canvas = self.fig.canvas
+        if self._background is None:
+            for artist in self._dynamic():
+                artist.set_animated(True)  # left out of the background, drawn on top of it
+            canvas.draw()
+            self._background = canvas.copy_from_bbox(self.fig.bbox)
+        else:
+            canvas.restore_region(self._background)
+        for artist in self._dynamic():
+            self.fig.draw_artist(artist)
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def gates_figure(
@@ -109,41 +237,8 @@ def gates_figure(
     dpi: int = 100,
 ) -> Figure:
     """The whole picture for sample ``sample`` of a recording; ``image`` is its uint8 (28, 28) input."""
-    from lstmlab.plots import new_figure
-
-    layer_rec = rec.get(layer, direction)
-    steps = layer_rec.h.size(1)
-    step = steps - 1 if step is None else step
-    if not 0 <= step < steps:
-        raise LstmlabError(f"--step must be in 0..{steps - 1}, got {step}")
-    fig = new_figure(17, 12, dpi=dpi)
-    outer = fig.add_gridspec(3, 1, height_ratios=[1.0, 1.0, 1.0], hspace=0.42,
-                             left=0.05, right=0.96, top=0.91, bottom=0.05)
-    top = outer[0].subgridspec(1, 3, width_ratios=[1.0, 3.2, 1.2], wspace=0.25)
-    draw_image(fig.add_subplot(top[0]), image, view, step, permutation, image_title)
-    probs = rec.probs[sample] if rec.probs is not None else None
-    draw_probs(fig, fig.add_subplot(top[1]), probs, rec.probs_note, names, step, view)
-    draw_final_bars(fig.add_subplot(top[2]), torch.softmax(rec.logits[sample].float(), 0), names)
-
-    grid = outer[1:].subgridspec(2, 3, hspace=0.42, wspace=0.22)
-    for k, (name, (panel_title, cmap, limits)) in enumerate(PANELS.items()):
-        ax = fig.add_subplot(grid[k // 3, k % 3])
-        values = layer_rec[name][sample].detach().float().cpu().numpy().T  # (H, T)
-        if limits is None:
-            bound = max(float(abs(values).max()), 1e-6)
-            limits = (-bound, bound)
-        heat = ax.imshow(values, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest")
-        fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02)
-        ax.axvline(step, color="black" if cmap == "RdBu_r" else "white", linestyle="--", linewidth=1)
-        ax.set_title(panel_title, fontsize=10)
-        if k % 3 == 0:  # one label per row: the colour bars leave no room between panels
-            ax.set_ylabel("hidden unit")
-        ax.set_xlabel(_time_label(view), fontsize=9)
-    where = f"layer {layer_rec.layer + 1} of {rec.num_layers}"
-    if rec.num_directions == 2:
-        where += ", forward direction" if direction == 0 else ", reverse direction (reads from the last step)"
-    fig.suptitle(f"{title}  —  {where}" if title else f"Inside the LSTM — {where}", fontsize=13)
-    return fig
+    return GatesFigure(rec, image, view, names, sample=sample, layer=layer, direction=direction, step=step,
+                       permutation=permutation, title=title, image_title=image_title, dpi=dpi).fig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

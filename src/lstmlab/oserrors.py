@@ -35,8 +35,8 @@ def os_error(e: OSError, path: str | os.PathLike[str], doing: str) -> LstmlabErr
 
 
 def check_writable(path: str | os.PathLike[str], flag: str = "--out") -> Path:
-    """Check that a file can be written at ``path`` before the work that produces it: not a folder, its folder
-    exists or can be made, and a file can be created in it. Returns ``path`` as a Path; else a one-line error."""
+    """Check that a file can be written at ``path`` before the work that produces it: not a folder, and its folder
+    writable or creatable. Returns ``path`` as a Path; else a one-line error."""
     path = Path(path)
     if path.is_dir():
         raise LstmlabError(f"{flag} {path} is a folder; give a file name such as {path / 'figure.png'}")
@@ -45,7 +45,8 @@ def check_writable(path: str | os.PathLike[str], flag: str = "--out") -> Path:
 
 
 def check_writable_dir(directory: str | os.PathLike[str], flag: str = "--out-dir", of: Path | None = None) -> Path:
-    """Check that files can be created in ``directory`` (made if missing); returns it, or raises a one-line error."""
+    """Check that files can be created in ``directory``, or that it can be made (without making it); returns it,
+    or raises a one-line error."""
     directory = Path(directory)
     shown = f"{flag} {of if of is not None else directory}"
     existing = directory
@@ -53,9 +54,8 @@ def check_writable_dir(directory: str | os.PathLike[str], flag: str = "--out-dir
         existing = existing.parent
     if not existing.is_dir():
         raise LstmlabError(f"{shown}: {existing} is a file, not a folder; choose another path")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".lstmlab-", suffix=".probe")
+    try:  # a file created and removed where the first missing folder would go: nothing is left behind
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".lstmlab-", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

@@ -55,6 +55,8 @@ def check_figure_path(path: str | Path, flag: str = "--out") -> Path:
     """Before drawing: the suffix is a known format and the file can be written there; returns the path."""
     from lstmlab.oserrors import check_writable
 
+    if Path(path).is_dir():  # "a folder" says more than "no suffix"
+        check_writable(path, flag)
     figure_format(path, flag)
     return check_writable(path, flag)
 
