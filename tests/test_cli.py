@@ -43,10 +43,13 @@ def dry_run_dir(mnist_dir, tmp_path_factory) -> Path:
 
 
 def test_dry_run_writes_everything(dry_run_dir):
-    for name in ("metrics.csv", "summary.json", "best.safetensors", "last.safetensors"):
+    for name in ("run.json", "metrics.csv", "summary.json", "best.safetensors", "last.safetensors",
+                 "state.safetensors"):
         assert (dry_run_dir / name).stat().st_size > 0, name
     rows = list(csv.DictReader((dry_run_dir / "metrics.csv").open()))
-    assert list(rows[0]) == ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]
+    assert list(rows[0]) == ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s",
+                             "run_id"]
+    assert {r["run_id"] for r in rows} == {json.loads((dry_run_dir / "run.json").read_text())["run_id"]}
     assert rows[-1]["iteration"] == "3"
     summary = json.loads((dry_run_dir / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0
@@ -88,7 +91,7 @@ def test_same_seed_same_metrics(mnist_dir, tmp_path):
 
     def table(run: str) -> list[dict]:
         rows = list(csv.DictReader((tmp_path / run / "metrics.csv").open()))
-        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # wall time differs
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "run_id")} for r in rows]  # these differ
 
     assert table("a") == table("b")
     assert len(table("a")) == 3

@@ -4,6 +4,7 @@ rebuilt from the file alone."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,3 +82,58 @@ class Config:
             )
         except (KeyError, TypeError) as e:
             raise LstmlabError(f"invalid lstmlab config ({e}); was it written by another version?") from e
+
+
+# Upper bounds of the flags: far above anything this lab trains, far below what overflows or exhausts memory.
+MAX_HIDDEN_SIZE = 4096
+MAX_LAYERS = 16
+MAX_BATCH_SIZE = 65536
+MAX_EPOCHS = 10_000
+MAX_ITERATIONS = 10**9
+MAX_LR = 1e6
+MAX_SEED = 2**64 - 1  # torch's generators take a 64-bit seed
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def validate_config(config: Config) -> None:
+    """Refuse nonsense before any work starts, with a message naming the flag: every number finite and within
+    the bounds above, every choice one of the known names."""
+    from lstmlab.data import DATASETS, VIEWS
+    from lstmlab.nn.lstm import BACKENDS
+
+    m, d, t = config.model, config.data, config.train
+    checks = [
+        (d.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}"),
+        (d.view in VIEWS, f"--view must be one of {', '.join(VIEWS)}, got {d.view!r}"),
+        (d.normalize in ("dataset", "seed"), f"--normalize must be dataset or seed, got {d.normalize!r}"),
+        (0 <= d.val_size <= 10**7, f"--val-size must be in 0..10000000, got {d.val_size}"),
+        (0 <= d.augment_shift <= 8, f"--augment-shift must be in 0..8 pixels, got {d.augment_shift}"),
+        (0 < m.hidden_size <= MAX_HIDDEN_SIZE, f"--hidden-size must be in 1..{MAX_HIDDEN_SIZE}, got {m.hidden_size}"),
+        (0 < m.num_layers <= MAX_LAYERS, f"--layers must be in 1..{MAX_LAYERS}, got {m.num_layers}"),
+        (_finite(m.dropout) and 0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
+        (_finite(m.forget_bias) and abs(m.forget_bias) <= 100,
+         f"--forget-bias must be a number in -100..100, got {m.forget_bias}"),
+        (m.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {m.backend!r}"),
+        (t.optimizer in ("sgd", "adam", "adamw"), f"--optimizer must be sgd, adam or adamw, got {t.optimizer!r}"),
+        (t.schedule in ("none", "onecycle", "cosine"),
+         f"--schedule must be none, onecycle or cosine, got {t.schedule!r}"),
+        (_finite(t.lr) and 0 < t.lr <= MAX_LR, f"--lr must be a positive number up to {MAX_LR:g}, got {t.lr}"),
+        (_finite(t.weight_decay) and 0 <= t.weight_decay <= MAX_LR,
+         f"--weight-decay must be a number in 0..{MAX_LR:g}, got {t.weight_decay}"),
+        (0 < t.batch_size <= MAX_BATCH_SIZE, f"--batch-size must be in 1..{MAX_BATCH_SIZE}, got {t.batch_size}"),
+        (t.iterations is None or 0 < t.iterations <= MAX_ITERATIONS,
+         f"--iterations must be in 1..{MAX_ITERATIONS}, got {t.iterations}"),
+        (t.iterations is not None or (_finite(t.epochs) and 0 < t.epochs <= MAX_EPOCHS),
+         f"--epochs must be a positive number up to {MAX_EPOCHS}, got {t.epochs}"),
+        (0 < t.eval_every <= MAX_ITERATIONS, f"--eval-every must be in 1..{MAX_ITERATIONS}, got {t.eval_every}"),
+        (t.clip is None or (_finite(t.clip) and t.clip > 0), f"--clip must be a positive number, got {t.clip}"),
+        (t.time_budget is None or (_finite(t.time_budget) and t.time_budget > 0),
+         f"--time-budget must be a positive number of seconds, got {t.time_budget}"),
+        (0 <= t.seed <= MAX_SEED, f"--seed must be in 0..2**64-1, got {t.seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LstmlabError(message)

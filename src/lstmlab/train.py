@@ -1,33 +1,86 @@
 """Training: the textbook's loop (SGD, evaluate every 500 iterations) made into a tool —
-a real validation split, schedules, checkpoints, metrics, and ``lstmlab train``."""
+a real validation split, schedules, checkpoints, metrics, exact resume, and ``lstmlab train``.
+
+A run lives in one folder, locked while it runs (``lstmlab.runs``): ``run.json`` (id and config) first, then at
+every evaluation ``best``/``last.safetensors``, ``metrics.csv`` and ``state.safetensors`` (everything
+``--resume`` needs), and ``summary.json`` at the end.
+
+Divergence rule: the run stops with a one-line error when a training or validation loss is not finite, or when
+the smoothed training loss (an exponential average, each step moving it 10% of the way to its loss) exceeds
+3x its value at the end of a 10-step warm-up; the checkpoints of the last evaluation before that are kept.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import signal
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lstmlab.checkpoint import save_checkpoint
-from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
+from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig, validate_config
 from lstmlab.device import resolve_device
 from lstmlab.errors import LstmlabError
 from lstmlab.evaluate import evaluate_model, format_report
-from lstmlab.fileio import atomic_write_text
+from lstmlab.fileio import advice, atomic_write_text
 from lstmlab.model import SequenceClassifier
 from lstmlab.nn.lstm import resolve_backend
+from lstmlab.runs import (
+    RUN_JSON,
+    RunLock,
+    clear_run,
+    load_state,
+    new_run_id,
+    optimizer_state,
+    read_run_json,
+    remove_scratch,
+    rng_state,
+    run_contents,
+    save_state,
+    set_optimizer_state,
+    set_rng_state,
+    write_run_json,
+)
 
-METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]
+__all__ = ["METRIC_FIELDS", "Diverged", "Interrupted", "recipe", "resume", "schedule", "random_shift", "train",
+           "validate_config"]
+
+METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s", "run_id"]
+DIVERGE_WARMUP = 10  # steps before the reference loss is taken
+DIVERGE_FACTOR = 3.0  # the smoothed loss may not exceed this multiple of the reference
+DIVERGE_DECAY = 0.9  # smoothing of the training loss: each step moves the average 10% of the way to its loss
+
+
+class Diverged(LstmlabError):
+    """Training stopped because the loss diverged (see the module's docstring for the rule)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C or SIGTERM); ``message`` says what was kept and how to resume."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so that a terminated run ends as an interrupted one does."""
+
+
 
 def recipe(name: str) -> Config:
     """A fresh copy of a named recipe: ``seed`` (the textbook's) or ``default`` (our best)."""
@@ -50,40 +103,6 @@ def recipe(name: str) -> Config:
             recipe="default",
         )
     raise LstmlabError(f"unknown recipe {name!r}; choose seed or default")
-
-
-def validate_config(config: Config) -> None:
-    """Refuse nonsense before any work starts, with a message naming the flag."""
-    from lstmlab.data import DATASETS, VIEWS
-    from lstmlab.nn.lstm import BACKENDS
-
-    m, d, t = config.model, config.data, config.train
-    checks = [
-        (d.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}"),
-        (d.view in VIEWS, f"--view must be one of {', '.join(VIEWS)}, got {d.view!r}"),
-        (d.normalize in ("dataset", "seed"), f"--normalize must be dataset or seed, got {d.normalize!r}"),
-        (d.val_size >= 0, f"--val-size must be >= 0, got {d.val_size}"),
-        (0 <= d.augment_shift <= 8, f"--augment-shift must be in 0..8 pixels, got {d.augment_shift}"),
-        (m.hidden_size > 0, f"--hidden-size must be positive, got {m.hidden_size}"),
-        (m.num_layers > 0, f"--layers must be positive, got {m.num_layers}"),
-        (0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
-        (m.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {m.backend!r}"),
-        (t.optimizer in ("sgd", "adam", "adamw"), f"--optimizer must be sgd, adam or adamw, got {t.optimizer!r}"),
-        (t.schedule in ("none", "onecycle", "cosine"),
-         f"--schedule must be none, onecycle or cosine, got {t.schedule!r}"),
-        (t.lr > 0 and math.isfinite(t.lr), f"--lr must be a positive number, got {t.lr}"),
-        (t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}"),
-        (t.batch_size > 0, f"--batch-size must be positive, got {t.batch_size}"),
-        (t.iterations is None or t.iterations > 0, f"--iterations must be positive, got {t.iterations}"),
-        (t.iterations is not None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}"),
-        (t.eval_every > 0, f"--eval-every must be positive, got {t.eval_every}"),
-        (t.clip is None or t.clip > 0, f"--clip must be positive, got {t.clip}"),
-        (t.time_budget is None or (t.time_budget > 0 and math.isfinite(t.time_budget)),
-         f"--time-budget must be a positive number of seconds, got {t.time_budget}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LstmlabError(message)
 
 
 def _make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -188,6 +207,37 @@ class _Deadline:
         self.eval_s = seconds
         self.last = self.clock()
 
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on with the remaining budget."""
+        return {"step_s": self.step_s, "step_avg": self.step_avg, "eval_s": self.eval_s, "progress": self._progress}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Undo ``state`` (``start`` is set by the caller to account for the time already used)."""
+        self.step_s, self.step_avg, self.eval_s = state["step_s"], state["step_avg"], state["eval_s"]
+        self._progress = state["progress"]
+
+
+class _Guard:
+    """The divergence rule of the module's docstring, fed one training loss per step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.smoothed: float | None = None
+        self.reference: float | None = None
+
+    def check(self, loss: float, iteration: int) -> str | None:
+        """None while training is healthy, else what went wrong."""
+        if not math.isfinite(loss):
+            return f"the training loss became {loss} at iteration {iteration}"
+        self.steps += 1
+        self.smoothed = loss if self.smoothed is None else DIVERGE_DECAY * self.smoothed + (1 - DIVERGE_DECAY) * loss
+        if self.steps == DIVERGE_WARMUP:
+            self.reference = self.smoothed
+        if self.reference is not None and self.smoothed > DIVERGE_FACTOR * self.reference:
+            return (f"the smoothed training loss reached {self.smoothed:.4g} at iteration {iteration}, over "
+                    f"{DIVERGE_FACTOR:g}x its {self.reference:.4g} after warm-up")
+        return None
+
 
 def _metrics_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
@@ -197,6 +247,395 @@ def _metrics_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+# ---------------------------------------------------------------------------------------------
+# set-up: the run folder and the data
+
+
+def _make_folder(out: Path) -> bool:
+    """Create ``out`` if needed (True when this call created it); one-line errors for whatever is in the way."""
+    if out.exists() and not out.is_dir():
+        raise LstmlabError(f"--out {out} is a file; give a folder")
+    existed = out.is_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LstmlabError(f"--out {out}: a part of the path is a file, not a folder; pick another --out") from None
+    except OSError as e:
+        raise LstmlabError(f"--out {out}: cannot create it ({e.strerror or e}); {advice(e)}") from None
+    return not existed
+
+
+def _check_free(out: Path, overwrite: bool) -> None:
+    """A new run needs an empty folder (scratch files aside) unless --overwrite."""
+    contents = run_contents(out)
+    if not contents or overwrite:
+        return
+    if RUN_JSON in contents and "summary.json" not in contents:
+        raise LstmlabError(f"{out} holds an unfinished run; continue it with `lstmlab train --resume {out}`, or "
+                           "pass --overwrite to start again")
+    raise LstmlabError(f"{out} already holds files; pick another --out or pass --overwrite")
+
+
+@contextlib.contextmanager
+def _locked(out: Path, create: bool) -> Iterator[None]:
+    """Hold the run folder's lock; a folder this call created is removed again if the run fails before writing
+    anything into it."""
+    created = _make_folder(out) if create else False
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except BaseException:
+        if created:
+            out.rmdir()
+        raise
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        if created and not run_contents(out):
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    lock.release()
+
+
+@dataclass
+class _Data:
+    """The uint8 images and labels of each split, and the permuted view's permutation."""
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    permutation: Tensor | None
+    seq_len: int
+
+
+def _load_data(config: Config, data_dir: Path | str | None, dry_run: bool) -> tuple[Config, _Data]:
+    """The splits, and the config with what the data decide filled in (mean/std, input size)."""
+    from lstmlab.data import load_dataset, make_permutation, pixel_stats, to_sequence, train_val_split
+
+    d, t = config.data, config.train
+    images, labels = load_dataset(d.dataset, "train", data_dir=data_dir)
+    test_x, test_y = load_dataset(d.dataset, "test", data_dir=data_dir)
+    if d.val_size >= len(labels):
+        raise LstmlabError(f"--val-size {d.val_size} leaves no training data (the split has {len(labels)} images)")
+    train_idx, val_idx = train_val_split(len(labels), d.val_size, t.seed)
+    if dry_run:
+        train_idx, val_idx = train_idx[: 4 * t.batch_size], val_idx[:256]
+        test_x, test_y = test_x[:256], test_y[:256]
+    train_x, train_y = images[train_idx], labels[train_idx]
+    if d.normalize == "dataset":  # statistics of the training split only, never of val or test
+        mean, std = pixel_stats(train_x)
+    else:
+        mean, std = 0.5, 1.0
+    d = replace(d, mean=float(mean), std=float(std))
+    permutation = make_permutation(t.seed) if d.view == "permuted" else None
+    seq_len, input_size = to_sequence(train_x[:1], d.view, d.mean, d.std, permutation).shape[1:]
+    config = replace(config, data=d, model=replace(config.model, input_size=int(input_size)))
+    data = _Data(train_x, train_y, images[val_idx], labels[val_idx], test_x, test_y, permutation, int(seq_len))
+    return config, data
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class _Trainer:
+    """A run's moving parts (model, optimizer, data order, RNGs, metrics, best so far), stepped one batch at a
+    time and checkpointed whole at every evaluation, so that a resumed run goes on exactly where it stopped."""
+
+    def __init__(self, config: Config, data: _Data, out: Path, run_id: str, device: torch.device,
+                 dry_run: bool, clock: Callable[[], float]) -> None:
+        m, t = config.model, config.train
+        self.config, self.data, self.out, self.run_id = config, data, out, run_id
+        self.device, self.clock = device, clock
+        self.model = SequenceClassifier(m).to(device)
+        self.optimizer = _make_optimizer(self.model, t)
+        self.generator = torch.Generator().manual_seed(t.seed)  # data order and shifts
+        self.steps_per_epoch = math.ceil(len(data.train_y) / t.batch_size)
+        total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.total = min(total, 3) if dry_run else total
+        self.iteration, self.epoch, self.batch = 0, 0, 0
+        self.order: Tensor | None = None  # this epoch's shuffled indices; ``batch`` of them are used
+        self.rows: list[dict[str, Any]] = []
+        self.best_acc, self.best_iter, self.saved_iter = -1.0, 0, 0
+        self.running, self.running_n = 0.0, 0
+        self.guard = _Guard()
+        self.resumes: list[int] = []
+        self.finished = False
+        self.elapsed_before = 0.0  # training seconds of the processes before this one
+        self.start = clock()
+        self.deadline = None
+        if t.time_budget is not None:
+            self.deadline = _Deadline(t.time_budget, len(data.val_y) / t.batch_size, self.start, clock)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every process of the run."""
+        return self.elapsed_before + self.clock() - self.start
+
+    def next_batch(self) -> Tensor:
+        """The next batch's indices: the epoch's order drawn from the generator when the epoch starts, as
+        ``data.batch_indices`` does."""
+        n, size = len(self.data.train_y), self.config.train.batch_size
+        if self.order is None or self.batch * size >= n:
+            if self.order is not None:
+                self.epoch += 1
+            self.order, self.batch = torch.randperm(n, generator=self.generator), 0
+        idx = self.order[self.batch * size : (self.batch + 1) * size]
+        self.batch += 1
+        return idx
+
+    def step(self, idx: Tensor) -> float:
+        """One optimisation step on the batch ``idx``; returns the learning rate used."""
+        from lstmlab.data import to_sequence
+
+        d, t = self.config.data, self.config.train
+        batch = self.data.train_x[idx]  # (B, 28, 28) uint8
+        if d.augment_shift:
+            batch = random_shift(batch, d.augment_shift, self.generator)
+        x = to_sequence(batch, d.view, d.mean, d.std, self.data.permutation).to(self.device)  # (B, T, I)
+        y = self.data.train_y[idx].to(self.device)
+        progress = self.iteration / self.total
+        if self.deadline is not None:  # the clock may be further along than the step count
+            progress = max(progress, self.deadline.progress())
+        lr = _set_schedule(self.optimizer, t, progress)
+        loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
+        self.optimizer.step()
+        self.iteration += 1
+        loss_value = loss.item()
+        problem = self.guard.check(loss_value, self.iteration)
+        if problem:
+            raise self.diverged(problem)
+        self.running += loss_value
+        self.running_n += 1
+        return lr
+
+    def diverged(self, problem: str) -> Diverged:
+        """The one-line error of a diverged run, saying what is kept."""
+        if self.saved_iter:
+            kept = f"{self.out / 'last.safetensors'} keeps iteration {self.saved_iter}, the last good one"
+        else:
+            kept = "no checkpoint was saved before"
+        fix = "lower --lr" if self.config.train.clip is not None else "lower --lr or set --clip"
+        return Diverged(f"training diverged: {problem}; {fix} ({kept})")
+
+    def evaluate_and_save(self, lr: float, log: Callable[[str], None]) -> None:
+        """Validate, log the textbook's line, and checkpoint: best/last, metrics.csv, then the resume state."""
+        eval_start = self.clock()
+        d, m = self.config.data, self.config.model
+        val = None
+        if len(self.data.val_y):
+            val = evaluate_model(self.model, self.data.val_x, self.data.val_y, d, self.data.permutation,
+                                 num_classes=m.num_classes)
+            if not math.isfinite(val.loss):
+                raise self.diverged(f"the validation loss became {val.loss} at iteration {self.iteration}")
+        self.model.train()
+        mean_loss = self.running / max(self.running_n, 1)
+        self.rows.append({
+            "iteration": self.iteration,
+            "epoch": round(self.iteration / self.steps_per_epoch, 4),
+            "train_loss": round(mean_loss, 6),
+            "val_loss": round(val.loss, 6) if val else "",
+            "val_accuracy": round(val.accuracy, 6) if val else "",
+            "lr": lr,
+            "elapsed_s": round(self.elapsed(), 3),
+            "run_id": self.run_id,
+        })
+        # The textbook's line: Loss is the mean training loss since the last line, Accuracy on validation.
+        shown = f"{100 * val.accuracy:.2f}" if val else "n/a"
+        log(f"Iteration: {self.iteration}. Loss: {mean_loss:.4f}. Accuracy: {shown}")
+        self.running, self.running_n = 0.0, 0
+        meta = {"iteration": self.iteration, "val_accuracy": val.accuracy if val else None, "run_id": self.run_id}
+        if val is None or val.accuracy > self.best_acc:
+            self.best_acc, self.best_iter = (val.accuracy if val else 0.0), self.iteration
+            save_checkpoint(self.out / "best.safetensors", self.model, self.config, self.data.permutation, meta)
+        save_checkpoint(self.out / "last.safetensors", self.model, self.config, self.data.permutation, meta)
+        atomic_write_text(self.out / "metrics.csv", _metrics_csv(self.rows))
+        if self.deadline is not None:
+            self.deadline.eval_done(self.clock() - eval_start)
+        self.saved_iter = self.iteration
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Everything --resume needs, as one atomic file written after the others."""
+        tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        optim_tensors, optim_info = optimizer_state(self.optimizer)
+        rng_tensors, rng_info = rng_state()
+        tensors.update(optim_tensors)
+        tensors.update(rng_tensors)
+        tensors["rng.data"] = self.generator.get_state()
+        if self.order is not None:
+            tensors["order"] = self.order
+        info = {
+            "run_id": self.run_id, "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch,
+            "finished": self.finished, "rows": self.rows, "best_acc": self.best_acc, "best_iter": self.best_iter,
+            "running": self.running, "running_n": self.running_n, "guard": vars(self.guard),
+            "elapsed": self.elapsed(), "deadline": self.deadline.state() if self.deadline else None,
+            "resumes": self.resumes, "rng": rng_info, "optimizer": optim_info, "threads": torch.get_num_threads(),
+        }
+        save_state(self.out, tensors, info)
+
+    def restore(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        """Undo ``save_state``: the weights, the optimizer, every RNG and the position in the data."""
+        if info.get("run_id") != self.run_id:
+            raise LstmlabError(f"{self.out}: the saved state belongs to run {info.get('run_id')}, not to "
+                               f"{self.run_id}; start again with --overwrite")
+        weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(weights)
+        set_optimizer_state(self.optimizer, tensors, info["optimizer"])
+        self.generator.set_state(tensors["rng.data"])
+        set_rng_state(tensors, info["rng"])
+        self.order = tensors.get("order")
+        for name in ("iteration", "epoch", "batch", "finished", "rows", "best_acc", "best_iter", "running",
+                     "running_n", "resumes"):
+            setattr(self, name, info[name])
+        vars(self.guard).update(info["guard"])
+        self.saved_iter = self.iteration
+        self.elapsed_before = info["elapsed"]
+        self.resumes.append(self.iteration)
+        if self.deadline is not None and info["deadline"] is not None:
+            self.deadline.restore(info["deadline"])
+            self.deadline.start = self.start - self.elapsed_before  # the budget already used stays used
+
+    def loop(self, log: Callable[[str], None], quiet: bool) -> None:
+        """Step until the iterations or the time budget run out, evaluating every ``eval_every`` steps."""
+        from tqdm import tqdm
+
+        t = self.config.train
+        self.finished = self.finished or self.iteration >= self.total
+        bar = tqdm(total=self.total, initial=self.iteration, disable=quiet, desc="train", unit="it",
+                   dynamic_ncols=True, leave=False)
+        self.model.train()
+        try:
+            while not self.finished:
+                lr = self.step(self.next_batch())
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.running / max(self.running_n, 1):.4f}", refresh=False)
+                self.finished = (self.deadline is not None and self.deadline.step_done()) or \
+                    self.iteration >= self.total
+                if self.iteration % t.eval_every == 0 or self.finished:
+                    self.evaluate_and_save(lr, log)
+        finally:
+            bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run: set-up, loop, report
+
+
+def _report(tr: _Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
+    """Test the best checkpoint once and write summary.json."""
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.data import DATASETS
+
+    config, data, out = tr.config, tr.data, tr.out
+    train_seconds = tr.elapsed()
+    best = load_checkpoint(out / "best.safetensors", map_location=tr.device)
+    test = evaluate_model(best.model, data.test_x, data.test_y, config.data, data.permutation,
+                          num_classes=config.model.num_classes)
+    if not quiet:
+        print(format_report(test, DATASETS[config.data.dataset].classes))
+    summary = {
+        "run_id": tr.run_id,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "per_class_accuracy": test.per_class_accuracy,
+        "confusion_matrix": test.confusion,
+        "best_val_accuracy": tr.best_acc if len(data.val_y) else None,
+        "best_iteration": tr.best_iter,
+        "iterations": tr.iteration,
+        "epochs": round(tr.iteration / tr.steps_per_epoch, 4),
+        "train_seconds": round(train_seconds, 3),
+        "samples_per_second": round(tr.iteration * config.train.batch_size / max(train_seconds, 1e-9), 1),
+        "resumed_at": tr.resumes,
+        "device": str(tr.device),
+        "backend": resolve_backend(config.model.backend, tr.device),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dry_run": dry_run,
+        "finished_at": datetime.now().isoformat(timespec="seconds"),
+        "config": config.to_dict(),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _interrupted(tr: _Trainer | None, out: Path, error: KeyboardInterrupt) -> Interrupted:
+    """The closing line of an interrupted run: where it stopped, what is kept, how to go on."""
+    how = "terminated (SIGTERM)" if isinstance(error, _Terminated) else "interrupted"
+    code = 143 if isinstance(error, _Terminated) else 130
+    if tr is None:
+        return Interrupted(f"{how} before training started; nothing to resume", code)
+    if tr.saved_iter:
+        kept = f"{out} keeps the checkpoint of iteration {tr.saved_iter}"
+    else:
+        kept = "no checkpoint yet, so it starts again from iteration 0"
+    return Interrupted(f"{how} at iteration {tr.iteration} of {tr.total}; {kept}: continue with "
+                       f"`lstmlab train --resume {out}`", code)
+
+
+def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: bool, dry_run: bool,
+              clock: Callable[[], float], run: dict[str, Any] | None, overwrite: bool) -> dict[str, Any]:
+    """Train in the locked folder ``out``: a new run (``run`` None) or the one run.json describes."""
+    from tqdm import tqdm
+
+    log = (lambda s: None) if quiet else tqdm.write
+    device = resolve_device(config.train.device)
+    tr = None
+    try:
+        torch.manual_seed(config.train.seed)
+        config, data = _load_data(config, data_dir, dry_run)
+        if run is None:
+            if overwrite:
+                clear_run(out)
+            run = {"run_id": new_run_id(), "config": _user_config(config).to_dict(), "dry_run": dry_run,
+                   "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                   "threads": torch.get_num_threads(), "started_at": datetime.now().isoformat(timespec="seconds")}
+            write_run_json(out, run)
+        remove_scratch(out)
+        tr = _Trainer(config, data, out, run["run_id"], device, dry_run, clock)
+        saved = load_state(out)
+        if saved is not None:
+            tr.restore(*saved)
+        _log_start(tr, log, run)
+        tr.loop(log, quiet)
+        summary = _report(tr, quiet, dry_run)
+    except KeyboardInterrupt as e:
+        raise _interrupted(tr, out, e) from None
+    log(f"Saved {out / 'best.safetensors'}, metrics.csv and summary.json in {out}")
+    return summary
+
+
+def _user_config(config: Config) -> Config:
+    """The config as the user gave it: what the data fill in (mean/std, input size) left out, so that a resumed
+    run computes them again exactly as the first did."""
+    return replace(config, data=replace(config.data, mean=None, std=None),
+                   model=replace(config.model, input_size=ModelConfig.input_size))
+
+
+def _log_start(tr: _Trainer, log: Callable[[str], None], run: dict[str, Any]) -> None:
+    m, d, t, data = tr.config.model, tr.config.data, tr.config.train, tr.data
+    log(
+        f"lstmlab: {d.dataset}/{d.view} (T={data.seq_len}, I={m.input_size}), {len(data.train_y)} train / "
+        f"{len(data.val_y)} val / {len(data.test_y)} test, H={m.hidden_size} x{m.num_layers}"
+        f"{' bi' if m.bidirectional else ''}, {t.optimizer} lr={t.lr} {t.schedule}, batch {t.batch_size}, "
+        f"{tr.total} iterations{f' or {t.time_budget:g} s' if t.time_budget else ''} on {tr.device}, backend "
+        f"{resolve_backend(m.backend, tr.device)}, run {tr.run_id}"
+    )
+    if tr.resumes:
+        log(f"Resuming at iteration {tr.iteration} of {tr.total}")
+        if run.get("threads") != torch.get_num_threads():
+            log(f"warning: the run started with {run.get('threads')} threads, this process has "
+                f"{torch.get_num_threads()}: the result will differ in the last bits from an uninterrupted run")
+
+
 def train(
     config: Config,
     out_dir: Path,
@@ -204,166 +643,64 @@ def train(
     quiet: bool = False,
     dry_run: bool = False,
     clock: Callable[[], float] = time.perf_counter,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train, validate every ``eval_every`` iterations, test the best model once; returns the summary.
 
-    Writes ``metrics.csv``, ``summary.json``, ``best.safetensors`` and ``last.safetensors`` to out_dir.
-    ``dry_run`` runs a few batches on small subsets, end to end, to check the set-up. ``clock`` (seconds) times
-    the run and drives ``--time-budget``; tests pass a fake one so that a budgeted run does not depend on the
-    machine's speed.
+    Writes ``run.json``, ``metrics.csv``, ``summary.json``, ``best``/``last``/``state.safetensors`` to out_dir,
+    which must be new or empty unless ``overwrite`` (which clears the previous run's files first), and is locked
+    while the run lasts. ``dry_run`` runs a few batches on small subsets, end to end, to check the set-up.
+    ``clock`` (seconds) times the run and drives ``--time-budget``; tests pass a fake one so that a budgeted run
+    does not depend on the machine's speed. Raises ``Diverged`` (an LstmlabError) when the loss diverges and
+    ``Interrupted`` (a KeyboardInterrupt) with a resume hint on Ctrl-C.
     """
-    from tqdm import tqdm
-
-    from lstmlab.data import (
-        DATASETS,
-        batch_indices,
-        load_dataset,
-        make_permutation,
-        pixel_stats,
-        to_sequence,
-        train_val_split,
-    )
-
     validate_config(config)
-    m, d, t = config.model, config.data, config.train
-    device = resolve_device(t.device)
-    out_dir = Path(out_dir)
-    log = (lambda s: None) if quiet else tqdm.write
+    config = replace(config)  # the caller's object is left as given
+    out = Path(out_dir)
+    with _locked(out, create=True):  # before the data loads: an unwritable --out fails at once
+        _check_free(out, overwrite)
+        return _train_in(config, out, data_dir, quiet, dry_run, clock, None, overwrite)
 
-    torch.manual_seed(t.seed)
-    images, labels = load_dataset(d.dataset, "train", data_dir=data_dir)
-    test_images, test_labels = load_dataset(d.dataset, "test", data_dir=data_dir)
-    if d.val_size >= len(labels):
-        raise LstmlabError(f"--val-size {d.val_size} leaves no training data (the split has {len(labels)} images)")
-    train_idx, val_idx = train_val_split(len(labels), d.val_size, t.seed)
-    if dry_run:
-        train_idx, val_idx = train_idx[: 4 * t.batch_size], val_idx[:256]
-        test_images, test_labels = test_images[:256], test_labels[:256]
-    train_x, train_y = images[train_idx], labels[train_idx]
-    val_x, val_y = images[val_idx], labels[val_idx]
 
-    if d.normalize == "dataset":  # statistics of the training split only, never of val or test
-        mean, std = pixel_stats(train_x)
-    else:
-        mean, std = 0.5, 1.0
-    d = config.data = replace(d, mean=float(mean), std=float(std))
-    permutation = make_permutation(t.seed) if d.view == "permuted" else None
-    seq_len, input_size = to_sequence(train_x[:1], d.view, d.mean, d.std, permutation).shape[1:]
-    m = config.model = replace(m, input_size=int(input_size))
+def resume(
+    run_dir: Path | str,
+    data_dir: Path | str | None = None,
+    quiet: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its saved config; returns the summary.
 
-    model = SequenceClassifier(m).to(device)
-    backend = resolve_backend(m.backend, device)  # what "auto" became, for the log and the summary
-    steps_per_epoch = math.ceil(len(train_y) / t.batch_size)
-    total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
-    if dry_run:
-        total = min(total, 3)
-    optimizer = _make_optimizer(model, t)
-    generator = torch.Generator().manual_seed(t.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    On the CPU, with the same number of threads (and the fused backend's native loops built before the run
+    started), the final weights equal those of an uninterrupted run bit for bit, however the run was stopped.
+    A run with a time budget goes on with what is left of it (such runs depend on the machine's speed anyway).
+    """
+    out = Path(run_dir)
+    read_run_json(out)  # one-line errors for a folder that is not a run, before locking it
+    with _locked(out, create=False):
+        run = read_run_json(out)  # again, under the lock: another process may have changed it
+        config = Config.from_dict(run["config"])
+        validate_config(config)
+        done = _finished_summary(out, run["run_id"])
+        if done is not None:
+            if not quiet:
+                print(f"lstmlab train: run {run['run_id']} in {out} already finished; nothing to resume",
+                      file=sys.stderr)
+            return done
+        data_dir = data_dir if data_dir is not None else run.get("data_dir")
+        return _train_in(config, out, data_dir, quiet, bool(run.get("dry_run")), clock, run, False)
 
-    log(
-        f"lstmlab: {d.dataset}/{d.view} (T={seq_len}, I={input_size}), {len(train_y)} train / {len(val_y)} val / "
-        f"{len(test_labels)} test, H={m.hidden_size} x{m.num_layers}{' bi' if m.bidirectional else ''}, "
-        f"{t.optimizer} lr={t.lr} {t.schedule}, batch {t.batch_size}, {total} iterations"
-        f"{f' or {t.time_budget:g} s' if t.time_budget else ''} on {device}, backend {backend}"
-    )
-    rows: list[dict[str, Any]] = []
-    best_acc, best_iter = -1.0, 0
-    running, running_n = 0.0, 0
-    iteration = 0
-    start = clock()
-    deadline = _Deadline(t.time_budget, len(val_y) / t.batch_size, start, clock) if t.time_budget is not None else None
-    bar = tqdm(total=total, disable=quiet, desc="train", unit="it", dynamic_ncols=True, leave=False)
-    model.train()
-    done = False
-    while not done:
-        for idx in batch_indices(len(train_y), t.batch_size, generator=generator, shuffle=True):
-            batch = train_x[idx]  # (B, 28, 28) uint8
-            if d.augment_shift:
-                batch = random_shift(batch, d.augment_shift, generator)
-            x = to_sequence(batch, d.view, d.mean, d.std, permutation).to(device)  # (B, T, I)
-            y = train_y[idx].to(device)
-            progress = iteration / total
-            if deadline is not None:  # the clock may be further along than the step count
-                progress = max(progress, deadline.progress())
-            lr = _set_schedule(optimizer, t, progress)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
-            optimizer.step()
-            iteration += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise LstmlabError(f"the loss became {loss_value} at iteration {iteration}; lower --lr or set --clip")
-            running += loss_value
-            running_n += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{running / running_n:.4f}", refresh=False)
-            done = (deadline is not None and deadline.step_done()) or iteration >= total
-            if iteration % t.eval_every == 0 or done:
-                eval_start = clock()
-                val = None
-                if len(val_y):
-                    val = evaluate_model(model, val_x, val_y, d, permutation, num_classes=m.num_classes)
-                model.train()
-                elapsed = clock() - start
-                row = {
-                    "iteration": iteration,
-                    "epoch": round(iteration / steps_per_epoch, 4),
-                    "train_loss": round(running / running_n, 6),
-                    "val_loss": round(val.loss, 6) if val else "",
-                    "val_accuracy": round(val.accuracy, 6) if val else "",
-                    "lr": lr,
-                    "elapsed_s": round(elapsed, 3),
-                }
-                rows.append(row)
-                # The textbook's line: Loss is the mean training loss since the last line, Accuracy on validation.
-                shown = f"{100 * val.accuracy:.2f}" if val else "n/a"
-                log(f"Iteration: {iteration}. Loss: {running / running_n:.4f}. Accuracy: {shown}")
-                running, running_n = 0.0, 0
-                meta = {"iteration": iteration, "val_accuracy": val.accuracy if val else None}
-                if val is None or val.accuracy > best_acc:
-                    best_acc, best_iter = (val.accuracy if val else 0.0), iteration
-                    save_checkpoint(out_dir / "best.safetensors", model, config, permutation, meta)
-                save_checkpoint(out_dir / "last.safetensors", model, config, permutation, meta)
-                atomic_write_text(out_dir / "metrics.csv", _metrics_csv(rows))
-                if deadline is not None:
-                    deadline.eval_done(clock() - eval_start)
-            if done:
-                break
-    bar.close()
-    train_seconds = clock() - start
 
-    from lstmlab.checkpoint import load_checkpoint
+def _finished_summary(out: Path, run_id: str) -> dict[str, Any] | None:
+    """The summary of the run ``run_id`` when it finished, else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("run_id") == run_id else None
 
-    best = load_checkpoint(out_dir / "best.safetensors", map_location=device)
-    test = evaluate_model(best.model, test_images, test_labels, d, permutation, num_classes=m.num_classes)
-    if not quiet:
-        print(format_report(test, DATASETS[d.dataset].classes))
-    summary = {
-        "test_accuracy": test.accuracy,
-        "test_loss": test.loss,
-        "per_class_accuracy": test.per_class_accuracy,
-        "confusion_matrix": test.confusion,
-        "best_val_accuracy": best_acc if len(val_y) else None,
-        "best_iteration": best_iter,
-        "iterations": iteration,
-        "epochs": round(iteration / steps_per_epoch, 4),
-        "train_seconds": round(train_seconds, 3),
-        "samples_per_second": round(iteration * t.batch_size / train_seconds, 1),
-        "device": str(device),
-        "backend": backend,
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "dry_run": dry_run,
-        "finished_at": datetime.now().isoformat(timespec="seconds"),
-        "config": config.to_dict(),
-    }
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log(f"Saved {out_dir / 'best.safetensors'}, metrics.csv and summary.json in {out_dir}")
-    return summary
+
+# ---------------------------------------------------------------------------------------------
+# the command line
 
 
 def _whole_number(text: str) -> int:
@@ -375,10 +712,12 @@ def _whole_number(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("recipe and output")
-    g.add_argument("--recipe", choices=["default", "seed"], default="default",
+    g.add_argument("--recipe", choices=["default", "seed"],
                    help="preset to start from; any flag below overrides it (default: default)")
     g.add_argument("--out", help="output folder (default runs/<dataset>-<view>-<time>); must be new or empty")
-    g.add_argument("--overwrite", action="store_true", help="allow writing into a folder that holds a run")
+    g.add_argument("--overwrite", action="store_true", help="clear the run already in --out and start a new one")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run from its last checkpoint, with its saved config")
     g.add_argument("--dry-run", action="store_true", help="a few batches end to end, to check the set-up")
     g.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     g = parser.add_argument_group("data")
@@ -412,34 +751,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu or cuda")
 
 
+_SECTIONS = {
+    "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend"),
+    "data": ("dataset", "view", "val_size", "normalize", "augment_shift"),
+    "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
+              "eval_every", "clip", "time_budget", "seed", "device"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--layers" if name == "num_layers" else "--" + name.replace("_", "-")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The recipe, with every flag the user gave laid over it."""
-    config = recipe(args.recipe)
-    sections = {
-        "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend"),
-        "data": ("dataset", "view", "val_size", "normalize", "augment_shift"),
-        "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
-                  "eval_every", "clip", "time_budget", "seed", "device"),
-    }
-    for section, names in sections.items():
+    name = args.recipe or "default"
+    config = recipe(name)
+    for section, names in _SECTIONS.items():
         given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         setattr(config, section, replace(getattr(config, section), **given))
     if args.epochs is not None and args.iterations is None:
         config.train.iterations = None  # an explicit --epochs replaces the recipe's iteration count
-    if any(getattr(args, n, None) is not None for names in sections.values() for n in names):
-        config.recipe = f"{args.recipe}+flags"
+    if any(getattr(args, n, None) is not None for names in _SECTIONS.values() for n in names):
+        config.recipe = f"{name}+flags"
     return config
 
 
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """--resume takes the run's saved config: any other flag must agree with it."""
+    run_dir = Path(args.resume)
+    run = read_run_json(run_dir)
+    saved = Config.from_dict(run["config"])
+    if args.overwrite:
+        raise LstmlabError("--resume continues a run and --overwrite starts a new one; pass one of them")
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise LstmlabError(f"--out {args.out} differs from --resume {args.resume}; a resumed run stays in its folder")
+    if args.dry_run and not run.get("dry_run"):
+        raise LstmlabError(f"--dry-run: {args.resume} is not a dry run; drop the flag")
+    if args.recipe is not None and saved.recipe.split("+")[0] != args.recipe:
+        raise LstmlabError(f"--recipe {args.recipe} differs from the run's ({saved.recipe}); drop the flag")
+    for section, names in _SECTIONS.items():
+        for n in names:
+            given, was = getattr(args, n, None), getattr(getattr(saved, section), n)
+            if given is not None and given != was:
+                raise LstmlabError(f"{_flag(n)} {given} differs from the run's {was}; --resume continues a run "
+                                   "with its saved config, so drop the flag")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends a run as Ctrl-C does: checkpoints kept, a closing line saying how to resume."""
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    validate_config(config)
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"{config.data.dataset}-{config.data.view}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    )
-    if out.exists() and not out.is_dir():
-        raise LstmlabError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise LstmlabError(f"{out} already holds files; pick another --out or pass --overwrite")
-    train(config, out, data_dir=args.data_dir, quiet=args.quiet, dry_run=args.dry_run)
+    """``lstmlab train``: a new run, or ``--resume`` of a stopped one."""
+    if args.resume:
+        _check_resume_flags(args)
+    else:
+        config = config_from_args(args)
+        validate_config(config)
+        out = Path(args.out) if args.out else Path("runs") / (
+            f"{config.data.dataset}-{config.data.view}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        )
+    try:
+        with _sigterm_as_interrupt():
+            if args.resume:
+                resume(args.resume, data_dir=args.data_dir, quiet=args.quiet)
+            else:
+                train(config, out, data_dir=args.data_dir, quiet=args.quiet, dry_run=args.dry_run,
+                      overwrite=args.overwrite)
+    except Interrupted as e:
+        print(f"lstmlab train: {e.message}", file=sys.stderr)
+        return e.exit_code
     return 0
