@@ -678,8 +678,7 @@ def resume(
     read_run_json(out)  # one-line errors for a folder that is not a run, before locking it
     with _locked(out, create=False):
         run = read_run_json(out)  # again, under the lock: another process may have changed it
-        config = Config.from_dict(run["config"])
-        validate_config(config)
+        config = _saved_config(out, run)
         done = _finished_summary(out, run["run_id"])
         if done is not None:
             if not quiet:
@@ -688,6 +687,16 @@ def resume(
             return done
         data_dir = data_dir if data_dir is not None else run.get("data_dir")
         return _train_in(config, out, data_dir, quiet, bool(run.get("dry_run")), clock, run, False)
+
+
+def _saved_config(out: Path, run: dict[str, Any]) -> Config:
+    """The config in run.json, checked as the command line's flags are."""
+    config = Config.from_dict(run["config"])
+    try:
+        validate_config(config)
+    except TypeError:  # a number where a name belongs, or the reverse: the file was edited
+        raise LstmlabError(f"{out / RUN_JSON} holds an invalid config; start a new run") from None
+    return config
 
 
 def _finished_summary(out: Path, run_id: str) -> dict[str, Any] | None:
@@ -781,7 +790,7 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
     """--resume takes the run's saved config: any other flag must agree with it."""
     run_dir = Path(args.resume)
     run = read_run_json(run_dir)
-    saved = Config.from_dict(run["config"])
+    saved = _saved_config(run_dir, run)
     if args.overwrite:
         raise LstmlabError("--resume continues a run and --overwrite starts a new one; pass one of them")
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
