@@ -124,14 +124,16 @@ def test_kill9_twice_then_resume_gives_the_same_weights_bit_for_bit(mnist_dir, t
     assert json.loads((whole / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
 
 
-def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(mnist_dir, tmp_path):
+@pytest.mark.parametrize("signum, word, status", [(signal.SIGTERM, "terminated", 143),
+                                                  (signal.SIGINT, "interrupted", 130)])
+def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(mnist_dir, tmp_path, signum, word, status):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(*RESUMABLE, "--data-dir", str(mnist_dir), "--out", str(run_dir)),
                             env=_env(), stderr=subprocess.PIPE, text=True)
     _wait_for_state(run_dir, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    line = _one_line(proc.returncode, err, "terminated", f"lstmlab train --resume {run_dir}", status=143)
+    line = _one_line(proc.returncode, err, word, f"lstmlab train --resume {run_dir}", status=status)
     assert "keeps the checkpoint of iteration" in line
     assert not (run_dir / ".lock").exists() and not list(run_dir.glob(".*.tmp"))
     assert load_state(run_dir) is not None

@@ -285,8 +285,9 @@ def _locked(out: Path, create: bool) -> Iterator[None]:
     try:
         lock.acquire()
     except BaseException:
-        if created:
-            out.rmdir()
+        if created:  # another run may have taken it meanwhile: then it is not empty, and stays
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
     try:
         yield
