@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 
 def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
-    from lstmlab.demo import predict_drawing
+    from lstmlab.demo import DPI, FigureCache, predict_drawing
 
     r = predict_drawing(checkpoint, {"background": None, "layers": [], "composite": seven()})
     assert r.ok and r.digit is not None and r.digit.shape == (28, 28)
@@ -75,7 +75,13 @@ def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
     for figure in (r.gates, r.evolution):
         assert figure.ndim == 3 and figure.shape[2] == 3 and figure.dtype == np.uint8
         assert figure.std() > 20  # not blank
-    assert r.gates.shape[:2] == (960, 1360)
+    assert r.gates.shape[:2] == (12 * DPI, 17 * DPI)
+    # A later drawing refills the same figures (only what changes is redrawn): the pixels equal a fresh drawing's.
+    cache = FigureCache(checkpoint.permutation, list(r.probabilities), checkpoint.config.data.view)
+    one = predict_drawing(checkpoint, np.asarray(seven("RGB", width=40)), figure_cache=cache)
+    again = predict_drawing(checkpoint, {"composite": seven()}, figure_cache=cache)
+    assert not np.array_equal(one.gates, again.gates)
+    assert np.array_equal(again.gates, r.gates) and np.array_equal(again.evolution, r.evolution)
     # The same drawing as a PIL image, as an array, on white paper: the same answer.
     for drawing in (seven(), np.asarray(seven()), seven("RGB")):
         assert predict_drawing(checkpoint, drawing, figures=False).probabilities.keys() == r.probabilities.keys()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 CONCURRENCY = max(1, min(4, os.cpu_count() or 1))
 QUEUE_SIZE = 256  # waiting requests; the next ones get "queue full" at once instead of waiting for minutes
 MAX_UPLOAD = "5mb"  # a 400 x 400 canvas is ~20 KB as PNG; anything this big is not a drawing
+DPI = 64  # the page shows the figures about this size; every pixel more costs drawing and PNG time per request
 MAX_DRAWING_PIXELS = 4_000_000  # decoded size cap for what reaches the demo (the CLI allows 40 MP photos)
 
 BLANK_MESSAGE = "The canvas is blank: draw a digit (one stroke or more), then press **Read my digit**."
@@ -81,7 +82,7 @@ class EvolutionFigure:
 
         p = probs.detach().float().cpu().numpy()  # (T, C)
         self.names, self.steps = names, np.arange(1, len(p) + 1)
-        fig = self.fig = new_figure(10, 4.2)
+        fig = self.fig = new_figure(10, 4.2, dpi=DPI)
         img_ax, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3.2]})
         self.ax = ax
         self.digit = img_ax.imshow(digit.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
@@ -170,7 +171,7 @@ class FigureCache:
         with self.lock:
             if self.gates is None:
                 self.gates = GatesFigure(rec, digit, self.view, self.names, permutation=self.permutation,
-                                         title="Your digit", image_title="your digit, preprocessed", dpi=80)
+                                         title="Your digit", image_title="your digit, preprocessed", dpi=DPI)
             else:
                 self.gates.update(rec, digit)
             gates = self.gates.to_array()
