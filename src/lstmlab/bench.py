@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         try:
             atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
+        except LstmlabError:  # already one line (fileio words its own OS errors)
+            raise
         except OSError as e:
             raise os_error(e, args.json, "write") from None
     return 0

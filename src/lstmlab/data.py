@@ -178,8 +178,8 @@ def _inflate(path: Path, f, limit: int) -> bytes:
         room = (cap if cap is not None else want) + 1 - len(out)
         out += d.decompress(pending, room)
         pending = d.unconsumed_tail
-        if d.eof:
-            pending, d = d.unused_data + pending, None
+        if d.eof:  # what follows the member's end (also left in unconsumed_tail): the next member or padding
+            pending, d = d.unused_data, None
         if cap is None and len(out) >= want:
             if not _idx_start_ok(out):
                 return bytes(out[:4])  # not an IDX header: _parse_idx says what is wrong with it

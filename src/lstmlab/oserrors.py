@@ -59,7 +59,6 @@ def check_writable_dir(directory: str | os.PathLike[str], flag: str = "--out-dir
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        where = e.filename or directory
-        raise LstmlabError(f"{shown}: cannot write in {where}: "
+        raise LstmlabError(f"{shown}: cannot write in {existing}: "
                            f"{_ADVICE.get(e.errno or 0) or e.strerror or e}") from None
     return directory

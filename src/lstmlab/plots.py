@@ -75,6 +75,8 @@ def save_figure(fig: Figure, path: str | Path, flag: str = "--out") -> Path:
     fig.savefig(buf, format=kind, dpi=fig.dpi, **options)
     try:
         atomic_write_bytes(path, buf.getvalue())
+    except LstmlabError:  # already one line (fileio words its own OS errors)
+        raise
     except OSError as e:
         raise os_error(e, path, "write") from None
     return path
