@@ -10,8 +10,8 @@ that dominate an LSTM on a CPU:
 
 ``lstmlab::lstm_layer`` and ``lstmlab::lstm_layer_backward`` are ``torch.library`` custom ops with fake (meta)
 kernels, an autograd formula whose saved tensors go through ``ctx.save_for_backward`` (so saved-tensor hooks and
-checkpointing see them) and a vmap rule, so ``torch.compile(fullgraph=True)``, ``torch.export``, ``torch.func``
-and inference mode treat the layer like any built-in op. No buffer outlives a call.
+checkpointing see them) and a vmap rule, so ``torch.compile(fullgraph=True)``, ``torch.export`` and inference mode
+treat the layer like any built-in op. No buffer outlives a call.
 
 Double backward (``create_graph=True``, ``torch.func.grad``) is exact: the first backward is then recomputed with
 the differentiable reference math instead of the hand-written kernels.
@@ -19,6 +19,10 @@ the differentiable reference math instead of the hand-written kernels.
 The per-step loops run either in Python (always available) or in a small C++ extension
 (:mod:`lstmlab.nn._native`, compiled once in the background and cached on disk) when it is ready; both give
 the same numbers up to float rounding.
+
+``torch.func`` transforms (grad, vmap, jacrev, per-sample gradients) cannot differentiate through a custom op's
+registered autograd in this torch, so calls whose tensors a transform wraps run the reference math instead: same
+numbers, no fused speed.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def fused_layer(
             f"fused_layer: expected x (T, B, I), h0 (B, P) and c0 (B, H), got {tuple(x.shape)}, "
             f"{tuple(h0.shape)}, {tuple(c0.shape)}"
         )
+    if _under_functorch(x, h0, c0, weight_ih, weight_hh):  # torch.func cannot see through a custom op's autograd
+        return reference_layer(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     )
@@ -62,6 +68,13 @@ def fused_layer(
         x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save
     )
     return out, h_T, c_T
+
+
+def _under_functorch(*tensors: Tensor) -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev...) wraps any of these tensors."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _native_for(x: Tensor) -> Any:
@@ -257,7 +270,7 @@ def lstm_layer_backward(
         # Every parameter gradient in ONE matmul over all steps: dG^T @ [h_{t-1} | x_t | 1] = [dW_hh | dW_ih | db].
         # Thin matmuls of their own (N = I, or a sum for db) run at a fraction of the wide one's speed on a
         # CPU, and dG is read once instead of three times.
-        dw = torch.mm(dG2.t(), xh.view(T * B, -1))  # (4H, K)
+        dw = torch.mm(dG2.t(), xh.view(T * B, xh.shape[2]))  # (4H, K)
         dw_hh, dw_ih = dw[:, :P].clone(), dw[:, P : P + n_in].clone()
         if has_bias:
             db = dw[:, P + n_in].clone()

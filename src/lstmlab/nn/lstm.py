@@ -1,9 +1,12 @@
-"""``lstmlab.LSTM``: ``torch.nn.LSTM`` itself, with the time loop run by lstmlab's backends.
+"""``lstmlab.LSTM``: ``torch.nn.LSTM``'s interface and checks, with the time loop run by lstmlab's backends.
 
-The class subclasses ``nn.LSTM`` and overrides only ``forward``: the constructor, its argument checks, parameter
-names (``weight_ih_l0``, ``weight_hr_l0_reverse``...), ``state_dict``, ``proj_size``, ``flatten_parameters``,
-``all_weights``, ``repr`` and the input checks are PyTorch's, and ``isinstance(m, nn.LSTM)`` holds. Each layer and
-direction runs on a backend (``BACKENDS``) that must give the same numbers as ``reference``:
+The class is built on ``nn.RNNBase`` in LSTM mode, exactly as ``nn.LSTM`` is, and borrows nn.LSTM's own input
+checks: the constructor, its argument checks, parameter names (``weight_ih_l0``, ``weight_hr_l0_reverse``...),
+``state_dict``, ``proj_size``, ``flatten_parameters``, ``all_weights``, ``repr`` and the forward checks are
+PyTorch's. It is deliberately not a subclass of ``nn.LSTM``: TorchDynamo refuses to trace any ``nn.LSTM``
+instance (``torch._dynamo.config.allow_rnn`` is off by default), which would make ``torch.compile`` break the
+graph at every layer. Each layer and direction runs on a backend (``BACKENDS``) that must give the same numbers
+as ``reference``:
 
 * ``reference``: the textbook cell of :mod:`lstmlab.nn.cell`, step by step, differentiated by autograd;
 * ``fused``: :mod:`lstmlab.nn.fused`, one registered op per layer and direction (the default on a CPU);
@@ -44,8 +47,8 @@ def resolve_backend(name: str, device: torch.device | None = None) -> str:
     return name
 
 
-class LSTM(nn.LSTM):
-    """A drop-in for ``torch.nn.LSTM`` (it is one) whose time loop runs on lstmlab's gate-level backends.
+class LSTM(nn.RNNBase):
+    """A drop-in for ``torch.nn.LSTM`` whose time loop runs on lstmlab's gate-level backends.
 
     Same arguments as ``nn.LSTM`` plus, keyword-only, ``forget_bias`` (added to the forget gate's slice of every
     ``bias_ih`` at initialisation; 1.0 makes the cell remember by default early in training) and ``backend``.
@@ -69,12 +72,17 @@ class LSTM(nn.LSTM):
         backend: str = "auto",
     ) -> None:
         resolve_backend(backend)
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype)
         self.forget_bias = forget_bias
         self.backend = backend
         if forget_bias:
             self._add_forget_bias()
+
+    # nn.LSTM's own LSTM-specific checks (a cell state beside h, proj_size), the same functions nn.LSTM runs.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     @property
     def num_directions(self) -> int:
@@ -107,8 +115,8 @@ class LSTM(nn.LSTM):
         """As ``nn.LSTM.forward``: input (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or packed."""
         data = input.data if isinstance(input, PackedSequence) else input
         backend = resolve_backend(self.backend, data.device)
-        if backend == "torch" or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting():
-            return super().forward(input, hx)  # ONNX: PyTorch's exporters map aten::lstm to ONNX's LSTM
+        if backend == "torch" or torch.onnx.is_in_onnx_export():
+            return nn.LSTM.forward(self, input, hx)  # ONNX: PyTorch's exporters map aten::lstm to ONNX's LSTM
         x, hx, batch_sizes, sorted_indices, unsorted_indices, unbatched = self._prepare(input, hx)
         out, h_n, c_n = self._run_layers(x, hx, batch_sizes, _layer_backends()[backend])
         hidden = self.permute_hidden((h_n, c_n), unsorted_indices)
@@ -140,17 +148,20 @@ class LSTM(nn.LSTM):
                   torch.zeros(states, max_batch, self.hidden_size, dtype=x.dtype, device=x.device))
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
-                raise TypeError(
+                raise TypeError(  # nn.LSTM fails here with an IndexError or a misleading dimension message
                     "LSTM: hx must be a tuple (h_0, c_0) of two tensors, got "
                     f"{type(hx).__name__}; pass (h_0, c_0), e.g. the (h_n, c_n) a previous call returned"
                 )
             want = 2 if unbatched else 3
             if hx[0].dim() != want or hx[1].dim() != want:
-                kind = "unbatched 2-D input (T, I)" if unbatched else "batched 3-D input"
-                shape = "(num_layers * D, H)" if unbatched else "(num_layers * D, B, H)"
+                states = self.num_layers * self.num_directions
+                h_size = self.proj_size or self.hidden_size
+                batch = () if unbatched else (max_batch,)
                 raise RuntimeError(
-                    f"For {kind}, hx and cx should also be {want}-D {shape} but got "
-                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    f"For {'unbatched 2-D' if unbatched else 'batched 3-D'} input, hx and cx should also be "
+                    f"{want}-D, shaped {(states, *batch, h_size)} and {(states, *batch, self.hidden_size)}, but got "
+                    f"{tuple(hx[0].shape)} and {tuple(hx[1].shape)}"
+                    + ("; drop the batch dimension of hx, or add one to the input" if unbatched else "")
                 )
             if unbatched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
