@@ -339,6 +339,18 @@ def test_out_in_an_unwritable_folder(tmp_path, capsys):
     _one_line(code, err, str(locked / "run"), "permission")
 
 
+def test_out_without_permission_is_one_line(tmp_path, capsys, monkeypatch):
+    """The same refusal as test_out_in_an_unwritable_folder, simulated so that it runs as root too."""
+    import errno
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    code, err = _run(capsys, "train", *TINY, "--data-dir", str(tmp_path), "--out", str(tmp_path / "new" / "run"))
+    _one_line(code, err, str(tmp_path / "new" / "run"), "Permission denied", "folder you own")
+
+
 def _mount_tmpfs(where: Path, options: str) -> None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
@@ -392,3 +404,16 @@ def test_files_follow_the_umask(mnist_dir, tmp_path, umask, mode):
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir()}
     assert set(modes.values()) == {mode}, modes
     assert STATE_FILE in modes
+
+
+def test_damaged_state_is_one_line_and_left_as_it_is(mnist_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, "--iterations", "4", "--eval-every", "2", "--data-dir", str(mnist_dir),
+                 "--out", str(run_dir)]) == 0
+    (run_dir / "summary.json").unlink()  # as if killed before the report
+    state = run_dir / STATE_FILE
+    state.write_bytes(state.read_bytes()[:1000])
+    before = _snapshot(run_dir)
+    code, err = _run(capsys, "train", "--resume", str(run_dir))
+    _one_line(code, err, str(state), "--overwrite")
+    assert _snapshot(run_dir) == before

@@ -41,6 +41,7 @@ from lstmlab.model import SequenceClassifier
 from lstmlab.nn.lstm import resolve_backend
 from lstmlab.runs import (
     RUN_JSON,
+    STATE_FILE,
     RunLock,
     clear_run,
     load_state,
@@ -572,8 +573,10 @@ def _interrupted(tr: _Trainer | None, out: Path, error: KeyboardInterrupt) -> In
     """The closing line of an interrupted run: where it stopped, what is kept, how to go on."""
     how = "terminated (SIGTERM)" if isinstance(error, _Terminated) else "interrupted"
     code = 143 if isinstance(error, _Terminated) else 130
+    if tr is None and (out / RUN_JSON).exists():
+        return Interrupted(f"{how} before training started; `lstmlab train --resume {out}` starts it", code)
     if tr is None:
-        return Interrupted(f"{how} before training started; nothing to resume", code)
+        return Interrupted(f"{how} before training started; nothing was saved", code)
     if tr.saved_iter:
         kept = f"{out} keeps the checkpoint of iteration {tr.saved_iter}"
     else:
@@ -604,7 +607,11 @@ def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: boo
         tr = _Trainer(config, data, out, run["run_id"], device, dry_run, clock)
         saved = load_state(out)
         if saved is not None:
-            tr.restore(*saved)
+            try:
+                tr.restore(*saved)
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a state file of another version
+                raise LstmlabError(f"{out / STATE_FILE} does not fit this run ({type(e).__name__}: {e}); start "
+                                   "the run again with --overwrite") from None
         _log_start(tr, log, run)
         tr.loop(log, quiet)
         summary = _report(tr, quiet, dry_run)
@@ -721,6 +728,7 @@ def _whole_number(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``lstmlab train``; every config flag defaults to None, meaning "as the recipe says"."""
     g = parser.add_argument_group("recipe and output")
     g.add_argument("--recipe", choices=["default", "seed"],
                    help="preset to start from; any flag below overrides it (default: default)")
