@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("lstmlab.predict", "classify your own images of digits"),
     "gates": ("lstmlab.gates", "draw the gate activations of a model reading one image"),
     "plot": ("lstmlab.plots", "loss/accuracy curves, confusion matrix and mistakes of a run"),
+    "export": ("lstmlab.export", "write a trained classifier as ONNX (runs in onnxruntime)"),
     "demo": ("lstmlab.demo", "draw a digit in the browser and watch the LSTM read it"),
 }
 

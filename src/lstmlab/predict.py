@@ -243,7 +243,7 @@ def model_input(ckpt: Checkpoint, images: Tensor) -> Tensor:
 
     d = ckpt.config.data
     mean, std = (d.mean, d.std) if d.mean is not None and d.std is not None else (0.5, 1.0)
-    device = next(ckpt.model.parameters()).device
+    device = next(iter(ckpt.model.parameters()), torch.empty(0)).device  # an ONNX model has none: CPU
     return to_sequence(images, d.view, mean, std, ckpt.permutation).to(device)
 
 
@@ -286,7 +286,8 @@ def format_prediction(p: Prediction) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by `lstmlab train`")
+    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by `lstmlab train`, or an .onnx file "
+                        "written by `lstmlab export` (then run by onnxruntime)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each (PNG, JPEG, ...)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
     parser.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
@@ -315,7 +316,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise LstmlabError(f"--top must be at least 1, got {args.top}")
-    ckpt = load_checkpoint(args.checkpoint)
+    if str(args.checkpoint).endswith(".onnx"):
+        from lstmlab.export import load_onnx
+
+        ckpt = load_onnx(args.checkpoint)
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
     paths = [str(p) for p in args.images]
     digits, errors = _read_all(paths)
     results: dict[str, Prediction] = {}
