@@ -94,15 +94,14 @@ def _run_layers(model: SequenceClassifier, x: Tensor) -> tuple[list[LayerRecord]
     for layer in range(lstm.num_layers):
         outs = []
         for direction in range(lstm.num_directions):
-            weights = [w.detach() for w in lstm.layer_weights(layer, direction) if w is not None]
-            w_ih, w_hh = weights[0], weights[1]
-            b_ih, b_hh = (weights[2], weights[3]) if lstm.bias else (None, None)
+            w_ih, w_hh, b_ih, b_hh, w_hr = (None if w is None else w.detach()
+                                            for w in lstm.layer_weights(layer, direction))
             h = seq.new_zeros(batch, lstm.hidden_size)
             c = seq.new_zeros(batch, lstm.hidden_size)
             steps = []
             order = range(seq.size(0) - 1, -1, -1) if direction == 1 else range(seq.size(0))
             for t in order:
-                gates = lstm_step(seq[t], h, c, w_ih, w_hh, b_ih, b_hh)
+                gates = lstm_step(seq[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
                 h, c = gates.h, gates.c
                 steps.append(gates)
             if direction == 1:

@@ -115,6 +115,8 @@ class LSTM(nn.RNNBase):
         """As ``nn.LSTM.forward``: input (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or packed."""
         data = input.data if isinstance(input, PackedSequence) else input
         backend = resolve_backend(self.backend, data.device)
+        if torch.onnx.is_in_onnx_export() and self.proj_size > 0:
+            raise RuntimeError("ONNX's LSTM operator has no projection: export an LSTM with proj_size=0")
         if backend == "torch" or torch.onnx.is_in_onnx_export():
             return nn.LSTM.forward(self, input, hx)  # ONNX: PyTorch's exporters map aten::lstm to ONNX's LSTM
         x, hx, batch_sizes, sorted_indices, unsorted_indices, unbatched = self._prepare(input, hx)
