@@ -126,7 +126,8 @@ def test_kill9_twice_then_resume_gives_the_same_weights_bit_for_bit(mnist_dir, t
 
 @pytest.mark.parametrize("signum, word, status", [(signal.SIGTERM, "terminated", 143),
                                                   (signal.SIGINT, "interrupted", 130)])
-def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(mnist_dir, tmp_path, signum, word, status):
+def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(mnist_dir, tmp_path, capsys, signum, word,
+                                                                      status):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(*RESUMABLE, "--data-dir", str(mnist_dir), "--out", str(run_dir)),
                             env=_env(), stderr=subprocess.PIPE, text=True)
@@ -137,9 +138,11 @@ def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(mnist_dir,
     assert "keeps the checkpoint of iteration" in line
     assert not (run_dir / ".lock").exists() and not list(run_dir.glob(".*.tmp"))
     assert load_state(run_dir) is not None
-    # a new run into the folder is pointed at --resume
-    code = main(["train", *TINY, "--out", str(run_dir)])
-    assert code == 2
+    # a new run into the folder is pointed at --resume, and touches nothing
+    before = _snapshot(run_dir)
+    code, err = _run(capsys, "train", *TINY, "--out", str(run_dir))
+    _one_line(code, err, "unfinished run", f"lstmlab train --resume {run_dir}", "--overwrite")
+    assert _snapshot(run_dir) == before
 
 
 def test_resume_before_the_first_checkpoint_starts_over(mnist_dir, tmp_path, capsys):
@@ -264,16 +267,26 @@ def test_divergence_rule():
     messages = [exploding.check(v, k) for k, v in enumerate(losses, 1)]
     first = next(k for k, m in enumerate(messages, 1) if m)
     assert first > DIVERGE_WARMUP and "over 3x" in messages[first - 1]
+    early = _Guard()  # an explosion within the warm-up is caught against the first step's loss
+    messages = [early.check(v, k) for k, v in enumerate([2.3, 2.3, 80.0, 90.0], 1)]
+    assert messages[:2] == [None, None] and "over 3x its reference 2.3" in messages[2]
 
 
-@pytest.mark.parametrize("flags", [["--optimizer", "sgd", "--lr", "1e4"],
-                                   ["--optimizer", "adam", "--lr", "10", "--clip", "1"]])
-def test_divergence_stops_with_one_line(mnist_dir, tmp_path, capsys, flags):
+@pytest.mark.parametrize("flags, kept", [(["--optimizer", "sgd", "--lr", "1e4"], False),
+                                         (["--optimizer", "adam", "--lr", "10", "--clip", "1"], True)])
+def test_divergence_stops_with_one_line(mnist_dir, tmp_path, capsys, flags, kept):
+    """SGD at 1e4 turns the loss into NaN at once; clipped Adam at 10 wanders up past 3x after some evaluations."""
     run_dir = tmp_path / "run"
     code, err = _run(capsys, "train", *TINY, "--iterations", "300", "--eval-every", "5", *flags,
                      "--data-dir", str(mnist_dir), "--out", str(run_dir))
-    _one_line(code, err, "training diverged", "lower --lr")
+    line = _one_line(code, err, "training diverged", "lower --lr")
     assert not (run_dir / "summary.json").exists()
+    assert ("keeps iteration" in line) == kept
+    if kept:  # the last evaluation before divergence is what is kept
+        from lstmlab.checkpoint import load_checkpoint
+
+        kept = int(line.split("keeps iteration ")[1].split(",")[0])
+        assert load_checkpoint(run_dir / "last.safetensors").meta["iteration"] == kept
     for name in ("best.safetensors", "last.safetensors"):  # what was kept is finite
         if (run_dir / name).exists():
             assert all(torch.isfinite(t).all() for t in _weights(run_dir / name).values())

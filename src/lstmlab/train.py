@@ -7,7 +7,8 @@ every evaluation ``best``/``last.safetensors``, ``metrics.csv`` and ``state.safe
 
 Divergence rule: the run stops with a one-line error when a training or validation loss is not finite, or when
 the smoothed training loss (an exponential average, each step moving it 10% of the way to its loss) exceeds
-3x its value at the end of a 10-step warm-up; the checkpoints of the last evaluation before that are kept.
+3x a reference: the first step's loss during a 10-step warm-up, then the smaller of that and the smoothed loss
+after the warm-up. The checkpoints of the last evaluation before that are kept.
 """
 
 from __future__ import annotations
@@ -232,11 +233,13 @@ class _Guard:
             return f"the training loss became {loss} at iteration {iteration}"
         self.steps += 1
         self.smoothed = loss if self.smoothed is None else DIVERGE_DECAY * self.smoothed + (1 - DIVERGE_DECAY) * loss
-        if self.steps == DIVERGE_WARMUP:
-            self.reference = self.smoothed
-        if self.reference is not None and self.smoothed > DIVERGE_FACTOR * self.reference:
+        if self.reference is None:  # the untrained model's loss (about ln 10) until the warm-up ends
+            self.reference = loss
+        if self.steps == DIVERGE_WARMUP:  # an explosion within the warm-up must not become the reference
+            self.reference = min(self.reference, self.smoothed)
+        if self.smoothed > DIVERGE_FACTOR * self.reference:
             return (f"the smoothed training loss reached {self.smoothed:.4g} at iteration {iteration}, over "
-                    f"{DIVERGE_FACTOR:g}x its {self.reference:.4g} after warm-up")
+                    f"{DIVERGE_FACTOR:g}x its reference {self.reference:.4g}")
         return None
 
 
