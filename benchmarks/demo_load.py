@@ -48,15 +48,25 @@ def _make_checkpoint(folder: Path) -> Path:
     return path
 
 
-def _drawing(folder: Path) -> Path:
-    """A 7 as the sketchpad sends it: black strokes on a transparent 400 x 400 layer."""
+def _drawing(folder: Path, k: int) -> Path:
+    """The k-th drawing: a 7 as the sketchpad sends it (black strokes on a transparent 400 x 400 layer), its
+    corner moved a little for each k. Different drawings, as different users send: gradio names its output files
+    by their content, and identical answers written at once race on the same file (a download then fails)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGBA", (400, 400), (0, 0, 0, 0))
-    ImageDraw.Draw(img).line([(100, 80), (300, 80), (170, 340)], fill="black", width=22, joint="curve")
-    path = folder / "seven.png"
+    dx, dy = k % 10 * 6 - 27, k // 10 % 10 * 6 - 27
+    ImageDraw.Draw(img).line([(100, 80), (300 + dx, 80 + dy), (170, 340)], fill="black", width=22, joint="curve")
+    path = folder / f"seven-{k}.png"
     img.save(path)
     return path
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lstmlab-demo-load-") as tmp:
         folder = Path(tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else _make_checkpoint(folder)
-        drawing = _drawing(folder)
+        drawings = [_drawing(folder, k) for k in range(args.requests + 1)]
         port = _free_port()
         env = dict(os.environ, GRADIO_TEMP_DIR=str(folder / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
         log = open(folder / "server.log", "w")  # noqa: SIM115 - closed in the finally below
@@ -114,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"the demo did not come up within {args.startup_timeout:.0f} s", file=sys.stderr)
                         return 1
                     time.sleep(0.5)
-            value = {"background": None, "layers": [], "composite": handle_file(str(drawing)), "id": None}
-            client.predict(value, api_name="/predict")  # one warm-up request: first figures are built once
+            values = [{"background": None, "layers": [], "composite": handle_file(str(d)), "id": None}
+                      for d in drawings]
+            client.predict(values[-1], api_name="/predict")  # one warm-up request: first figures are built once
 
             done_at: dict[int, float] = {}
             lock = threading.Lock()
@@ -126,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
                         done_at[k] = time.perf_counter()
                 return record
 
+            load = os.getloadavg()
             print(f"lstmlab demo on {url}: sending {args.requests} predictions at once", flush=True)
+            server_cpu, client_cpu = _cpu_seconds(server.pid), time.process_time()
             start = time.perf_counter()
             jobs = []
             for k in range(args.requests):
-                job = client.submit(value, api_name="/predict")
+                job = client.submit(values[k], api_name="/predict")
                 job.add_done_callback(finished(k))
                 jobs.append(job)
             wait(jobs, timeout=args.request_timeout)
             wall = time.perf_counter() - start
+            server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
             latencies, failures = [], []
             for k, job in enumerate(jobs):
                 if not job.done():
@@ -157,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"latency s: p50 {statistics.median(latencies):.2f}  p95 {_percentile(latencies, 95):.2f}  "
                       f"max {max(latencies):.2f}  (all {args.requests} sent at once; wall {wall:.1f} s, "
                       f"{ok / wall:.1f} answers/s)")
+            print(f"CPU s per request: server {server_cpu / args.requests:.3f}, client "
+                  f"{client_cpu / args.requests:.3f}; load average before the run {load[0]:.1f}")
             rss = _peak_rss_mib(server.pid)
             if rss is not None:
                 print(f"server peak memory {rss:.0f} MiB")

@@ -160,6 +160,8 @@ class GatesFigure:
                              interpolation="nearest")
             self.heat[name] = heat
             self.colorbars[name] = fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02)
+            if PANELS[name][2] is None:
+                self._symmetric_ticks(name)
             ax.axvline(step, color="black" if cmap == "RdBu_r" else "white", linestyle="--", linewidth=1)
             ax.set_title(panel_title, fontsize=10)
             if k % 3 == 0:  # one label per row: the colour bars leave no room between panels
@@ -170,6 +172,12 @@ class GatesFigure:
             where += ", forward direction" if direction == 0 else ", reverse direction (reads from the last step)"
         fig.suptitle(f"{title}  —  {where}" if title else f"Inside the LSTM — {where}", fontsize=13)
         self._background = None
+
+    def _symmetric_ticks(self, name: str) -> None:
+        """Three ticks, -bound, 0 and +bound, on a colour bar whose range follows the data: the bound is what the
+        reader needs, and a new drawing redraws three labels instead of nine."""
+        low, high = self.heat[name].get_clim()
+        self.colorbars[name].set_ticks([low, 0.0, high], labels=[f"{low:.2g}", "0", f"{high:.2g}"])
 
     @staticmethod
     def _symmetric(values) -> tuple[float, float]:
@@ -202,12 +210,11 @@ class GatesFigure:
             self.heat[name].set_data(values)
             if limits is None:
                 self.heat[name].set_clim(*self._symmetric(values))
+                self._symmetric_ticks(name)
         return self
 
     def to_array(self):
         """The figure as an RGB array (H, W, 3), redrawing only what ``update`` changes after the first call."""
-        import numpy as np
-
         canvas = self.fig.canvas
         if self._background is None:
             for artist in self._dynamic():
@@ -218,7 +225,9 @@ class GatesFigure:
             canvas.restore_region(self._background)
         for artist in self._dynamic():
             self.fig.draw_artist(artist)
-        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+        from lstmlab.plots import rgba_to_rgb
+
+        return rgba_to_rgb(canvas.buffer_rgba())
 
 
 def gates_figure(

@@ -82,12 +82,21 @@ def save_figure(fig: Figure, path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def rgba_to_rgb(buffer):
+    """An RGB uint8 array (H, W, 3) from an Agg RGBA buffer (H, W, 4); Pillow's conversion, several times faster
+    than numpy's strided copy."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.asarray(buffer)
+    return np.asarray(Image.frombuffer("RGBA", (rgba.shape[1], rgba.shape[0]), rgba, "raw", "RGBA", 0, 1)
+                      .convert("RGB"))
+
+
 def figure_to_array(fig: Figure):
     """Render a figure to an RGB numpy array (H, W, 3), for the demo's image outputs."""
-    import numpy as np
-
     fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    return rgba_to_rgb(fig.canvas.buffer_rgba())
 
 
 # ---------------------------------------------------------------------------------------------
