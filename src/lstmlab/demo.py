@@ -74,8 +74,9 @@ def drawing_to_image(drawing: Any):
 
 class EvolutionFigure:
     """Lines of each class's probability after every step beside the input, built once and refilled per drawing
-    (``update``, then ``to_array``, which redraws only what changed over a cached background). One thread at a
-    time per object."""
+    (``update``, then ``to_array``, which redraws only the input and the lines over a cached background). Each
+    class keeps one colour, so the legend, beside the plot, never changes; the classes that lead at some step are
+    drawn bold. One thread at a time per object."""
 
     def __init__(self, probs: Tensor, names: list[str], view: str, digit: Tensor) -> None:
         from lstmlab.plots import new_figure
@@ -90,30 +91,26 @@ class EvolutionFigure:
                          "what the LSTM reads (28 x 28)", fontsize=10)
         img_ax.set_xticks([])
         img_ax.set_yticks([0, 9, 18, 27])
-        self.lines = [ax.plot(self.steps, p[:, c])[0] for c in range(p.shape[1])]
+        self.lines = [ax.plot(self.steps, p[:, c], color=f"C{c % 10}", label=names[c])[0] for c in range(p.shape[1])]
         self._background = None
         ax.set_ylim(0, 1.02)
         ax.set_xlim(1, len(p))
         ax.set_xlabel("rows read so far" if view == "rows" else "pixels read so far")
         ax.set_ylabel("probability")
         ax.grid(True, alpha=0.3)
+        ax.set_title("The guess as the LSTM reads: each class's probability after each step", fontsize=11)
+        ax.legend(title="bold: led at\nsome step", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                  title_fontsize=8)
         self._fill(p)
         fig.tight_layout()
 
     def _fill(self, p: np.ndarray) -> None:
-        leaders = sorted({int(k) for k in p.argmax(1)} | {int(p[-1].argmax())})
-        colours = {c: f"C{n % 10}" for n, c in enumerate(leaders)}
+        leaders = {int(k) for k in p.argmax(1)} | {int(p[-1].argmax())}
         for c, line in enumerate(self.lines):
             line.set_ydata(p[:, c])
-            line.set_color(colours.get(c, "lightgray"))
-            line.set_linewidth(2.2 if c in colours else 1)
-            line.set_zorder(3 if c in colours else 2)
-        legend = self.ax.legend([self.lines[c] for c in leaders], [self.names[c] for c in leaders],
-                                title="leading at some step", loc="upper left", fontsize=9)
-        legend.set_animated(self._background is not None)
-        final = int(p[-1].argmax())
-        self.ax.set_title(f"The guess as the LSTM reads — final: {self.names[final]} ({100 * p[-1, final]:.0f}%)",
-                          fontsize=11)
+            line.set_linewidth(2.4 if c in leaders else 1.0)
+            line.set_alpha(1.0 if c in leaders else 0.35)
+            line.set_zorder(3 if c in leaders else 2)
 
     def update(self, probs: Tensor, digit: Tensor) -> EvolutionFigure:
         """Show another drawing's per-step probabilities (T, C) and input."""
@@ -126,8 +123,7 @@ class EvolutionFigure:
 
     def _dynamic(self) -> list:
         ax = self.digit.axes
-        return [self.digit, *ax.spines.values(), *sorted(self.lines, key=lambda a: a.get_zorder()),
-                self.ax.get_legend(), self.ax.title]
+        return [self.digit, *ax.spines.values(), *sorted(self.lines, key=lambda a: a.get_zorder())]
 
     def to_array(self) -> np.ndarray:
         """The figure as an RGB array (H, W, 3)."""
@@ -172,8 +168,10 @@ class FigureCache:
 
         with self.lock:
             if self.gates is None:
+                # no live probability title: the page's message says the prediction, and text is the slow part
                 self.gates = GatesFigure(rec, digit, self.view, self.names, permutation=self.permutation,
-                                         title="Your digit", image_title="your digit, preprocessed", dpi=DPI)
+                                         title="Your digit", image_title="your digit, preprocessed", dpi=DPI,
+                                         live_title=False)
             else:
                 self.gates.update(rec, digit)
             gates = self.gates.to_array()

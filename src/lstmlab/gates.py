@@ -111,7 +111,8 @@ class GatesFigure:
     """The gates figure of one sample, built once and then refilled: ``update`` puts a new recording in,
     ``to_array`` renders it. After the first ``to_array`` only what changes is redrawn over a cached background
     (blitting), which makes the demo's figure some 20 times cheaper than drawing a new one. Not thread-safe: one
-    thread at a time per object."""
+    thread at a time per object. ``live_title`` False keeps the probability panel's title fixed (it otherwise names
+    the final guess), which saves redrawing text."""
 
     def __init__(
         self,
@@ -128,6 +129,7 @@ class GatesFigure:
         title: str = "",
         image_title: str = "input",
         dpi: int = 100,
+        live_title: bool = True,
     ) -> None:
         from lstmlab.plots import new_figure
 
@@ -146,6 +148,9 @@ class GatesFigure:
         probs = rec.probs[sample] if rec.probs is not None else None
         self.probs_ax = fig.add_subplot(top[1])
         self.probs = draw_probs(fig, self.probs_ax, probs, rec.probs_note, names, step, view)
+        self.live_title = live_title and self.probs is not None  # the title names the final guess
+        if self.probs is not None and not live_title:
+            self.probs_ax.set_title("The guess after each step (class probabilities)", fontsize=10)
         self.bars, self.bar_texts = draw_final_bars(fig.add_subplot(top[2]),
                                                     torch.softmax(rec.logits[sample].float(), 0), names)
         grid = outer[1:].subgridspec(2, 3, hspace=0.42, wspace=0.22)
@@ -187,7 +192,7 @@ class GatesFigure:
     def _dynamic(self) -> list:
         """The artists a new recording changes; everything else is the cached background."""
         images = [self.image, *self.heat.values()] + ([self.probs] if self.probs is not None else [])
-        artists = [*self.bars, *self.bar_texts] + ([self.probs_ax.title] if self.probs is not None else [])
+        artists = [*self.bars, *self.bar_texts] + ([self.probs_ax.title] if self.live_title else [])
         for image in images:  # the image, then what lies on it (step markers, frame), in drawing order
             ax = image.axes
             artists += [image, *ax.lines, *ax.patches, *ax.spines.values()]
@@ -203,7 +208,8 @@ class GatesFigure:
         if self.probs is not None:
             p = rec.probs[sample].detach().float().cpu().numpy().T  # (C, T)
             self.probs.set_data(p)
-            self.probs_ax.set_title(_probs_title(p, self.names), fontsize=10)
+            if self.live_title:
+                self.probs_ax.set_title(_probs_title(p, self.names), fontsize=10)
         _update_bars(self.bars, self.bar_texts, torch.softmax(rec.logits[sample].float(), 0).cpu().tolist())
         for name, (_, _, limits) in PANELS.items():
             values = layer_rec[name][sample].detach().float().cpu().numpy().T  # (H, T)
