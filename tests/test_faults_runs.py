@@ -212,6 +212,20 @@ def test_second_writer_is_refused_and_the_folder_untouched(mnist_dir, tmp_path, 
     assert not (run_dir / ".lock").exists()
 
 
+def test_two_runs_started_at_once_into_one_folder(mnist_dir, tmp_path):
+    """One wins; the other is refused with one line (in use, or already holding a run if it came late) and the
+    folder holds the winner's run alone."""
+    run_dir = tmp_path / "run"
+    cmd = _train_cmd(*TINY, "--dry-run", "--data-dir", str(mnist_dir), "--out", str(run_dir))
+    procs = [subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=600), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    _one_line(*results[1], str(run_dir))
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert json.loads((run_dir / "summary.json").read_text())["run_id"] == run_id
+    assert load_state(run_dir)[1]["run_id"] == run_id
+
+
 def test_overwrite_clears_the_old_run_and_every_file_has_the_run_id(mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     argv = ["train", *TINY, "--dry-run", "--data-dir", str(mnist_dir), "--out", str(run_dir)]
