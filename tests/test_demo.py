@@ -89,6 +89,24 @@ def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
                    key=lambda kv: kv[1])[0] == best
 
 
+def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
+    """The demo paints the heatmaps' pixels itself; the picture is matplotlib's but for anti-aliased edges."""
+    from lstmlab.demo import DPI
+    from lstmlab.gates import GatesFigure
+    from lstmlab.inspect import record
+    from lstmlab.plots import figure_to_array
+    from lstmlab.predict import class_names, model_input, preprocess_image
+
+    digit = preprocess_image(seven())
+    rec = record(checkpoint.model, model_input(checkpoint, digit[None]))
+    names = class_names(checkpoint.config.data.dataset)
+    painted = GatesFigure(rec, digit, "rows", names, dpi=DPI, live_title=False).to_array()
+    drawn = figure_to_array(GatesFigure(rec, digit, "rows", names, dpi=DPI, live_title=False).fig)
+    assert painted.shape == drawn.shape
+    far = np.abs(painted.astype(int) - drawn.astype(int)).max(-1) > 40
+    assert far.mean() < 0.01, far.mean()
+
+
 def test_predict_drawing_blank_and_odd_inputs(checkpoint) -> None:
     from lstmlab.demo import BLANK_MESSAGE, predict_drawing
 

@@ -189,13 +189,13 @@ class GatesFigure:
         bound = max(float(abs(values).max()), 1e-6)
         return -bound, bound
 
+    def _images(self) -> list:
+        return [self.image, *self.heat.values()] + ([self.probs] if self.probs is not None else [])
+
     def _dynamic(self) -> list:
-        """The artists a new recording changes; everything else is the cached background."""
-        images = [self.image, *self.heat.values()] + ([self.probs] if self.probs is not None else [])
+        """The artists a new recording changes, other than the images (``_ImagePixels`` paints those); everything
+        else is the cached background."""
         artists = [*self.bars, *self.bar_texts] + ([self.probs_ax.title] if self.live_title else [])
-        for image in images:  # the image, then what lies on it (step markers, frame), in drawing order
-            ax = image.axes
-            artists += [image, *ax.lines, *ax.patches, *ax.spines.values()]
         unbounded = [name for name, (_, _, limits) in PANELS.items() if limits is None]
         return artists + [self.colorbars[name].ax for name in unbounded]  # their ticks follow the data
 
@@ -220,20 +220,77 @@ class GatesFigure:
         return self
 
     def to_array(self):
-        """The figure as an RGB array (H, W, 3), redrawing only what ``update`` changes after the first call."""
+        """The figure as an RGB array (H, W, 3). The first call draws the figure without its images and dynamic
+        artists, keeps that background, and measures where each image goes; every call then restores the
+        background, paints the images' pixels straight into it and draws the few dynamic artists on top."""
+        import numpy as np
+
         canvas = self.fig.canvas
         if self._background is None:
-            for artist in self._dynamic():
-                artist.set_animated(True)  # left out of the background, drawn on top of it
+            for artist in [*self._images(), *self._dynamic()]:
+                artist.set_animated(True)  # left out of the background
             canvas.draw()
             self._background = canvas.copy_from_bbox(self.fig.bbox)
-        else:
-            canvas.restore_region(self._background)
+            with_marks = np.array(canvas.buffer_rgba())
+            marks = [a for im in self._images() for a in (*im.axes.lines, *im.axes.patches, *im.axes.spines.values())]
+            for mark in marks:
+                mark.set_visible(False)
+            canvas.draw()
+            without_marks = np.array(canvas.buffer_rgba())
+            for mark in marks:
+                mark.set_visible(True)
+            renderer = canvas.get_renderer()
+            self._pixels = [_ImagePixels(im, renderer, with_marks, without_marks) for im in self._images()]
+        canvas.restore_region(self._background)
+        buffer = np.asarray(canvas.buffer_rgba())
+        for pixels in self._pixels:
+            pixels.paint(buffer)
         for artist in self._dynamic():
             self.fig.draw_artist(artist)
         from lstmlab.plots import rgba_to_rgb
 
         return rgba_to_rgb(canvas.buffer_rgba())
+
+
+class _ImagePixels:
+    """Paints an ``imshow`` image (nearest-neighbour, opaque) straight into an Agg RGBA buffer, leaving the pixels
+    of the marks drawn over it (step line, frame, outline) as they are in the background: about ten times cheaper
+    than matplotlib's resampling and redrawing the marks, for the same picture up to the marks' anti-aliased
+    edges."""
+
+    def __init__(self, image, renderer, with_marks, without_marks) -> None:
+        import numpy as np
+
+        self.image = image
+        height = with_marks.shape[0]
+        x0, y0, x1, y1 = image.get_window_extent(renderer).extents  # display pixels, y upwards
+        box = image.axes.bbox
+        cx0, cy0, cx1, cy1 = max(x0, box.x0), max(y0, box.y0), min(x1, box.x1), min(y1, box.y1)
+        cols = np.arange(int(np.floor(cx0)), int(np.ceil(cx1)))
+        cols = cols[(cols + 0.5 >= cx0) & (cols + 0.5 < cx1)]
+        rows = np.arange(int(np.floor(height - cy1)), int(np.ceil(height - cy0)))  # buffer rows, top down
+        rows = rows[(height - rows - 0.5 >= cy0) & (height - rows - 0.5 < cy1)]
+        n_rows, n_cols = image.get_array().shape[:2]
+        flipped = image.origin == "lower"
+        self.rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        self.cols = slice(int(cols[0]), int(cols[-1]) + 1)
+        self.data_cols = np.clip(((cols + 0.5 - x0) / (x1 - x0) * n_cols).astype(int), 0, n_cols - 1)
+        from_top = (y1 - (height - rows - 0.5)) / (y1 - y0)
+        self.data_rows = np.clip(((1 - from_top if flipped else from_top) * n_rows).astype(int), 0, n_rows - 1)
+        region = (self.rows, self.cols)
+        self.keep = (with_marks[region] != without_marks[region]).any(-1)[..., None]  # the marks' pixels
+        self.lut = np.round(image.get_cmap()(np.linspace(0.0, 1.0, 256)) * 255).astype(np.uint8)  # (256, 4)
+
+    def paint(self, buffer) -> None:
+        """Write the image's current data and colour limits into ``buffer`` (H, W, 4)."""
+        import numpy as np
+
+        data = np.asarray(self.image.get_array(), dtype=np.float64)
+        low, high = self.image.get_clim()
+        scaled = (data - low) / (high - low if high > low else 1.0)
+        index = np.clip(np.nan_to_num(scaled * 256), 0, 255).astype(np.intp)  # as Colormap: N bins, 1.0 in the last
+        colours = self.lut[index[self.data_rows][:, self.data_cols]]
+        np.copyto(buffer[self.rows, self.cols], colours, where=~self.keep)
 
 
 def gates_figure(
