@@ -107,6 +107,36 @@ def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
     assert far.mean() < 0.01, far.mean()
 
 
+def test_predict_drawing_from_many_threads(checkpoint) -> None:
+    """The server runs several drawings at once: with one shared figure cache, each answer and figure is the one
+    the same drawing gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lstmlab.demo import FigureCache, predict_drawing
+
+    def cache() -> FigureCache:
+        return FigureCache(checkpoint.permutation, [str(k) for k in range(10)], checkpoint.config.data.view)
+
+    drawings = [seven(width=w) for w in (10, 16, 22, 30, 38, 46)] * 2
+    alone = [predict_drawing(checkpoint, d, figure_cache=cache()) for d in drawings[:6]]
+    shared = cache()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(lambda d: predict_drawing(checkpoint, d, figure_cache=shared), drawings))
+    for k, r in enumerate(together):
+        expected = alone[k % 6]
+        assert r.ok and r.probabilities == expected.probabilities and r.message == expected.message
+        assert np.array_equal(r.gates, expected.gates) and np.array_equal(r.evolution, expected.evolution)
+
+
+def test_drawing_size_cap(checkpoint) -> None:
+    from lstmlab.demo import MAX_DRAWING_PIXELS, predict_drawing
+
+    huge = Image.new("L", (2500, 2000), 255)  # 5 MP: over the demo's cap, under the CLI's 40 MP
+    assert 2500 * 2000 > MAX_DRAWING_PIXELS
+    r = predict_drawing(checkpoint, huge)
+    assert not r.ok and "over the demo's 4,000,000-pixel limit" in r.message and r.gates is None
+
+
 def test_predict_drawing_blank_and_odd_inputs(checkpoint) -> None:
     from lstmlab.demo import BLANK_MESSAGE, predict_drawing
 
@@ -134,6 +164,7 @@ def test_demo_binds_localhost_and_never_shares(monkeypatch: pytest.MonkeyPatch) 
 
     assert launch(FakeApp(), block=False) == "http://127.0.0.1:7860/"
     assert seen["share"] is False and seen["server_name"] == "127.0.0.1" and seen["inbrowser"] is False
+    assert seen["max_file_size"] == "5mb"  # uploads are capped
 
 
 def test_demo_without_gradio_is_a_one_line_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
