@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstmlab.config import Config
+from lstmlab.config import MAX_HIDDEN_SIZE, MAX_LAYERS, Config, validate_config
 from lstmlab.errors import LstmlabError
 from lstmlab.fileio import atomic_write_bytes
 from lstmlab.model import SequenceClassifier
@@ -55,9 +55,6 @@ def save_checkpoint(
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
-# Bounds a checkpoint's config must keep: far above any model this lab trains, far below what would exhaust memory.
-MAX_HIDDEN_SIZE = 4096
-MAX_LAYERS = 16
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a checkpoint's JSON header is a few KB; refuse anything claiming more
 # safetensors dtype name -> (torch dtype, bytes per element); only those a checkpoint may hold
 _DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -158,11 +155,6 @@ def check_config(config: Config) -> None:
     """Refuse a checkpoint's config that the CLI would refuse, plus what only a file can get wrong: field types,
     sizes beyond ``MAX_HIDDEN_SIZE``/``MAX_LAYERS``, unknown dataset or view, input size, class count, mean/std."""
     from lstmlab.data import DATASETS, VIEWS
-
-    try:  # the CLI's checks, wherever they live (they are moving from train to config)
-        from lstmlab.config import validate_config
-    except ImportError:
-        from lstmlab.train import validate_config
 
     for section in ("model", "data", "train"):
         part = getattr(config, section)
