@@ -11,7 +11,8 @@ that dominate an LSTM on a CPU:
 ``lstmlab::lstm_layer`` and ``lstmlab::lstm_layer_backward`` are ``torch.library`` custom ops with fake (meta)
 kernels, an autograd formula whose saved tensors go through ``ctx.save_for_backward`` (so saved-tensor hooks and
 checkpointing see them) and a vmap rule, so ``torch.compile(fullgraph=True)``, ``torch.export`` and inference mode
-treat the layer like any built-in op. No buffer outlives a call.
+treat the layer like any built-in op. Big training buffers come from a cache that reuses a buffer only when no
+tensor outside it holds it (:class:`_BufferCache`).
 
 Double backward (``create_graph=True``, ``torch.func.grad``) is exact: the first backward is then recomputed with
 the differentiable reference math instead of the hand-written kernels.
@@ -27,6 +28,9 @@ numbers, no fused speed.
 
 from __future__ import annotations
 
+import functools
+import math
+import threading
 from typing import Any
 
 import torch
@@ -84,6 +88,68 @@ def _native_for(x: Tensor) -> Any:
     from lstmlab.nn import _native
 
     return _native.get()
+
+
+class _BufferCache:
+    """Big CPU buffers kept from one training step to the next, handed out again only when provably free.
+
+    Why: a fresh multi-megabyte CPU tensor comes from the kernel as untouched pages (glibc maps anything over
+    32 MB anew on every allocation), and faulting them in cost more than the LSTM math: at B=1024, 50 000 page
+    faults and ~120 ms of a ~250 ms training step. Safety: each handed-out tensor is a separate tensor on a cached
+    storage; a storage is reused only when no tensor but the cache's own still holds it (its use count), so
+    nothing a caller, autograd or a saved-tensor hook keeps can ever be overwritten. Only calls that save for
+    backward use it (no_grad and inference calls allocate fresh and keep nothing), and it holds at most
+    ``max_bytes``; ``release_buffers()`` empties it.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30, min_bytes: int = 1 << 18) -> None:
+        self._bufs: list[Tensor] = []  # most recently used last
+        self._max_bytes = max_bytes
+        self._min_bytes = min_bytes
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _free(buf: Tensor) -> bool:
+        storage = buf.untyped_storage()  # this handle counts as one holder, buf as another
+        return torch._C._storage_Use_Count(storage._cdata) <= 2
+
+    def empty(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised contiguous tensor of this shape, like's dtype and device."""
+        numel = math.prod(shape)
+        nbytes = numel * like.element_size()
+        if like.device.type != "cpu" or nbytes < self._min_bytes or nbytes > self._max_bytes:
+            return like.new_empty(shape)
+        with self._lock:
+            for k, buf in enumerate(self._bufs):
+                if buf.numel() == numel and buf.dtype == like.dtype and self._free(buf):
+                    self._bufs.append(self._bufs.pop(k))
+                    return like.new_empty(0).set_(buf.untyped_storage(), 0, shape)
+            with torch.inference_mode(False):  # a cached buffer must never be an inference tensor
+                buf = like.new_empty(numel)
+            self._bufs.append(buf)
+            total = sum(b.numel() * b.element_size() for b in self._bufs)
+            for old in list(self._bufs[:-1]):  # drop the least recently used free ones past the budget
+                if total <= self._max_bytes:
+                    break
+                if self._free(old):
+                    self._bufs.remove(old)
+                    total -= old.numel() * old.element_size()
+            return like.new_empty(0).set_(buf.untyped_storage(), 0, shape)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()
+
+
+@functools.cache
+def _cache() -> _BufferCache:
+    # One per process, like an allocator's cache (and no more mutable than one): see _BufferCache.
+    return _BufferCache()
+
+
+def release_buffers() -> None:
+    """Free the big buffers the fused backend keeps between training steps (e.g. after training)."""
+    _cache().clear()
 
 
 def _bias(bias_ih: Tensor | None, bias_hh: Tensor | None) -> Tensor | None:
@@ -152,7 +218,11 @@ def lstm_layer(
     bias = _bias(bias_ih, bias_hh)
     w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
     packed = batch_sizes is not None
-    new = x.new_zeros if packed else x.new_empty  # a packed step leaves rows untouched: they must read as zeros
+
+    def new(*shape: int) -> Tensor:
+        buf = _cache().empty(shape, x) if save else x.new_empty(shape)
+        return buf.zero_() if packed else buf  # a packed step leaves rows untouched: they must read as zeros
+
     # Each step's matmul reads [h_{t-1} | x_t | 1]: x and the ones are laid out for all steps now, each step
     # writes its h_t into the next row. The same buffer is the right-hand side of the weight gradients' matmul.
     xh = new(T, B, w.shape[1])
@@ -253,7 +323,9 @@ def lstm_layer_backward(
     dh = acts.new_zeros(B, P) if d_hT is None else d_hT.contiguous().clone()
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
     packed = batch_sizes is not None
-    dG = (acts.new_zeros if packed else acts.new_empty)(T, B, H4)  # rows a packed step skips must be zero
+    dG = _cache().empty((T, B, H4), acts)
+    if packed:
+        dG.zero_()  # rows a packed step skips must be zero
     dH = None
     native = _native_for(acts) if weight_hr is None else None
     if T and B:
@@ -330,6 +402,7 @@ _INPUTS = ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "wei
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, save = inputs
     _, _, _, acts, cs, tcs, xh = output
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs (acts alone is T*B*4H)
     ctx.has = [t is not None for t in (b_ih, b_hh, w_hr, batch_sizes)]
     present = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) if t is not None]
     ctx.save_for_backward(*present, acts, cs, tcs, xh)
