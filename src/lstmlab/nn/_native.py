@@ -183,6 +183,7 @@ def _install(built: Path, final: Path) -> None:
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
         shutil.copyfile(built, tmp)
+        shutil.copymode(built, tmp)  # the linker's rwxr-xr-x, as a shared object usually has
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _record_path(final).unlink(missing_ok=True)  # no moment where an old record vouches for the new file
