@@ -1,19 +1,23 @@
 """The ``lstmlab`` command: one sub-command per module, each module giving
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used."""
+``add_arguments(parser)`` and ``run(args) -> int``. Only the command being run is imported, so that
+``lstmlab --help`` (and a bare ``lstmlab``) answer without importing torch."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 from lstmlab.errors import LstmlabError
 
+VERSION = "0.1.0"  # kept equal to lstmlab.__version__ by a test; read here without importing torch
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lstmlab.train", "train a sequence classifier (downloads the data if needed)"),
-    "evaluate": ("lstmlab.evaluate", "test loss, accuracy, per-class accuracy and confusion matrix"),
+    "evaluate": ("lstmlab.evaluate", "loss, accuracy, per-class accuracy and confusion matrix on a split"),
     "bench": ("lstmlab.bench", "samples/s of each LSTM backend against nn.LSTM"),
     "predict": ("lstmlab.predict", "classify your own images of digits"),
     "gates": ("lstmlab.gates", "draw the gate activations of a model reading one image"),
@@ -22,45 +26,97 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lstmlab.demo", "draw a digit in the browser and watch the LSTM read it"),
 }
 
+EPILOG = """examples:
+  lstmlab train --data-dir /path/to/mnist     train the default recipe, saving runs/<dataset>-<view>-<time>/
+  lstmlab evaluate runs/X                     test accuracy of a run's best checkpoint
+  lstmlab plot runs/X                         curves, confusion matrix, mistakes
+  lstmlab gates runs/X --index 0              the gates of one test digit
+  lstmlab demo runs/X                         draw digits in the browser
+
+`lstmlab COMMAND --help` lists a command's options."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default after its help (unless the help already states it); switches are off
+    unless given, so they show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line (what is wrong, where to look), not the usage dump."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser; each sub-command's module adds its own arguments."""
-    from lstmlab import __version__
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (its first word that is not an option), if it is one."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
 
-    parser = _Parser(prog="lstmlab", description="A gate-level LSTM lab on sequential MNIST.")
-    parser.add_argument("--version", action="version", version=f"lstmlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+def _upper_positionals(parser: argparse.ArgumentParser) -> None:
+    """Positional arguments are shown in capitals in every command (CHECKPOINT, IMAGE, RUN_DIR)."""
+    for action in parser._actions:
+        if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+            action.metavar = (action.metavar or action.dest).upper()
+
+
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the options of ``commands`` (default: all) are added by importing their modules, the
+    others are listed by name only."""
+    wanted = list(COMMANDS) if commands is None else list(commands)
+    parser = _Parser(prog="lstmlab", description="A gate-level LSTM lab on sequential MNIST.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"lstmlab {VERSION}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if name not in wanted:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
             if e.name != module_name:  # a real bug inside the module, not a command not built yet
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        _upper_positionals(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lstmlab`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _chosen(argv)
+    parser = build_parser([command] if command else [])
+    if not argv:  # a bare `lstmlab`: what it can do, not an error
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.error("name a command: " + ", ".join(COMMANDS))
     try:
         return args._run(args)
     except LstmlabError as e:
         print(f"lstmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lstmlab {args.command}: interrupted", file=sys.stderr)
+        print(f"\nlstmlab {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
