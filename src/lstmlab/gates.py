@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -16,7 +16,11 @@ from torch import Tensor
 from lstmlab.errors import LstmlabError
 
 if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.axes import Axes
+    from matplotlib.backend_bases import RendererBase
     from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
     from lstmlab.inspect import Recording
 
@@ -44,7 +48,8 @@ def _time_label(view: str) -> str:
             "permuted": "time step = pixel read (fixed shuffle)"}.get(view, "time step")
 
 
-def draw_image(ax, image: Tensor, view: str, step: int, permutation: Tensor | None, title: str):
+def draw_image(ax: Axes, image: Tensor, view: str, step: int, permutation: Tensor | None,
+               title: str) -> AxesImage:
     """The 28x28 input with the pixels read at ``step`` outlined; returns the image artist."""
     from matplotlib.patches import Rectangle
 
@@ -67,7 +72,8 @@ def _probs_title(p, names: list[str]) -> str:
     return f"The guess after each step (class probabilities) — final: {names[final]} ({100 * p[final, -1]:.1f}%)"
 
 
-def draw_probs(fig, ax, probs: Tensor | None, note: str, names: list[str], step: int, view: str):
+def draw_probs(fig: Figure, ax: Axes, probs: Tensor | None, note: str, names: list[str], step: int,
+               view: str) -> AxesImage | None:
     """Classes x time heatmap of the prediction after each step, or the reason there is none; returns the heatmap
     artist (None without probabilities)."""
     if probs is None:
@@ -93,7 +99,7 @@ def _update_bars(bars, texts, p: list[float]) -> None:
         text.set_text(f"{100 * v:.0f}%" if v >= 0.01 else "")
 
 
-def draw_final_bars(ax, probs: Tensor, names: list[str]):
+def draw_final_bars(ax: Axes, probs: Tensor, names: list[str]) -> tuple[Any, list[Any]]:
     """Horizontal bars of the final class probabilities, the top one highlighted; returns (bars, labels)."""
     p = probs.detach().float().cpu().tolist()
     bars = ax.barh(range(len(p)), p)
@@ -219,7 +225,7 @@ class GatesFigure:
                 self._symmetric_ticks(name)
         return self
 
-    def to_array(self):
+    def to_array(self) -> np.ndarray:
         """The figure as an RGB array (H, W, 3). The first call draws the figure without its images and dynamic
         artists, keeps that background, and measures where each image goes; every call then restores the
         background, paints the images' pixels straight into it and draws the few dynamic artists on top."""
@@ -258,7 +264,8 @@ class _ImagePixels:
     than matplotlib's resampling and redrawing the marks, for the same picture up to the marks' anti-aliased
     edges."""
 
-    def __init__(self, image, renderer, with_marks, without_marks) -> None:
+    def __init__(self, image: AxesImage, renderer: RendererBase, with_marks: np.ndarray,
+                 without_marks: np.ndarray) -> None:
         import numpy as np
 
         self.image = image
@@ -281,7 +288,7 @@ class _ImagePixels:
         self.keep = (with_marks[region] != without_marks[region]).any(-1)[..., None]  # the marks' pixels
         self.lut = np.round(image.get_cmap()(np.linspace(0.0, 1.0, 256)) * 255).astype(np.uint8)  # (256, 4)
 
-    def paint(self, buffer) -> None:
+    def paint(self, buffer: np.ndarray) -> None:
         """Write the image's current data and colour limits into ``buffer`` (H, W, 4)."""
         import numpy as np
 

@@ -21,6 +21,7 @@ from lstmlab.errors import LstmlabError
 from lstmlab.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
 METRIC_COLUMNS = ("iteration", "train_loss", "val_loss", "val_accuracy", "lr")
@@ -82,7 +83,7 @@ def save_figure(fig: Figure, path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def rgba_to_rgb(buffer):
+def rgba_to_rgb(buffer: Any) -> np.ndarray:
     """An RGB uint8 array (H, W, 3) from an Agg RGBA buffer (H, W, 4); Pillow's conversion, several times faster
     than numpy's strided copy."""
     import numpy as np
@@ -93,7 +94,7 @@ def rgba_to_rgb(buffer):
                       .convert("RGB"))
 
 
-def figure_to_array(fig: Figure):
+def figure_to_array(fig: Figure) -> np.ndarray:
     """Render a figure to an RGB numpy array (H, W, 3), for the demo's image outputs."""
     fig.canvas.draw()
     return rgba_to_rgb(fig.canvas.buffer_rgba())
