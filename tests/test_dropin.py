@@ -312,3 +312,15 @@ def test_fused_layer_is_a_registered_op_with_a_fake_kernel():
                           (torch.randn(3, 2, 2), torch.randn(2, 4), torch.randn(2, 4), torch.randn(16, 2),
                            torch.randn(16, 4), torch.randn(16), torch.randn(16), None, None, False))
     assert fused.fused_layer is not None
+
+
+def test_jit_trace_runs_at_other_batch_and_length():
+    import warnings
+
+    m = LSTM(3, 5, batch_first=True, bidirectional=True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.LSTM's own shape checks make the tracer warn
+        traced = torch.jit.trace(m, (torch.randn(2, 4, 3),), check_trace=False)
+    x = torch.randn(6, 11, 3)
+    for a, b in zip(_flat(traced(x)), _flat(m(x)), strict=True):
+        torch.testing.assert_close(a, b)
