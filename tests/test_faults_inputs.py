@@ -607,3 +607,62 @@ def test_dead_builders_lock_is_cleared_at_once(tmp_path: Path, monkeypatch: pyte
     lock.write_text("")  # a lock being written (no pid yet) is young: respected too
     _native._Loader()._start_background_build(path)
     assert started == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo's upload caps, served for real
+
+
+def test_demo_refuses_huge_uploads_and_keeps_serving(tmp_path: Path) -> None:
+    """A 39-megapixel PNG of 50 KB and a 6 MB file are refused before decoding; the next drawing is answered."""
+    client_mod = pytest.importorskip("gradio_client")
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ckpt = _good_checkpoint(tmp_path / "model.safetensors")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (7200, 5400), 255).save(huge, optimize=True)  # 39 MP in a small file
+    heavy = tmp_path / "heavy.png"
+    Image.frombytes("L", (2600, 2600), os.urandom(2600 * 2600)).save(heavy)  # noise: ~6.8 MB
+    assert huge.stat().st_size < 1_000_000 and heavy.stat().st_size > 5_000_000
+    seven = tmp_path / "seven.png"
+    img = Image.new("RGBA", (400, 400), (0, 0, 0, 0))
+    ImageDraw.Draw(img).line([(100, 80), (300, 80), (170, 340)], fill="black", width=22)
+    img.save(seven)
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lstmlab", "demo", str(ckpt), "--port", str(port)], stdout=log,
+        stderr=subprocess.STDOUT, env=_env(GRADIO_TEMP_DIR=str(tmp_path / "gradio"), LSTMLAB_NATIVE="0",
+                                           GRADIO_ANALYTICS_ENABLED="False"),
+    )
+    try:
+        client = None
+        for _ in range(240):
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                client = client_mod.Client(f"http://127.0.0.1:{port}/", verbose=False,
+                                           download_files=str(tmp_path / "downloads"))
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        assert client is not None, "the demo did not come up"
+
+        def send(path: Path):  # noqa: ANN202
+            value = {"background": None, "layers": [], "composite": client_mod.handle_file(str(path)), "id": None}
+            return client.predict(value, api_name="/predict")
+
+        for refused, words in [(huge, "exceeds limit of 4000000 pixels"), (heavy, "exceeds the maximum file size")]:
+            with pytest.raises(Exception) as e:  # noqa: B017, PT011 - gradio_client's own error types
+                send(refused)
+            assert words in str(e.value), e.value
+        assert send(seven)[4].startswith("**Prediction:")
+        with open(f"/proc/{server.pid}/status") as f:
+            peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        assert peak_kib < 1_000_000  # the 39 MP image (1.2 GB as float) was never decoded
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
