@@ -616,6 +616,8 @@ def test_dead_builders_lock_is_cleared_at_once(tmp_path: Path, monkeypatch: pyte
 def test_demo_refuses_huge_uploads_and_keeps_serving(tmp_path: Path) -> None:
     """A 39-megapixel PNG of 50 KB and a 6 MB file are refused before decoding; the next drawing is answered."""
     client_mod = pytest.importorskip("gradio_client")
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads the server's peak memory from /proc")
     import socket
     import time
 
