@@ -230,8 +230,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     from lstmlab.data import VIEWS
 
-    with torch.device("meta"):  # shapes of the model the config describes, without allocating it
-        shapes = SequenceClassifier(config.model).state_dict()
+    try:
+        with torch.device("meta"):  # shapes of the model the config describes, without allocating it
+            shapes = SequenceClassifier(config.model).state_dict()
+    except (ValueError, RuntimeError, TypeError) as e:  # a combination the checks above did not foresee
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LstmlabError(f"{path}: the checkpoint's config describes no buildable model ({first}); {_FIX}") \
+            from None
     expected = {f"model.{k}": (v.dtype, tuple(v.shape)) for k, v in shapes.items()}
     steps, inputs = VIEWS[config.data.view]
     if config.data.view == "permuted":
