@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstmlab.config import DataConfig
+from lstmlab.errors import LstmlabError
 
 
 @dataclass
@@ -23,6 +24,7 @@ class EvalResult:
     confusion: list[list[int]]  # rows: true class, columns: predicted class
 
     def to_dict(self) -> dict:
+        """The metrics as JSON-ready values (summary.json's and ``evaluate --json``'s keys)."""
         return {
             "loss": self.loss,
             "accuracy": self.accuracy,
@@ -69,10 +71,14 @@ def evaluate_model(
     )
 
 
-def format_report(result: EvalResult, class_names: list[str]) -> str:
-    """The textbook's closing line, then per-class accuracy."""
-    lines = [f"Test Loss : {result.loss:5.2f} | Test Accuracy : {result.accuracy:5.2f}"]
-    lines.append(f"Test accuracy {100 * result.accuracy:.2f}% ({result.accuracy:.4f}); per class:")
+SPLIT_TITLES = {"test": "Test", "val": "Validation", "train": "Train"}
+
+
+def format_report(result: EvalResult, class_names: list[str], split: str = "test") -> str:
+    """The textbook's closing line for ``split`` (loss, accuracy in %), then the accuracy of each class."""
+    title = SPLIT_TITLES.get(split, split.capitalize())
+    lines = [f"{title} Loss : {result.loss:.4f} | {title} Accuracy : {100 * result.accuracy:.2f}%"]
+    lines.append("Per-class accuracy:")
     for name, acc in zip(class_names, result.per_class_accuracy, strict=True):
         lines.append(f"  {name:>12}: {100 * acc:6.2f}%")
     return "\n".join(lines)
@@ -86,30 +92,59 @@ def format_confusion(confusion: list[list[int]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by `lstmlab train`")
-    parser.add_argument("--data-dir", help="folder holding the dataset's four IDX files (offline use)")
-    parser.add_argument("--split", choices=["test", "train"], default="test", help="which split (default test)")
+    """Flags of ``lstmlab evaluate``."""
+    parser.add_argument("checkpoint", metavar="RUN",
+                        help="a run folder written by `lstmlab train` (its best.safetensors) or any checkpoint")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder holding the dataset's four IDX files (default: the run's own data folder, "
+                        "else $LSTMLAB_DATA, else the cache)")
+    parser.add_argument("--split", choices=["train", "val", "test"], default="test",
+                        help="which images: train (what the model trained on), val (held out of train by the run's "
+                        "seed and --val-size) or test")
     parser.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto = cuda when available, else cpu")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
+def split_images(dataset: str, split: str, data: DataConfig, seed: int,
+                 data_dir: str | None = None) -> tuple[Tensor, Tensor]:
+    """The uint8 images and labels of ``split``: ``train``/``val`` as a run cut them (``data.val_size`` images held
+    out with ``seed``), or ``test``."""
+    from lstmlab.data import load_dataset, train_val_split
+
+    if split == "test":
+        return load_dataset(dataset, "test", data_dir=data_dir)
+    images, labels = load_dataset(dataset, "train", data_dir=data_dir)
+    train_idx, val_idx = train_val_split(len(labels), data.val_size, seed)
+    idx = train_idx if split == "train" else val_idx
+    return images[idx], labels[idx]
+
+
 def run(args: argparse.Namespace) -> int:
+    """``lstmlab evaluate``: one split's metrics for a run folder or a checkpoint."""
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.data import DATASETS, load_dataset
+    from lstmlab.data import DATASETS
     from lstmlab.device import resolve_device
+    from lstmlab.runs import checkpoint_path, run_data_dir
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, map_location=device)
-    images, labels = load_dataset(ckpt.config.data.dataset, args.split, data_dir=args.data_dir)
+    path = checkpoint_path(args.checkpoint)
+    ckpt = load_checkpoint(path, map_location=device)
+    config = ckpt.config
+    if args.split == "val" and config.data.val_size == 0:
+        raise LstmlabError(f"{path} was trained with --val-size 0, so it has no validation split; use --split test")
+    images, labels = split_images(config.data.dataset, args.split, config.data, config.train.seed,
+                                  run_data_dir(path, args.data_dir))
     result = evaluate_model(
-        ckpt.model, images, labels, ckpt.config.data, ckpt.permutation, batch_size=max(1, args.batch_size),
-        num_classes=ckpt.config.model.num_classes,
+        ckpt.model, images, labels, config.data, ckpt.permutation, batch_size=max(1, args.batch_size),
+        num_classes=config.model.num_classes,
     )
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, **result.to_dict()}))
+        print(json.dumps({"checkpoint": str(path), "split": args.split, "images": len(labels), **result.to_dict()}))
     else:
-        print(format_report(result, DATASETS[ckpt.config.data.dataset].classes))
-        print("Confusion matrix:")
+        print(f"{path}: {len(labels)} {args.split} images of {config.data.dataset}")
+        print(format_report(result, DATASETS[config.data.dataset].classes, args.split))
+        print("Confusion matrix (rows: true class):")
         print(format_confusion(result.confusion))
     return 0

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -24,8 +25,9 @@ from lstmlab.fileio import atomic_write_bytes, atomic_write_text, write_error
 RUN_JSON = "run.json"  # written first: the run's id and config, so that even a run killed at once can resume
 STATE_FILE = "state.safetensors"  # weights + everything else --resume needs, one atomic file
 # Everything a run writes, and what `lstmlab plot` draws from it: --overwrite clears exactly these.
-RUN_FILES = (RUN_JSON, STATE_FILE, "metrics.csv", "summary.json", "best.safetensors", "last.safetensors",
-             "curves.png", "confusion.png", "mistakes.png")
+RUN_FILES = (RUN_JSON, STATE_FILE, "metrics.csv", "losses.csv", "summary.json", "best.safetensors",
+             "last.safetensors", "curves.png", "confusion.png", "mistakes.png")
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard's event files: --overwrite clears this folder too
 LOCK_FILE = ".lock"
 STATE_FORMAT = "lstmlab-train-state"
 
@@ -58,6 +60,9 @@ def clear_run(folder: Path) -> None:
     try:
         for name in (RUN_JSON, STATE_FILE, "summary.json", *RUN_FILES):
             (folder / name).unlink(missing_ok=True)
+        board = folder / TENSORBOARD_DIR
+        if board.is_dir() and not board.is_symlink():
+            shutil.rmtree(board)
         remove_scratch(folder)
     except OSError as e:
         raise LstmlabError(f"cannot clear the previous run in {folder}: {e.strerror or e}; remove it yourself") \
@@ -237,3 +242,66 @@ def load_state(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise LstmlabError(f"cannot resume from {path} ({e}); start the run again with --overwrite") from None
     return tensors, info
+
+
+# ---------------------------------------------------------------------------------------------
+# a run as the other commands see it: a folder, or any checkpoint in it
+
+
+def checkpoint_path(path: str | os.PathLike[str], name: str = "best.safetensors") -> Path:
+    """The checkpoint a command should read: ``path`` itself when it is a file, ``path/name`` when it is a run
+    folder (``last.safetensors`` when the run has no ``name``); a one-line error otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (name, "last.safetensors"):
+            if (p / candidate).is_file():
+                return p / candidate
+        raise LstmlabError(f"{p} holds no {name} or last.safetensors; pass a run folder written by `lstmlab train` "
+                           "or a .safetensors checkpoint")
+    if not p.exists():
+        raise LstmlabError(f"{p} does not exist; pass a run folder written by `lstmlab train` or a checkpoint in it")
+    return p
+
+
+def run_folder(path: str | os.PathLike[str]) -> Path | None:
+    """The run folder of ``path`` (a run folder, or a checkpoint inside one), or None when it is not in a run."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    return folder if (folder / RUN_JSON).is_file() or (folder / "summary.json").is_file() else None
+
+
+def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What run.json and summary.json of ``path``'s run say (summary's keys win), or {} outside a run."""
+    folder = run_folder(path)
+    info: dict[str, Any] = {}
+    if folder is None:
+        return info
+    for name in (RUN_JSON, "summary.json"):
+        try:
+            loaded = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(loaded, dict):
+            info.update(loaded)
+    return info
+
+
+def run_data_dir(path: str | os.PathLike[str], given: str | os.PathLike[str] | None = None) -> str | None:
+    """The data folder a command on ``path``'s run should read: ``given`` (--data-dir) when set, else the folder
+    the run trained on when it still exists, else None (the usual search: $LSTMLAB_DATA, the cache...)."""
+    if given is not None:
+        return str(given)
+    remembered = run_info(path).get("data_dir")
+    if isinstance(remembered, str) and Path(remembered).is_dir():
+        return remembered
+    return None
+
+
+def run_name(path: str | os.PathLike[str]) -> str:
+    """A short name for figure titles: the run folder's name (and the checkpoint's, when one was given)."""
+    p = Path(path)
+    folder = run_folder(p)
+    if folder is None:
+        return p.name
+    name = folder.resolve().name
+    return f"{name}/{p.name}" if p.is_file() else name

@@ -19,8 +19,11 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -43,6 +46,7 @@ from lstmlab.nn.lstm import resolve_backend
 from lstmlab.runs import (
     RUN_JSON,
     STATE_FILE,
+    TENSORBOARD_DIR,
     RunLock,
     clear_run,
     load_state,
@@ -62,6 +66,10 @@ __all__ = ["METRIC_FIELDS", "Diverged", "Interrupted", "recipe", "resume", "sche
            "validate_config"]
 
 METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s", "run_id"]
+LOSS_FIELDS = ["iteration", "epoch", "train_loss", "lr"]  # losses.csv: the training loss between evaluations
+LOSS_POINTS = 20  # losses.csv gets about this many rows per evaluation interval (every step for short intervals)
+DRY_RUN_ITERATIONS = 3  # a dry run's length unless --iterations says otherwise
+SCHEDULE_NAMES = {"none": "constant lr", "onecycle": "one-cycle schedule", "cosine": "cosine decay"}
 DIVERGE_WARMUP = 10  # steps before the reference loss is taken
 DIVERGE_FACTOR = 3.0  # the smoothed loss may not exceed this multiple of the reference
 DIVERGE_DECAY = 0.9  # smoothing of the training loss: each step moves the average 10% of the way to its loss
@@ -243,9 +251,9 @@ class _Guard:
         return None
 
 
-def _metrics_csv(rows: list[dict[str, Any]]) -> str:
+def _metrics_csv(rows: list[dict[str, Any]], fields: list[str] = METRIC_FIELDS) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -362,7 +370,15 @@ class _Trainer:
         self.generator = torch.Generator().manual_seed(t.seed)  # data order and shifts
         self.steps_per_epoch = math.ceil(len(data.train_y) / t.batch_size)
         total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        self.total = min(total, 3) if dry_run else total
+        if dry_run:  # a dry run's default length is a few steps; the CLI passes --iterations as t.iterations
+            total = t.iterations if t.iterations is not None else DRY_RUN_ITERATIONS
+        self.total = total
+        self.log_every = max(1, t.eval_every // LOSS_POINTS)
+        self.loss_rows: list[dict[str, Any]] = []
+        self.fine, self.fine_n = 0.0, 0  # the loss since the last losses.csv row
+        self.tensorboard: Any = None  # a SummaryWriter when --tensorboard
+        self.dry_run = dry_run
+        self.data_dir: str | None = None  # where the data came from, for summary.json
         self.iteration, self.epoch, self.batch = 0, 0, 0
         self.order: Tensor | None = None  # this epoch's shuffled indices; ``batch`` of them are used
         self.rows: list[dict[str, Any]] = []
@@ -420,6 +436,17 @@ class _Trainer:
             raise self.diverged(problem)
         self.running += loss_value
         self.running_n += 1
+        self.fine += loss_value
+        self.fine_n += 1
+        if self.iteration % self.log_every == 0:
+            mean = self.fine / self.fine_n
+            self.loss_rows.append({"iteration": self.iteration,
+                                   "epoch": round(self.iteration / self.steps_per_epoch, 4),
+                                   "train_loss": round(mean, 6), "lr": lr})
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar("loss/train", mean, self.iteration)
+                self.tensorboard.add_scalar("lr", lr, self.iteration)
+            self.fine, self.fine_n = 0.0, 0
         return lr
 
     def diverged(self, problem: str) -> Diverged:
@@ -463,10 +490,35 @@ class _Trainer:
             save_checkpoint(self.out / "best.safetensors", self.model, self.config, self.data.permutation, meta)
         save_checkpoint(self.out / "last.safetensors", self.model, self.config, self.data.permutation, meta)
         atomic_write_text(self.out / "metrics.csv", _metrics_csv(self.rows))
+        atomic_write_text(self.out / "losses.csv", _metrics_csv(self.loss_rows, LOSS_FIELDS))
+        if self.tensorboard is not None:
+            self.write_tensorboard(mean_loss, val)
         if self.deadline is not None:
             self.deadline.eval_done(self.clock() - eval_start)
         self.saved_iter = self.iteration
         self.save_state()
+
+    def write_tensorboard(self, train_loss: float, val: Any) -> None:
+        """Scalars of this evaluation, and a histogram per gate of the layers' activations on a validation batch."""
+        from lstmlab.inspect import GATE_NAMES, record
+
+        tb, it = self.tensorboard, self.iteration
+        tb.add_scalar("loss/train_since_last_eval", train_loss, it)
+        if val is not None:
+            tb.add_scalar("loss/val", val.loss, it)
+            tb.add_scalar("accuracy/val", val.accuracy, it)
+        if len(self.data.val_y):
+            from lstmlab.data import to_sequence
+
+            d = self.config.data
+            x = to_sequence(self.data.val_x[:128], d.view, d.mean, d.std, self.data.permutation).to(self.device)
+            rec = record(self.model, x, max_prefix_steps=0)  # the per-step probabilities are not drawn here
+            for layer in rec.layers:
+                suffix = f"layer{layer.layer + 1}" + ("_reverse" if layer.direction else "")
+                for name in GATE_NAMES:
+                    tb.add_histogram(f"gates_{suffix}/{name}", layer[name].float().cpu(), it)
+        self.model.train()
+        tb.flush()
 
     def save_state(self) -> None:
         """Everything --resume needs, as one atomic file written after the others."""
@@ -484,6 +536,7 @@ class _Trainer:
             "running": self.running, "running_n": self.running_n, "guard": vars(self.guard),
             "elapsed": self.elapsed(), "deadline": self.deadline.state() if self.deadline else None,
             "resumes": self.resumes, "rng": rng_info, "optimizer": optim_info, "threads": torch.get_num_threads(),
+            "loss_rows": self.loss_rows, "fine": self.fine, "fine_n": self.fine_n,
         }
         save_state(self.out, tensors, info)
 
@@ -502,6 +555,7 @@ class _Trainer:
                      "running_n", "resumes"):
             setattr(self, name, info[name])
         vars(self.guard).update(info["guard"])
+        self.loss_rows, self.fine, self.fine_n = info.get("loss_rows", []), info.get("fine", 0.0), info.get("fine_n", 0)
         self.saved_iter = self.iteration
         self.elapsed_before = info["elapsed"]
         self.resumes.append(self.iteration)
@@ -535,6 +589,16 @@ class _Trainer:
 # the run: set-up, loop, report
 
 
+def _summary_json(summary: dict[str, Any]) -> str:
+    """summary.json, indented, with each row of the confusion matrix on one line (not one number per line)."""
+    rows = summary.get("confusion_matrix") or []
+    marks = [f"@@row{i}@@" for i in range(len(rows))]
+    text = json.dumps({**summary, "confusion_matrix": marks}, indent=2) + "\n"
+    for mark, row in zip(marks, rows, strict=True):
+        text = text.replace(f'"{mark}"', json.dumps(row))
+    return text
+
+
 def _report(tr: _Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
     """Test the best checkpoint once and write summary.json."""
     from lstmlab.checkpoint import load_checkpoint
@@ -545,7 +609,12 @@ def _report(tr: _Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
     best = load_checkpoint(out / "best.safetensors", map_location=tr.device)
     test = evaluate_model(best.model, data.test_x, data.test_y, config.data, data.permutation,
                           num_classes=config.model.num_classes)
-    if not quiet:
+    if dry_run:
+        print(f"Dry run: the test below is on {len(data.test_y)} images after {tr.iteration} iterations, "
+              "not a real result")
+    if quiet:  # one line even when quiet: the number the run was for
+        print(format_report(test, DATASETS[config.data.dataset].classes).splitlines()[0])
+    else:
         print(format_report(test, DATASETS[config.data.dataset].classes))
     summary = {
         "run_id": tr.run_id,
@@ -565,10 +634,11 @@ def _report(tr: _Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "dry_run": dry_run,
+        "data_dir": tr.data_dir,
         "finished_at": datetime.now().isoformat(timespec="seconds"),
         "config": config.to_dict(),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", _summary_json(summary))
     return summary
 
 
@@ -581,33 +651,87 @@ def _interrupted(tr: _Trainer | None, out: Path, error: KeyboardInterrupt) -> In
     if tr is None:
         return Interrupted(f"{how} before training started; nothing was saved", code)
     if tr.saved_iter:
-        kept = f"{out} keeps the checkpoint of iteration {tr.saved_iter}"
+        kept = (f"{out} keeps the checkpoint of iteration {tr.saved_iter} (best.safetensors, last.safetensors, "
+                "metrics.csv and the state to resume from)")
     else:
-        kept = "no checkpoint yet, so it starts again from iteration 0"
+        kept = f"no checkpoint yet (the first comes at iteration {tr.config.train.eval_every}), so it starts again " \
+               "from iteration 0"
     return Interrupted(f"{how} at iteration {tr.iteration} of {tr.total}; {kept}: continue with "
                        f"`lstmlab train --resume {out}`", code)
 
 
+def native_build_note(backend: str, device: torch.device) -> str | None:
+    """The line to show when the fused backend's C++ step loops are not built yet (they then compile in the
+    background while the run starts on the Python loops), else None."""
+    if backend != "fused" or device.type != "cpu":
+        return None
+    if os.environ.get("LSTMLAB_NATIVE", "auto").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    try:
+        from lstmlab.nn import _native
+
+        if _native.verify(_native.library_path()) is None:
+            return None
+    except Exception:  # noqa: BLE001 - a note only: whatever fails here, the run itself decides what to do
+        return None
+    return ("lstmlab: compiling the fused backend's C++ step loops in the background, once per machine "
+            "(~20-60 s of one core); the first steps run the same math as Python loops meanwhile")
+
+
+def _end_message(out: Path, tr: _Trainer, dry_run: bool, kept: bool) -> str:
+    """What was saved, once, and what to do next."""
+    if dry_run and not kept:
+        return ("Dry run done: the set-up works end to end. Nothing was kept; pass --out DIR to keep a dry run's "
+                "files, or drop --dry-run to train.")
+    names = ["best.safetensors", "last.safetensors", "metrics.csv", "losses.csv", "summary.json"]
+    if tr.tensorboard is not None:
+        names.append("tensorboard/")
+    what = "Dry run saved" if dry_run else "Saved"
+    lines = [f"{what} in {out}/: {', '.join(names)} (best = iteration {tr.best_iter})"]
+    if dry_run:
+        lines.append("These files come from a dry run (marked dry_run in run.json and summary.json).")
+    hints = [(f"lstmlab plot {out}", "loss curves, confusion matrix, mistakes"),
+             (f"lstmlab gates {out} --index 0", "the gates while it reads test digit 0"),
+             (f"lstmlab evaluate {out} --split val", "the best checkpoint on another split"),
+             (f"lstmlab demo {out / 'best.safetensors'}", "draw digits in the browser")]
+    if tr.tensorboard is not None:
+        hints.append((f"tensorboard --logdir {out / TENSORBOARD_DIR}", "scalars and gate histograms"))
+    width = max(len(command) for command, _ in hints)
+    lines.append("Next:")
+    lines += [f"  {command:<{width}}   {why}" for command, why in hints]
+    return "\n".join(lines)
+
+
 def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: bool, dry_run: bool,
-              clock: Callable[[], float], run: dict[str, Any] | None, overwrite: bool) -> dict[str, Any]:
+              clock: Callable[[], float], run: dict[str, Any] | None, overwrite: bool,
+              tensorboard: bool = False, keep: bool = True) -> dict[str, Any]:
     """Train in the locked folder ``out``: a new run (``run`` None) or the one run.json describes."""
     from tqdm import tqdm
+
+    from lstmlab.data import resolve_data_dir
 
     log = (lambda s: None) if quiet else tqdm.write
     device = resolve_device(config.train.device)
     tr = None
+    board = _tensorboard_class() if tensorboard else None  # before the data: a missing package fails at once
+    writer = None
     try:
         torch.manual_seed(config.train.seed)
-        config, data = _load_data(config, data_dir, dry_run)
+        source = resolve_data_dir(config.data.dataset, data_dir, quiet=quiet)
+        config, data = _load_data(config, source, dry_run)
         if run is None:
             if overwrite:
                 clear_run(out)
             run = {"run_id": new_run_id(), "config": _user_config(config).to_dict(), "dry_run": dry_run,
-                   "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                   "data_dir": str(Path(source).resolve()), "tensorboard": tensorboard,
                    "threads": torch.get_num_threads(), "started_at": datetime.now().isoformat(timespec="seconds")}
             write_run_json(out, run)
         remove_scratch(out)
+        if board is not None:  # after clear_run, which deletes a previous run's event files
+            writer = board(log_dir=str(out / TENSORBOARD_DIR))
         tr = _Trainer(config, data, out, run["run_id"], device, dry_run, clock)
+        tr.data_dir = str(Path(source).resolve())
+        tr.tensorboard = writer
         saved = load_state(out)
         if saved is not None:
             try:
@@ -616,12 +740,28 @@ def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: boo
                 raise LstmlabError(f"{out / STATE_FILE} does not fit this run ({type(e).__name__}: {e}); start "
                                    "the run again with --overwrite") from None
         _log_start(tr, log, run)
+        note = native_build_note(resolve_backend(config.model.backend, device), device)
+        if note is not None:
+            log(note)
         tr.loop(log, quiet)
         summary = _report(tr, quiet, dry_run)
     except KeyboardInterrupt as e:
         raise _interrupted(tr, out, e) from None
-    log(f"Saved {out / 'best.safetensors'}, metrics.csv and summary.json in {out}")
+    finally:
+        if writer is not None:
+            writer.close()
+    log(_end_message(out, tr, dry_run, keep))
     return summary
+
+
+def _tensorboard_class() -> Any:
+    """TensorBoard's SummaryWriter class, imported only for --tensorboard; a one-line error when it is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LstmlabError("--tensorboard needs the tensorboard package: pip install 'lstmlab[tensorboard]'") \
+            from None
+    return SummaryWriter
 
 
 def _user_config(config: Config) -> Config:
@@ -634,9 +774,11 @@ def _user_config(config: Config) -> Config:
 def _log_start(tr: _Trainer, log: Callable[[str], None], run: dict[str, Any]) -> None:
     m, d, t, data = tr.config.model, tr.config.data, tr.config.train, tr.data
     log(
-        f"lstmlab: {d.dataset}/{d.view} (T={data.seq_len}, I={m.input_size}), {len(data.train_y)} train / "
+        f"lstmlab{': DRY RUN on small subsets,' if tr.dry_run else ':'} {d.dataset}/{d.view} "
+        f"(T={data.seq_len}, I={m.input_size}), {len(data.train_y)} train / "
         f"{len(data.val_y)} val / {len(data.test_y)} test, H={m.hidden_size} x{m.num_layers}"
-        f"{' bi' if m.bidirectional else ''}, {t.optimizer} lr={t.lr} {t.schedule}, batch {t.batch_size}, "
+        f"{' bi' if m.bidirectional else ''}, {t.optimizer} lr {t.lr:g} ({SCHEDULE_NAMES[t.schedule]}), "
+        f"batch {t.batch_size}, "
         f"{tr.total} iterations{f' or {t.time_budget:g} s' if t.time_budget else ''} on {tr.device}, backend "
         f"{resolve_backend(m.backend, tr.device)}, run {tr.run_id}"
     )
@@ -655,12 +797,16 @@ def train(
     dry_run: bool = False,
     clock: Callable[[], float] = time.perf_counter,
     overwrite: bool = False,
+    tensorboard: bool = False,
+    _keep: bool = True,
 ) -> dict[str, Any]:
     """Train, validate every ``eval_every`` iterations, test the best model once; returns the summary.
 
     Writes ``run.json``, ``metrics.csv``, ``summary.json``, ``best``/``last``/``state.safetensors`` to out_dir,
     which must be new or empty unless ``overwrite`` (which clears the previous run's files first), and is locked
     while the run lasts. ``dry_run`` runs a few batches on small subsets, end to end, to check the set-up.
+    A dry run lasts ``config.train.iterations`` steps when set, else 3. ``tensorboard`` also writes TensorBoard
+    scalars and per-gate activation histograms into ``out_dir/tensorboard`` (needs the tensorboard package).
     ``clock`` (seconds) times the run and drives ``--time-budget``; tests pass a fake one so that a budgeted run
     does not depend on the machine's speed. Raises ``Diverged`` (an LstmlabError) when the loss diverges and
     ``Interrupted`` (a KeyboardInterrupt) with a resume hint on Ctrl-C.
@@ -670,7 +816,7 @@ def train(
     out = Path(out_dir)
     with _locked(out, create=True):  # before the data loads: an unwritable --out fails at once
         _check_free(out, overwrite)
-        return _train_in(config, out, data_dir, quiet, dry_run, clock, None, overwrite)
+        return _train_in(config, out, data_dir, quiet, dry_run, clock, None, overwrite, tensorboard, _keep)
 
 
 def resume(
@@ -696,8 +842,11 @@ def resume(
                 print(f"lstmlab train: run {run['run_id']} in {out} already finished; nothing to resume",
                       file=sys.stderr)
             return done
-        data_dir = data_dir if data_dir is not None else run.get("data_dir")
-        return _train_in(config, out, data_dir, quiet, bool(run.get("dry_run")), clock, run, False)
+        remembered = run.get("data_dir")
+        if data_dir is None and isinstance(remembered, str) and Path(remembered).is_dir():
+            data_dir = remembered  # the run's own data, when it is still there
+        return _train_in(config, out, data_dir, quiet, bool(run.get("dry_run")), clock, run, False,
+                         bool(run.get("tensorboard")))
 
 
 def _saved_config(out: Path, run: dict[str, Any]) -> Config:
@@ -730,46 +879,72 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _both(default: object, seed: object) -> str:
+    """How a flag's default reads when the two recipes differ."""
+    return f"(default: {default}; --recipe seed: {seed})" if default != seed else f"(default: {default})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``lstmlab train``; every config flag defaults to None, meaning "as the recipe says"."""
     g = parser.add_argument_group("recipe and output")
     g.add_argument("--recipe", choices=["default", "seed"],
                    help="preset to start from; any flag below overrides it (default: default)")
-    g.add_argument("--out", help="output folder (default runs/<dataset>-<view>-<time>); must be new or empty")
+    g.add_argument("--out", metavar="DIR",
+                   help="output folder; must be new or empty (default: runs/<dataset>-<view>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="clear the run already in --out and start a new one")
     g.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a stopped run from its last checkpoint, with its saved config")
-    g.add_argument("--dry-run", action="store_true", help="a few batches end to end, to check the set-up")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+                   help="continue a stopped run from its last checkpoint, with its saved config (default: a new run)")
+    g.add_argument("--dry-run", action="store_true",
+                   help=f"{DRY_RUN_ITERATIONS} iterations (or --iterations) on small subsets, end to end, to check "
+                   "the set-up; keeps nothing unless --out is given")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or log lines, only the test accuracy")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars and per-gate histograms to OUT/tensorboard "
+                   "(pip install 'lstmlab[tensorboard]')")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", help="mnist or fashion-mnist")
-    g.add_argument("--view", help="rows (28 steps of 28), pixels (784 of 1) or permuted (784 of 1, fixed shuffle)")
-    g.add_argument("--data-dir", help="folder holding the four IDX files (offline); else $LSTMLAB_DATA or download")
-    g.add_argument("--val-size", type=_whole_number, help="images held out of training for validation (5000)")
-    g.add_argument("--normalize", help="dataset (training-set mean/std) or seed ((x-0.5)/1)")
-    g.add_argument("--augment-shift", type=_whole_number,
-                   help="training images shifted randomly by up to N pixels each way (0 = off)")
+    g.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="which images (default: mnist)")
+    g.add_argument("--view", choices=["rows", "pixels", "permuted"],
+                   help="rows (28 steps of 28), pixels (784 of 1) or permuted (784 of 1, fixed shuffle) "
+                   "(default: rows)")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding the four IDX files (default: $LSTMLAB_DATA, then the cache, downloading)")
+    g.add_argument("--val-size", type=_whole_number, metavar="N",
+                   help="images held out of training for validation (default: 5000)")
+    g.add_argument("--normalize", choices=["dataset", "seed"],
+                   help="dataset (training-set mean/std) or seed ((x-0.5)/1) " + _both("dataset", "seed"))
+    g.add_argument("--augment-shift", type=_whole_number, metavar="N",
+                   help="shift training images randomly by up to N pixels each way, 0 = off " + _both(2, 0))
     g = parser.add_argument_group("model")
-    g.add_argument("--hidden-size", type=_whole_number)
-    g.add_argument("--layers", type=_whole_number, dest="num_layers")
-    g.add_argument("--bidirectional", action="store_true", default=None)
-    g.add_argument("--dropout", type=float, help="between stacked layers")
-    g.add_argument("--forget-bias", type=float, help="added to the forget gate's bias at init (e.g. 1.0)")
-    g.add_argument("--backend", help="auto, reference, fused or torch")
+    g.add_argument("--hidden-size", type=_whole_number, metavar="H", help="hidden units per layer (default: 128)")
+    g.add_argument("--layers", type=_whole_number, dest="num_layers", metavar="N",
+                   help="stacked LSTM layers (default: 1)")
+    g.add_argument("--bidirectional", action="store_true", default=None,
+                   help="read each sequence both ways (default: off)")
+    g.add_argument("--dropout", type=float, metavar="P", help="dropout between stacked layers (default: 0)")
+    g.add_argument("--forget-bias", type=float, metavar="B",
+                   help="added to the forget gate's bias at init, e.g. 1.0 (default: 0)")
+    g.add_argument("--backend", choices=["auto", "reference", "fused", "torch"],
+                   help="the LSTM's implementation: auto = fused on the CPU, torch (cuDNN) on CUDA (default: auto)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--optimizer", help="sgd, adam or adamw")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--schedule", help="none, onecycle or cosine")
-    g.add_argument("--batch-size", type=_whole_number)
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--iterations", type=_whole_number, help="total iterations (wins over --epochs)")
-    g.add_argument("--eval-every", type=_whole_number, help="validate every N iterations (500)")
-    g.add_argument("--clip", type=float, help="clip the gradient norm to this")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="the optimizer " + _both("adam", "sgd"))
+    g.add_argument("--lr", type=float, help="peak learning rate " + _both(4e-3, 0.1))
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="weight decay (default: 0)")
+    g.add_argument("--schedule", choices=["none", "onecycle", "cosine"],
+                   help="learning-rate schedule " + _both("onecycle", "none"))
+    g.add_argument("--batch-size", type=_whole_number, metavar="B", help="images per step " + _both(256, 100))
+    g.add_argument("--epochs", type=float, metavar="E",
+                   help="length in passes over the training split " + _both(10, "6000 iterations"))
+    g.add_argument("--iterations", type=_whole_number, metavar="N",
+                   help="length in steps; wins over --epochs " + _both("10 epochs", 6000))
+    g.add_argument("--eval-every", type=_whole_number, metavar="N", help="validate every N iterations (default: 500)")
+    g.add_argument("--clip", type=float, metavar="NORM",
+                   help="clip the gradient norm to this " + _both(1.0, "off"))
     g.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="stop after this much training time, the schedule following the clock (e.g. 30)")
-    g.add_argument("--seed", type=_whole_number)
-    g.add_argument("--device", help="auto, cpu or cuda")
+                   help="stop after this much training time, the schedule following the clock, e.g. 30 "
+                   "(default: off)")
+    g.add_argument("--seed", type=_whole_number, help="seed of init, split, shuffling and permutation (default: 125)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="auto = cuda when available, else cpu (default: auto)")
 
 
 _SECTIONS = {
@@ -836,24 +1011,41 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _say_interrupted(message: str) -> None:
+    """The closing line of an interrupted run, on a line of its own (a terminal has just echoed ^C after the
+    progress bar)."""
+    lead = "\n" if sys.stderr.isatty() else ""
+    print(f"{lead}lstmlab train: {message}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """``lstmlab train``: a new run, or ``--resume`` of a stopped one."""
+    scratch = None
     if args.resume:
         _check_resume_flags(args)
     else:
         config = config_from_args(args)
+        if args.dry_run and args.iterations is None:
+            config.train.iterations = DRY_RUN_ITERATIONS
         validate_config(config)
-        out = Path(args.out) if args.out else Path("runs") / (
-            f"{config.data.dataset}-{config.data.view}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        )
+        if args.out:
+            out = Path(args.out)
+        elif args.dry_run:  # nothing permanent: a temp folder, deleted at the end
+            scratch = Path(tempfile.mkdtemp(prefix="lstmlab-dry-run-"))
+            out = scratch / "run"
+        else:
+            out = Path("runs") / f"{config.data.dataset}-{config.data.view}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
         with _sigterm_as_interrupt():
             if args.resume:
                 resume(args.resume, data_dir=args.data_dir, quiet=args.quiet)
             else:
                 train(config, out, data_dir=args.data_dir, quiet=args.quiet, dry_run=args.dry_run,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, tensorboard=args.tensorboard, _keep=scratch is None)
     except Interrupted as e:
-        print(f"lstmlab train: {e.message}", file=sys.stderr)
+        _say_interrupted(e.message if scratch is None else "interrupted; a dry run keeps nothing")
         return e.exit_code
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
