@@ -213,6 +213,63 @@ def test_checkpoint_header_is_read_alone(tmp_path: Path, capsys: pytest.CaptureF
     assert good.read_bytes() == data
 
 
+def test_mangled_checkpoints_never_escape_as_other_errors(tmp_path: Path) -> None:
+    """Random damage to a checkpoint (bytes changed anywhere, mostly in the header and config, or the file cut
+    short) either still loads or is an LstmlabError: never another exception."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.errors import LstmlabError
+
+    data = _good_checkpoint(tmp_path / "good.safetensors", "permuted").read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    target = tmp_path / "mangled.safetensors"
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None, derandomize=True)
+    @hypothesis.given(edits=st.lists(st.tuples(st.integers(0, header_end + 64), st.integers(0, 255)), min_size=1,
+                                     max_size=4),
+                      cut=st.one_of(st.none(), st.integers(0, len(data))))
+    def check(edits: list[tuple[int, int]], cut: int | None) -> None:
+        mangled = bytearray(data)
+        for where, value in edits:
+            mangled[min(where, len(mangled) - 1)] = value
+        target.write_bytes(bytes(mangled[:cut] if cut is not None else mangled))
+        try:
+            ckpt = load_checkpoint(target)
+        except LstmlabError as e:
+            assert "\n" not in str(e)
+        else:
+            assert all(bool(torch.isfinite(t).all()) for t in ckpt.model.state_dict().values())
+
+    check()
+
+
+def test_any_config_value_is_loaded_or_refused_in_one_line(tmp_path: Path) -> None:
+    """Any JSON value in any config field: the checkpoint loads or gives an LstmlabError, never another error."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.errors import LstmlabError
+
+    good = _good_checkpoint(tmp_path / "good.safetensors")
+    fields = [(section, key) for section, part in _config().to_dict().items() if isinstance(part, dict)
+              for key in part]
+    values = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=6),
+                       st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(),
+                                                                            max_size=1))
+
+    @hypothesis.settings(max_examples=200, deadline=None, database=None, derandomize=True)
+    @hypothesis.given(field=st.sampled_from(fields), value=values)
+    def check(field: tuple[str, str], value) -> None:  # noqa: ANN001
+        bad = _rewrite(good, tmp_path / "edited.safetensors", config=_set(*field, value))
+        try:
+            load_checkpoint(bad)
+        except LstmlabError as e:
+            assert "\n" not in str(e)
+
+    check()
+
+
 def test_good_checkpoints_still_load(tmp_path: Path) -> None:
     from lstmlab.checkpoint import load_checkpoint
 
