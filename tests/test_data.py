@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gzip
 import http.server
+import os
 import shutil
 import threading
 import time
@@ -229,10 +230,13 @@ def test_resolution_order(tmp_path: Path, no_env: Path, monkeypatch: pytest.Monk
     assert resolve_data_dir("mnist", explicit, download=False) == explicit
     # a parent holding <name>/ works as well
     assert resolve_data_dir("mnist", tmp_path / "xdg-cache" / "lstmlab") == cached
+    # a LSTMLAB_DATA folder without the dataset is skipped, not an error (issue 11: it may name another dataset)
     monkeypatch.setenv("LSTMLAB_DATA", str(tmp_path / "empty-env"))
     (tmp_path / "empty-env").mkdir()
-    with pytest.raises(LstmlabError, match="LSTMLAB_DATA .* lacks"):
-        resolve_data_dir("mnist")
+    assert resolve_data_dir("mnist", download=False) == cached
+    # several folders joined by os.pathsep: the first that holds the dataset
+    monkeypatch.setenv("LSTMLAB_DATA", os.pathsep.join([str(tmp_path / "empty-env"), str(env)]))
+    assert resolve_data_dir("mnist", download=False) == env
 
 
 def test_cache_without_download(no_env: Path) -> None:

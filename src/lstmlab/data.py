@@ -386,6 +386,55 @@ def _download_one(
     return "; ".join(failures) or "no mirrors"
 
 
+def _offline_hint(info: DatasetInfo) -> str:
+    """What to do when a dataset cannot be downloaded: name its folder, or for Fashion-MNIST install Debian's
+    package."""
+    if info.name == "fashion-mnist":
+        return (f"install it with `apt-get install dataset-fashion-mnist` (into {FASHION_SYSTEM_DIR}), or "
+                f"{_FIX_HINT}")
+    return _FIX_HINT
+
+
+def _other_dataset(directory: Path, info: DatasetInfo) -> str | None:
+    """The name of the other dataset whose files ``directory`` holds (told by the SHA-256 of its small test-labels
+    file), else None."""
+    base = "t10k-labels-idx1-ubyte"
+    path = _find_file(directory, base)
+    if path is None:
+        return None
+    try:
+        digest = hashlib.sha256(_read_bytes(path, KNOWN_SIZES.get(base, MAX_IDX_BYTES))).hexdigest()
+    except (LstmlabError, OSError):  # unreadable or corrupt: loading it will say so
+        return None
+    return next((o.name for o in DATASETS.values() if o.name != info.name and o.sha256.get(base) == digest), None)
+
+
+def _env_note(info: DatasetInfo) -> str:
+    """For error messages: that $LSTMLAB_DATA was set but skipped, as it holds no copy of the dataset."""
+    value = os.environ.get("LSTMLAB_DATA")
+    return f" (LSTMLAB_DATA={value} holds no {info.name}, so it was skipped)" if value else ""
+
+
+def _from_environment(info: DatasetInfo) -> Path | None:
+    """The first folder of ``$LSTMLAB_DATA`` (one folder, or several joined by ``os.pathsep``) that holds the
+    dataset, itself or in a ``<name>/`` sub-folder. A folder without its files, or holding another dataset's, is
+    skipped, so that LSTMLAB_DATA pointing at MNIST does not stop Fashion-MNIST from being found elsewhere."""
+    for entry in (os.environ.get("LSTMLAB_DATA") or "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        directory = Path(entry.strip()).expanduser()
+        try:
+            if not directory.is_dir():
+                continue
+            os.listdir(directory)
+        except OSError:
+            continue
+        directory = _given_dir(directory, info)
+        if not _missing(directory, info) and _other_dataset(directory, info) is None:
+            return directory
+    return None
+
+
 def resolve_data_dir(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
@@ -398,18 +447,23 @@ def resolve_data_dir(
 ) -> Path:
     """The directory holding the four IDX files of dataset ``name``, downloading them if needed.
 
-    Order: ``data_dir``; ``$LSTMLAB_DATA``; for fashion-mnist ``/usr/share/datasets/fashion-mnist``
-    (Debian package dataset-fashion-mnist); the cache dir (see ``cache_dir``). A given directory (argument or
-    environment) may hold the files itself or in a ``<name>/`` sub-directory; it is never downloaded into.
+    Order: ``data_dir``; ``$LSTMLAB_DATA`` (one folder or several joined by ``os.pathsep``; a folder that does
+    not hold this dataset is skipped); for fashion-mnist ``/usr/share/datasets/fashion-mnist`` (Debian package
+    dataset-fashion-mnist); the cache dir (see ``cache_dir``). A given directory (argument or environment) may
+    hold the files itself or in a ``<name>/`` sub-directory; it is never downloaded into. ``data_dir`` must hold
+    the dataset: anything else there is a one-line error.
     Into the cache dir, missing files are downloaded from ``mirrors`` (default: the dataset's) in order, each
     verified (SHA-256 of the decompressed bytes, unless ``verify`` is false) before it is renamed into place.
     Files already present are verified when loaded (``load_dataset``), not here.
     """
     info = dataset_info(name)
-    given = data_dir if data_dir is not None else os.environ.get("LSTMLAB_DATA") or None
-    if given is not None:
-        source = "--data-dir" if data_dir is not None else "LSTMLAB_DATA"
-        directory = Path(given).expanduser()
+    if data_dir is None:
+        found = _from_environment(info)
+        if found is not None:
+            return found
+    else:
+        source = "--data-dir"
+        directory = Path(data_dir).expanduser()
         if not directory.is_dir():
             raise LstmlabError(f"{source} {directory} is not a directory; {_FIX_HINT}")
         try:
@@ -435,8 +489,8 @@ def resolve_data_dir(
         return directory
     if not download:
         raise LstmlabError(
-            f"{info.name} is not in {directory} (missing {', '.join(missing)}) and downloading is off; "
-            f"allow the download or {_FIX_HINT}"
+            f"{info.name} is not in {directory} (missing {', '.join(missing)}){_env_note(info)} and downloading is "
+            f"off; allow the download or {_offline_hint(info)}"
         )
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -451,7 +505,8 @@ def resolve_data_dir(
     if failed:
         first, why = next(iter(failed.items()))  # the first file's reasons stand for the rest: keep one line short
         raise LstmlabError(
-            f"could not download {', '.join(failed)} of {info.name} from any mirror ({first}: {why}); {_FIX_HINT}"
+            f"could not download {', '.join(failed)} of {info.name} from any mirror ({first}: {why}){_env_note(info)}; "
+            f"{_offline_hint(info)}"
         )
     return directory
 
