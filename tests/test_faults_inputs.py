@@ -381,6 +381,38 @@ def test_truncated_and_concatenated_gzip(tmp_path: Path) -> None:
         read_idx(cut)
 
 
+def test_mangled_gzip_idx_files_never_escape_as_other_errors(tmp_path: Path) -> None:
+    """Random bytes changed in a gzipped IDX file, or the file cut short: the right tensor or an LstmlabError."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    import gzip
+
+    from lstmlab.data import read_idx
+    from lstmlab.errors import LstmlabError
+
+    images = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
+    raw = bytes([0, 0, 8, 3]) + (20).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + images.numpy().tobytes()
+    data = gzip.compress(raw, mtime=0)
+    target = tmp_path / "mangled-idx3-ubyte.gz"
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None, derandomize=True)
+    @hypothesis.given(edits=st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), max_size=3),
+                      cut=st.one_of(st.none(), st.integers(0, len(data))))
+    def check(edits: list[tuple[int, int]], cut: int | None) -> None:
+        mangled = bytearray(data)
+        for where, value in edits:
+            mangled[where] = value
+        target.write_bytes(bytes(mangled[:cut] if cut is not None else mangled))
+        try:
+            got = read_idx(target)
+        except LstmlabError as e:
+            assert "\n" not in str(e)
+        else:
+            assert got.dtype == torch.uint8 and got.numel() <= len(raw)
+
+    check()
+
+
 # ---------------------------------------------------------------------------------------------
 # unwritable and unreadable paths
 
