@@ -541,15 +541,18 @@ def test_unreadable_data_folder(tmp_path: Path) -> None:
         ckpt = _good_checkpoint(base / "model.safetensors")
         ckpt.chmod(0o644)
         data.chmod(0o000)
-        cmd = [sys.executable, "-m", "lstmlab", "evaluate", str(ckpt), "--data-dir", str(data)]
+        env = _env(LSTMLAB_NATIVE="0", LSTMLAB_VERIFY="0", HOME=str(base))
+        prefix: list[str] = []
         if os.geteuid() == 0:
             if not shutil.which("setpriv"):
                 pytest.skip("running as root without setpriv to drop privileges")
-            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              env=_env(LSTMLAB_NATIVE="0", LSTMLAB_VERIFY="0", HOME=str(base)))
-        if "Permission denied" in proc.stderr and "python" in proc.stderr.lower() and "lstmlab" not in proc.stderr:
-            pytest.skip("the unprivileged user cannot run this Python")
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            probe = subprocess.run([*prefix, sys.executable, "-c", "import lstmlab.cli"], capture_output=True,
+                                   timeout=300, env=env)
+            if probe.returncode != 0:
+                pytest.skip("the unprivileged user cannot run this Python and lstmlab")
+        cmd = [*prefix, sys.executable, "-m", "lstmlab", "evaluate", str(ckpt), "--data-dir", str(data)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         _one_line(proc.returncode, proc.stderr, f"cannot read --data-dir {data}: Permission denied",
                   "fix its permissions")
     finally:
