@@ -113,6 +113,28 @@ def draw_final_bars(ax: Axes, probs: Tensor, names: list[str]) -> tuple[Any, lis
     return bars, texts
 
 
+# how the heatmaps' rows (hidden units) may be ordered -> the axis label that states it
+UNIT_ORDERS = {
+    "index": "hidden unit (index order)",
+    "change": "hidden unit (sorted by the step\nwhere its gates change most)",
+}
+
+
+def unit_order(layer_rec: Any, sample: int = 0, order: str = "change") -> np.ndarray:
+    """The display order of the hidden units: ``index`` as stored; ``change`` by the time step at which the unit's
+    four gates together change most (|Δi|+|Δf|+|Δg|+|Δo| from one step to the next), earliest first, ties broken
+    by the size of that change, largest first. Units that react to the same part of the input then sit together,
+    so a heatmap shows bands instead of noise."""
+    import numpy as np
+
+    hidden = layer_rec.h.size(2)
+    if order == "index" or layer_rec.h.size(1) < 2:
+        return np.arange(hidden)
+    change = sum(layer_rec[g][sample].detach().float().cpu().diff(dim=0).abs() for g in "ifgo")  # (T-1, H)
+    size, when = change.max(dim=0)  # (H,), (H,)
+    return np.lexsort((-size.numpy(), when.numpy()))
+
+
 class GatesFigure:
     """The gates figure of one sample, built once and then refilled: ``update`` puts a new recording in,
     ``to_array`` renders it. After the first ``to_array`` only what changes is redrawn over a cached background
@@ -136,8 +158,13 @@ class GatesFigure:
         image_title: str = "input",
         dpi: int = 100,
         live_title: bool = True,
+        order: str = "index",
     ) -> None:
         from lstmlab.plots import new_figure
+
+        if order not in UNIT_ORDERS:
+            raise LstmlabError(f"unknown unit order {order!r}; choose one of {', '.join(UNIT_ORDERS)}")
+        self.order = order
 
         layer_rec = rec.get(layer, direction)
         steps = layer_rec.h.size(1)
@@ -162,9 +189,10 @@ class GatesFigure:
         grid = outer[1:].subgridspec(2, 3, hspace=0.42, wspace=0.22)
         self.heat = {}
         self.colorbars = {}
+        rows = unit_order(layer_rec, sample, order)
         for k, (name, (panel_title, cmap, limits)) in enumerate(PANELS.items()):
             ax = fig.add_subplot(grid[k // 3, k % 3])
-            values = layer_rec[name][sample].detach().float().cpu().numpy().T  # (H, T)
+            values = layer_rec[name][sample].detach().float().cpu().numpy().T[rows]  # (H, T), rows in display order
             if limits is None:
                 limits = self._symmetric(values)
             heat = ax.imshow(values, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1],
@@ -175,8 +203,11 @@ class GatesFigure:
                 self._symmetric_ticks(name)
             ax.axvline(step, color="black" if cmap == "RdBu_r" else "white", linestyle="--", linewidth=1)
             ax.set_title(panel_title, fontsize=10)
+            if order != "index":  # rows are no longer unit numbers: label a few rows with the unit they show
+                ticks = list(range(0, len(rows), max(1, len(rows) // 8)))
+                ax.set_yticks(ticks, labels=[str(int(rows[t])) for t in ticks], fontsize=8)
             if k % 3 == 0:  # one label per row: the colour bars leave no room between panels
-                ax.set_ylabel("hidden unit")
+                ax.set_ylabel(UNIT_ORDERS[order], fontsize=9)
             ax.set_xlabel(_time_label(view), fontsize=9)
         where = f"layer {layer_rec.layer + 1} of {rec.num_layers}"
         if rec.num_directions == 2:
@@ -217,8 +248,9 @@ class GatesFigure:
             if self.live_title:
                 self.probs_ax.set_title(_probs_title(p, self.names), fontsize=10)
         _update_bars(self.bars, self.bar_texts, torch.softmax(rec.logits[sample].float(), 0).cpu().tolist())
+        rows = unit_order(layer_rec, sample, self.order)
         for name, (_, _, limits) in PANELS.items():
-            values = layer_rec[name][sample].detach().float().cpu().numpy().T  # (H, T)
+            values = layer_rec[name][sample].detach().float().cpu().numpy().T[rows]  # (H, T), rows in display order
             self.heat[name].set_data(values)
             if limits is None:
                 self.heat[name].set_clim(*self._symmetric(values))
@@ -314,35 +346,55 @@ def gates_figure(
     title: str = "",
     image_title: str = "input",
     dpi: int = 100,
+    order: str = "index",
 ) -> Figure:
-    """The whole picture for sample ``sample`` of a recording; ``image`` is its uint8 (28, 28) input."""
+    """The whole picture for sample ``sample`` of a recording; ``image`` is its uint8 (28, 28) input. ``order``
+    orders the heatmaps' hidden units (see ``unit_order``)."""
     return GatesFigure(rec, image, view, names, sample=sample, layer=layer, direction=direction, step=step,
-                       permutation=permutation, title=title, image_title=image_title, dpi=dpi).fig
+                       permutation=permutation, title=title, image_title=image_title, dpi=dpi, order=order).fig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by `lstmlab train`")
+    """Flags of ``lstmlab gates``."""
+    parser.add_argument("checkpoint", metavar="RUN",
+                        help="a run folder written by `lstmlab train` (its best.safetensors) or any checkpoint")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--index", type=int, help="which image of --split to read (0-based)")
-    source.add_argument("--image", help="your own image of a digit (any format Pillow reads)")
-    parser.add_argument("--out", default="gates.png",
-                        help="figure to write, .png, .jpg, .pdf or .svg (default gates.png)")
-    parser.add_argument("--split", choices=["test", "train"], default="test", help="split for --index (default test)")
-    parser.add_argument("--data-dir", help="folder holding the dataset's IDX files (offline use)")
-    parser.add_argument("--layer", type=int, default=-1, help="which LSTM layer to draw (default the last, -1)")
+    source.add_argument("--index", type=int, metavar="N",
+                        help="which image of --split to read, 0-based (default: none)")
+    source.add_argument("--image", metavar="FILE",
+                        help="your own image of a digit, any format Pillow reads (default: none)")
+    parser.add_argument("--out", default="gates.png", metavar="FILE",
+                        help="figure to write, .png, .jpg, .pdf or .svg")
+    parser.add_argument("--split", choices=["test", "train"], default="test", help="split for --index")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder holding the dataset's IDX files (default: the run's own data folder, else "
+                        "$LSTMLAB_DATA, else the cache)")
+    parser.add_argument("--layer", type=int, default=None, metavar="N",
+                        help="which LSTM layer to draw, 1 = the first, as in the title (default: the last)")
     parser.add_argument("--direction", choices=["forward", "reverse"], default="forward",
                         help="for a bidirectional model: which direction to draw")
-    parser.add_argument("--step", type=int, help="the step to mark in every panel (default the last)")
+    parser.add_argument("--step", type=int, metavar="T", help="the step to mark in every panel (default: the last)")
+    parser.add_argument("--order", choices=list(UNIT_ORDERS), default="change",
+                        help="order of the hidden units in the heatmaps: change = by the step where each unit's "
+                        "gates change most (stated on the figure), index = as stored")
 
 
 def run(args: argparse.Namespace) -> int:
+    """``lstmlab gates``: one figure of everything the LSTM does while it reads one image."""
     from lstmlab.checkpoint import load_checkpoint
     from lstmlab.inspect import record
     from lstmlab.plots import check_figure_path, save_figure
     from lstmlab.predict import class_names, load_digit, model_input
+    from lstmlab.runs import checkpoint_path, run_data_dir, run_name
 
     check_figure_path(args.out)  # a bad --out is found before the checkpoint and data are read
-    ckpt = load_checkpoint(args.checkpoint)
+    path = checkpoint_path(args.checkpoint)
+    ckpt = load_checkpoint(path)
+    layers = ckpt.config.model.num_layers
+    layer = layers if args.layer is None else args.layer
+    if not 1 <= layer <= layers:
+        raise LstmlabError(f"--layer {args.layer} is out of range: {path} has {layers} layer"
+                           f"{'s' if layers > 1 else ''}, numbered 1..{layers}")
     dataset = ckpt.config.data.dataset
     names = class_names(dataset)
     if args.image is not None:
@@ -351,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from lstmlab.data import load_dataset
 
-        images, labels = load_dataset(dataset, args.split, data_dir=args.data_dir)
+        images, labels = load_dataset(dataset, args.split, data_dir=run_data_dir(path, args.data_dir))
         if not 0 <= args.index < len(labels):
             raise LstmlabError(
                 f"--index {args.index} is out of range: the {args.split} split of {dataset} has {len(labels)} "
@@ -361,8 +413,8 @@ def run(args: argparse.Namespace) -> int:
         image_title = f"{dataset} {args.split} #{args.index}, label {names[int(labels[args.index])]}"
     rec = record(ckpt.model, model_input(ckpt, image[None]))
     direction = 0 if args.direction == "forward" else 1
-    fig = gates_figure(rec, image, ckpt.config.data.view, names, layer=args.layer, direction=direction,
-                       step=args.step, permutation=ckpt.permutation, title=f"{Path(args.checkpoint).name}",
-                       image_title=image_title)
+    fig = gates_figure(rec, image, ckpt.config.data.view, names, layer=layer - 1, direction=direction,
+                       step=args.step, permutation=ckpt.permutation, title=f"run {run_name(path)}",
+                       image_title=image_title, order=args.order)
     print(f"wrote {save_figure(fig, args.out)}")
     return 0

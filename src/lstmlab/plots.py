@@ -129,6 +129,20 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     return columns
 
 
+def read_losses(path: Path) -> dict[str, list[float]] | None:
+    """losses.csv (the training loss logged between evaluations) -> columns, or None when the run has none or it
+    cannot be read (the curves then use metrics.csv alone)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return {c: [float(r[c]) for r in rows] for c in ("iteration", "train_loss", "lr")} if rows else None
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
+        return None
+
+
+FEW_POINTS = 3  # fewer evaluations than this make a curve of dots: the figure says so
+
+
 def read_summary(path: Path) -> dict[str, Any]:
     """summary.json, checked for the fields the figures need."""
     try:
@@ -160,12 +174,19 @@ def _class_names(summary: dict[str, Any], n: int) -> list[str]:
 # the three figures
 
 
-def curves_figure(metrics: dict[str, list[float]], title: str = "") -> Figure:
-    """Train/val loss against iteration (left); val accuracy with the learning rate on a second axis (right)."""
+def curves_figure(metrics: dict[str, list[float]], title: str = "",
+                  losses: dict[str, list[float]] | None = None) -> Figure:
+    """Train/val loss against iteration (left); val accuracy with the learning rate on a second axis (right).
+    ``losses`` (losses.csv's columns), when given, draws the training loss and the learning rate at its finer
+    grain; with fewer than ``FEW_POINTS`` evaluations the accuracy panel says how to get more."""
     fig = new_figure(13, 5)
     loss_ax, acc_ax = fig.subplots(1, 2)
     it = metrics["iteration"]
-    loss_ax.plot(it, metrics["train_loss"], "o-", ms=3, label="train (mean since last evaluation)")
+    if losses is not None and len(losses["iteration"]) > len(it):
+        loss_ax.plot(losses["iteration"], losses["train_loss"], "-", lw=1,
+                     label=_grain_label(losses["iteration"]))
+    else:
+        loss_ax.plot(it, metrics["train_loss"], "o-", ms=3, label="train (mean since last evaluation)")
     if not all(math.isnan(v) for v in metrics["val_loss"]):
         loss_ax.plot(it, metrics["val_loss"], "s-", ms=3, label="validation")
     loss_ax.set_xlabel("iteration")
@@ -188,8 +209,14 @@ def curves_figure(metrics: dict[str, list[float]], title: str = "") -> Figure:
     acc_ax.set_ylabel("validation accuracy (%)", color="tab:green")
     acc_ax.set_title("Validation accuracy and learning rate")
     acc_ax.grid(True, alpha=0.3)
+    if len(it) < FEW_POINTS:
+        acc_ax.text(0.5, 0.95, f"only {len(it)} evaluation{'s' if len(it) != 1 else ''}: for a curve, train with a "
+                    "smaller --eval-every", ha="center", va="center", transform=acc_ax.transAxes, fontsize=9,
+                    color="dimgray")
     lr_ax = acc_ax.twinx()
-    lr_ax.plot(it, metrics["lr"], "--", color="tab:red", label="learning rate")
+    fine = losses is not None and len(losses["iteration"]) > len(it)
+    lr_ax.plot(losses["iteration"] if fine else it, losses["lr"] if fine else metrics["lr"], "--", color="tab:red",
+               label="learning rate")
     lr_ax.set_ylabel("learning rate", color="tab:red")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     handles = acc_ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
@@ -198,6 +225,12 @@ def curves_figure(metrics: dict[str, list[float]], title: str = "") -> Figure:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _grain_label(iterations: list[float]) -> str:
+    """The legend of the fine training-loss line: how many steps each point averages."""
+    grain = int(iterations[1] - iterations[0]) if len(iterations) > 1 else int(iterations[0])
+    return "train (each step)" if grain == 1 else f"train (mean of every {grain} steps)"
 
 
 def confusion_figure(confusion: list[list[int]], names: list[str], title: str = "") -> Figure:
@@ -257,10 +290,15 @@ def find_mistakes(checkpoint: Path, data_dir: str | None, limit: int, batch_size
     Returns (images uint8 (n, 28, 28), true, pred, prob of pred, total wrong, total, class names).
     """
     from lstmlab.checkpoint import load_checkpoint
+
+    return _mistakes(load_checkpoint(checkpoint), data_dir, limit, batch_size)
+
+
+@torch.no_grad()
+def _mistakes(ckpt: Any, data_dir: str | None, limit: int, batch_size: int = 1000):
     from lstmlab.data import load_dataset
     from lstmlab.predict import class_names, model_input
 
-    ckpt = load_checkpoint(checkpoint)
     images, labels = load_dataset(ckpt.config.data.dataset, "test", data_dir=data_dir)
     probs = torch.cat([
         torch.softmax(ckpt.model(model_input(ckpt, images[s : s + batch_size])).float(), 1).cpu()
@@ -274,47 +312,80 @@ def find_mistakes(checkpoint: Path, data_dir: str | None, limit: int, batch_size
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, data_dir: str | None = None,
-             max_mistakes: int = 48) -> list[Path]:
-    """Write curves.png, confusion.png and mistakes.png for a run folder; returns their paths."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LstmlabError(f"run folder {run_dir} does not exist; pass the --out folder of `lstmlab train`")
+             max_mistakes: int = 48, notes: list[str] | None = None) -> list[Path]:
+    """Write curves.png, confusion.png and mistakes.png for a run (its folder, or any checkpoint in it); returns
+    their paths. Only the mistakes figure needs the data: the run's own data folder unless ``data_dir`` is given.
+    When that data cannot be read and ``data_dir`` was not given, mistakes.png is skipped and ``notes`` (when
+    given) says why; with ``data_dir`` given, it is an error."""
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.runs import run_data_dir, run_folder
+
+    given = Path(run_dir)
+    if not given.exists():
+        raise LstmlabError(f"run folder {given} does not exist; pass the --out folder of `lstmlab train`")
+    folder = run_folder(given)
+    if folder is None:
+        raise LstmlabError(f"{given} is not a run (no run.json or summary.json beside it); pass the --out folder of "
+                           "`lstmlab train` or a checkpoint in it")
     from lstmlab.oserrors import check_writable_dir
 
-    out = Path(out_dir) if out_dir else run_dir
+    out = Path(out_dir) if out_dir else folder
     check_writable_dir(out, "--out-dir" if out_dir else "RUN_DIR")  # before the minutes of work, not after
-    metrics = read_metrics(run_dir / "metrics.csv")
-    summary = read_summary(run_dir / "summary.json")
+    metrics = read_metrics(folder / "metrics.csv")
+    losses = read_losses(folder / "losses.csv")
+    summary = read_summary(folder / "summary.json")
     names = _class_names(summary, len(summary["confusion_matrix"]))
-    checkpoint = run_dir / "best.safetensors"
+    checkpoint = given if given.is_file() else folder / "best.safetensors"
     if not checkpoint.is_file():
         raise LstmlabError(f"{checkpoint} is missing; the mistakes figure needs the run's best checkpoint")
     cfg = summary.get("config") or {}
     label = f"{cfg.get('data', {}).get('dataset', '?')}/{cfg.get('data', {}).get('view', '?')}, " \
             f"H={cfg.get('model', {}).get('hidden_size', '?')}, recipe {cfg.get('recipe', '?')}"
     test_acc = summary.get("test_accuracy")
-    title = f"{run_dir.name}: {label}" + (f", test accuracy {100 * test_acc:.2f}%" if
-                                         isinstance(test_acc, (int, float)) else "")
+    dry = " (dry run)" if summary.get("dry_run") else ""
+    title = f"{folder.resolve().name}{dry}: {label}" + (f", test accuracy {100 * test_acc:.2f}%" if
+                                                       isinstance(test_acc, (int, float)) else "")
     # Everything is read and checked before the first file is written, so a bad run leaves no partial output.
-    images, true, pred, prob, wrong, total, mnames = find_mistakes(checkpoint, data_dir, max_mistakes)
+    ckpt = load_checkpoint(checkpoint)
     figures = {
-        "curves.png": curves_figure(metrics, title),
+        "curves.png": curves_figure(metrics, title, losses),
         "confusion.png": confusion_figure(summary["confusion_matrix"], names),
-        "mistakes.png": mistakes_figure(images, true, pred, prob, mnames, wrong, total),
     }
+    try:
+        images, true, pred, prob, wrong, total, mnames = _mistakes(ckpt, run_data_dir(folder, data_dir),
+                                                                   max_mistakes)
+        figures["mistakes.png"] = mistakes_figure(images, true, pred, prob, mnames, wrong, total)
+    except LstmlabError as e:
+        if data_dir is not None:
+            raise
+        if notes is not None:
+            notes.append(f"skipped mistakes.png, which needs the test images: {e}")
+    if notes is not None and len(metrics["iteration"]) < FEW_POINTS:
+        notes.append(f"the run has {len(metrics['iteration'])} evaluation(s), so the accuracy curve is a few dots; "
+                     "train with a smaller --eval-every for a curve")
     return [save_figure(fig, out / name, "--out-dir") for name, fig in figures.items()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `lstmlab train --out`")
-    parser.add_argument("--out-dir", help="where to write the PNGs (default: RUN_DIR)")
-    parser.add_argument("--data-dir", help="folder holding the dataset's IDX files (offline use)")
-    parser.add_argument("--max-mistakes", type=int, default=48, help="misclassified digits to show (default 48)")
+    """Flags of ``lstmlab plot``."""
+    parser.add_argument("run_dir", metavar="RUN",
+                        help="a run folder written by `lstmlab train`, or any checkpoint in it")
+    parser.add_argument("--out-dir", metavar="DIR", help="where to write the PNGs (default: the run folder)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder holding the dataset's IDX files, for the mistakes figure (default: the run's "
+                        "own data folder, else $LSTMLAB_DATA, else the cache)")
+    parser.add_argument("--max-mistakes", type=int, default=48, metavar="N", help="misclassified digits to show")
 
 
 def run(args: argparse.Namespace) -> int:
+    """``lstmlab plot``: the run's figures; a note on stderr for each one skipped."""
+    import sys
+
     if args.max_mistakes < 1:
         raise LstmlabError(f"--max-mistakes must be at least 1, got {args.max_mistakes}")
-    for path in plot_run(args.run_dir, args.out_dir, args.data_dir, args.max_mistakes):
+    notes: list[str] = []
+    for path in plot_run(args.run_dir, args.out_dir, args.data_dir, args.max_mistakes, notes):
         print(f"wrote {path}")
+    for note in notes:
+        print(f"lstmlab plot: note: {note}", file=sys.stderr)
     return 0
