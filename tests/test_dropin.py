@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from lstmlab.nn import fused
+from lstmlab.nn import fused  # noqa: F401 - registers torch.ops.lstmlab.*
 from lstmlab.nn.lstm import LSTM
 
 common_modules = pytest.importorskip("torch.testing._internal.common_modules")  # needs `expecttest`
@@ -311,7 +311,12 @@ def test_fused_layer_is_a_registered_op_with_a_fake_kernel():
     torch.library.opcheck(torch.ops.lstmlab.lstm_layer.default,
                           (torch.randn(3, 2, 2), torch.randn(2, 4), torch.randn(2, 4), torch.randn(16, 2),
                            torch.randn(16, 4), torch.randn(16), torch.randn(16), None, None, False))
-    assert fused.fused_layer is not None
+    T, B, H, K = 3, 2, 4, 16  # K: [h | x | 1] padded to 16 columns
+    acts, cs, tcs, xh = torch.rand(T, B, 4 * H), torch.rand(T, B, H), torch.rand(T, B, H), torch.randn(T, B, K)
+    for op in (torch.ops.lstmlab.lstm_layer_backward.default, torch.ops.lstmlab.lstm_layer_backward_.default):
+        torch.library.opcheck(op, (torch.randn(T, B, H), torch.randn(B, H), None, torch.randn(B, H),
+                                   torch.randn(16, 2), torch.randn(16, H), None, None, acts.clone(), cs, tcs, xh,
+                                   True, True, True, True))
 
 
 def test_jit_trace_runs_at_other_batch_and_length():

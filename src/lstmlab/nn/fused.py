@@ -152,6 +152,17 @@ def release_buffers() -> None:
     _cache().clear()
 
 
+def _keep_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True): then the saved tensors must survive."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if probe is None:  # a torch without the probe: always keep, the safe choice
+        return True
+    try:
+        return bool(probe())
+    except RuntimeError:
+        return True
+
+
 def _bias(bias_ih: Tensor | None, bias_hh: Tensor | None) -> Tensor | None:
     if bias_ih is None:
         return bias_hh
@@ -294,8 +305,7 @@ def _forward_steps(xh: Tensor, c0: Tensor, w: Tensor, weight_hr: Tensor | None, 
 # --- backward -----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lstmlab::lstm_layer_backward", mutates_args=())
-def lstm_layer_backward(
+def _backward_impl(
     d_out: Tensor | None,
     d_hT: Tensor | None,
     d_cT: Tensor | None,
@@ -312,8 +322,10 @@ def lstm_layer_backward(
     need_x: bool,
     need_h0: bool,
     need_weights: bool,
+    inplace: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr); a gradient nobody needs comes back empty."""
+    """(dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr); a gradient nobody needs comes back empty. ``inplace``: the compiled
+    loops may turn acts itself into the pre-activation gradient (autograd will not read it again)."""
     T, B, H4 = acts.shape
     H = H4 // 4
     P, n_in = weight_hh.shape[1], weight_ih.shape[1]
@@ -323,11 +335,14 @@ def lstm_layer_backward(
     dh = acts.new_zeros(B, P) if d_hT is None else d_hT.contiguous().clone()
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
     packed = batch_sizes is not None
-    dG = _cache().empty((T, B, H4), acts)
-    if packed:
-        dG.zero_()  # rows a packed step skips must be zero
-    dH = None
     native = _native_for(acts) if weight_hr is None else None
+    if inplace and native is not None:
+        dG = acts  # rows a packed step skips were zeroed by the forward and stay so
+    else:
+        dG = _cache().empty((T, B, H4), acts)
+        if packed:
+            dG.zero_()  # rows a packed step skips must be zero
+    dH = None
     if T and B:
         d_out = None if d_out is None else d_out.contiguous()
         if native is not None:
@@ -353,9 +368,8 @@ def lstm_layer_backward(
     return dx, (dh if need_h0 else empty()), (dc if need_h0 else empty()), dw_ih, dw_hh, db, dw_hr
 
 
-@lstm_layer_backward.register_fake
-def _(d_out, d_hT, d_cT, c0, weight_ih, weight_hh, weight_hr, batch_sizes, acts, cs, tcs, xh, has_bias,  # noqa: ANN001, ANN202
-      need_x, need_h0, need_weights):
+def _backward_fake(d_out, d_hT, d_cT, c0, weight_ih, weight_hh, weight_hr, batch_sizes, acts, cs, tcs, xh, has_bias,  # noqa: ANN001, ANN202
+      need_x, need_h0, need_weights):  # noqa: ANN001, ANN202
     T, B, H4 = acts.shape
     P, n_in = weight_hh.shape[1], weight_ih.shape[1]
     w = need_weights
@@ -363,6 +377,28 @@ def _(d_out, d_hT, d_cT, c0, weight_ih, weight_hh, weight_hr, batch_sizes, acts,
               weight_ih.shape if w else (0,), weight_hh.shape if w else (0,), (H4,) if w and has_bias else (0,),
               weight_hr.shape if w and weight_hr is not None else (0,)]
     return tuple(acts.new_empty(shape) for shape in shapes)
+
+
+_BACKWARD_ARGS = """(Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor c0, Tensor weight_ih, Tensor weight_hh,
+    Tensor? weight_hr, Tensor? batch_sizes, Tensor{acts} acts, Tensor cs, Tensor tcs, Tensor xh, bool has_bias,
+    bool need_x, bool need_h0, bool need_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"""
+
+
+@torch.library.custom_op("lstmlab::lstm_layer_backward", mutates_args=(), schema=_BACKWARD_ARGS.format(acts=""))
+def lstm_layer_backward(*args: Any) -> tuple[Tensor, ...]:
+    """The hand-written BPTT of ``lstm_layer``; reads the saved tensors only."""
+    return _backward_impl(*args, inplace=False)
+
+
+@torch.library.custom_op("lstmlab::lstm_layer_backward_", mutates_args=("acts",),
+                         schema=_BACKWARD_ARGS.format(acts="(a!)"))
+def lstm_layer_backward_(*args: Any) -> tuple[Tensor, ...]:
+    """As ``lstm_layer_backward``, but may overwrite ``acts`` (a backward that frees its graph): no extra buffer."""
+    return _backward_impl(*args, inplace=True)
+
+
+lstm_layer_backward.register_fake(_backward_fake)
+lstm_layer_backward_.register_fake(_backward_fake)
 
 
 def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh: Tensor, weight_hr: Tensor | None,
@@ -425,7 +461,10 @@ def _backward(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor 
     if acts.dim() != 3:
         raise RuntimeError("lstmlab fused LSTM: this forward kept nothing for backward (it ran without grad)")
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
-    grads = torch.ops.lstmlab.lstm_layer_backward(
+    # The activations are ours to overwrite unless the graph is kept for another backward (or being traced).
+    inplace = not torch.compiler.is_compiling() and not _keep_graph()
+    op = torch.ops.lstmlab.lstm_layer_backward_ if inplace else torch.ops.lstmlab.lstm_layer_backward
+    grads = op(
         d_out, d_hT, d_cT, c0, w_ih, w_hh, w_hr, batch_sizes, acts, cs, tcs, xh,
         b_ih is not None or b_hh is not None, need[0], need[1] or need[2], any(need[3:]),
     )
@@ -477,3 +516,4 @@ def _loop_vmap(op: Any) -> Any:
 
 torch.library.register_vmap("lstmlab::lstm_layer", _loop_vmap(lstm_layer))
 torch.library.register_vmap("lstmlab::lstm_layer_backward", _loop_vmap(lstm_layer_backward))
+

@@ -100,27 +100,29 @@ void forward_pointwise(T* __restrict gates, const T* __restrict c_prev, T* __res
 }
 
 // One backward step's pointwise math: from the activations i, f, g, o in acts (B, 4H) to the gradient w.r.t. the
-// four pre-activations in dgates (B, 4H); the saved activations are never written (autograd may need them again).
+// four pre-activations in dgates (B, 4H). dgates may be acts itself (in place, when autograd will not need the
+// activations again): element j is read whole before it is written, so the loop has no carried dependence (ivdep).
 // dh (B, H) is the gradient reaching h_t from step t+1, d_out (B, H) or null the one from the output;
 // dc (B, H) goes from dc_t to dc_{t-1}.
 template <typename T, bool HAS_OUT>
-void backward_pointwise(const T* __restrict acts, T* __restrict dgates, const T* __restrict c_prev,
+void backward_pointwise(const T* acts, T* dgates, const T* __restrict c_prev,
                         const T* __restrict tc, const T* __restrict dh_rec, const T* __restrict d_out,
                         T* __restrict dc, int64_t B, int64_t H) {
   for (int64_t b = 0; b < B; ++b) {
-    const T* __restrict ai = acts + b * 4 * H;
-    const T* __restrict af = ai + H;
-    const T* __restrict ag = ai + 2 * H;
-    const T* __restrict ao = ai + 3 * H;
-    T* __restrict di = dgates + b * 4 * H;
-    T* __restrict df = di + H;
-    T* __restrict dg = di + 2 * H;
-    T* __restrict d_o = di + 3 * H;
+    const T* ai = acts + b * 4 * H;
+    const T* af = ai + H;
+    const T* ag = ai + 2 * H;
+    const T* ao = ai + 3 * H;
+    T* di = dgates + b * 4 * H;
+    T* df = di + H;
+    T* dg = di + 2 * H;
+    T* d_o = di + 3 * H;
     const T* __restrict cp = c_prev + b * H;
     const T* __restrict tcb = tc + b * H;
     const T* __restrict dhr = dh_rec + b * H;
     const T* __restrict dob = HAS_OUT ? d_out + b * H : nullptr;
     T* __restrict dcb = dc + b * H;
+#pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
       const T i = ai[j], f = af[j], g = ag[j], o = ao[j], t = tcb[j];
       T dh = dhr[j];
@@ -245,8 +247,8 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
   });
 }
 
-// Backpropagation through time. acts (T, B, 4H) holds the saved activations (read only); dgates (T, B, 4H) gets the
-// gradient w.r.t. the pre-activations (rows a packed step does not reach are left untouched). dh, dc (B, H): the
+// Backpropagation through time. acts (T, B, 4H) holds the saved activations; dgates (T, B, 4H), a buffer of its own
+// or acts itself, gets the gradient w.r.t. the pre-activations (rows a packed step does not reach are left untouched). dh, dc (B, H): the
 // gradients reaching h_T, c_T on entry, h_0, c_0 on exit (dh only if need_dh0: the last step's matmul is skipped
 // when nobody wants it, e.g. for a zero initial state). d_out (T, B, H) may be None.
 void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& cs, const at::Tensor& tcs,
@@ -260,7 +262,7 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
     check_inputs(*d_out, "d_out");
   }
   const int64_t T = acts.size(0), B = acts.size(1), H = acts.size(2) / 4;
-  TORCH_CHECK(dgates.sizes() == acts.sizes(), "lstmlab_native.backward: dgates must be shaped like acts");
+  TORCH_CHECK(dgates.sizes() == acts.sizes(), "lstmlab_native.backward: dgates must be shaped like acts (or be it)");
   const int64_t* const sizes = sizes_ptr(batch_sizes, T);
   at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the mm writes dh_next
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstmlab_backward", [&] {
