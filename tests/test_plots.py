@@ -105,7 +105,7 @@ def test_gates_cli(run_dir: Path, mnist_dir: Path, tmp_path: Path, capsys: pytes
     err = _cli_error(["gates", ckpt, "--index", "-1", "--data-dir", str(mnist_dir)], capsys)
     assert "out of range" in err
     err = _cli_error(["gates", ckpt, "--index", "0", "--data-dir", str(mnist_dir), "--layer", "3"], capsys)
-    assert "layer 3 does not exist" in err
+    assert "--layer 3 is out of range" in err and "has 1 layer" in err
     err = _cli_error(["gates", ckpt, "--index", "0", "--data-dir", str(mnist_dir), "--direction", "reverse"], capsys)
     assert "bidirectional" in err
     err = _cli_error(["gates", ckpt, "--image", str(tmp_path / "nope.png")], capsys)
