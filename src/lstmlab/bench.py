@@ -26,6 +26,15 @@ BACKENDS = ("reference", "fused", "torch")
 MODES = ("train", "forward")
 
 
+def _device_name(name: str) -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu (as every lstmlab command reads --device)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lstmlab bench``."""
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024], metavar="B",
@@ -44,12 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-samples", type=int, default=2048,
                         help="samples per timed round at least (more steps per round at small batches)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto = cuda when available, else cpu")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a machine "
                              "shared with other jobs when --threads 1")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                        help="write the rows as JSON to PATH (or stdout instead of the table without PATH)")
+                        help="write the rows as JSON to PATH (or stdout instead of the table without PATH) "
+                        "(default: the table only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
 
 
@@ -71,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         min_samples=args.min_samples,
         threads=args.threads,
-        device=args.device,
+        device=_device_name(args.device),
         seed=args.seed,
         clock=args.clock,
     )
