@@ -493,7 +493,8 @@ def test_plot_and_bench_outputs_checked_before_work(tmp_path: Path, capsys: pyte
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
     run_dir = tmp_path / "run"
-    run_dir.mkdir()  # empty: had the output not been checked first, the missing metrics.csv would be the error
+    run_dir.mkdir()  # a run with no files but summary.json: had the output not been checked first, the missing
+    (run_dir / "summary.json").write_text("{}")  # metrics.csv would be the error
     before = _snapshot(tmp_path)
     code, _, err = _run(capsys, "plot", str(run_dir), "--out-dir", str(a_file / "figs"))
     _one_line(code, err, f"--out-dir {a_file / 'figs'}: {a_file} is a file, not a folder")
