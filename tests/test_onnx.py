@@ -98,3 +98,20 @@ def test_predict_refuses_an_onnx_file_lstmlab_did_not_write(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "bogus.onnx" in err
+
+
+def test_load_onnx_refuses_a_permutation_that_is_not_one(run_dir: Path, tmp_path: Path):
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.errors import LstmlabError
+    from lstmlab.export import export_onnx, load_onnx
+
+    out = tmp_path / "model.onnx"
+    export_onnx(load_checkpoint(run_dir / "best.safetensors"), out)
+    graph = onnx.load(str(out))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "lstmlab_permutation", "[0, 0, 1]"  # a rows-view model with a bogus permutation
+    onnx.save(graph, str(out))
+    with pytest.raises(LstmlabError, match="permutation"):
+        load_onnx(out)
+    with pytest.raises(LstmlabError, match="does-not-exist.onnx"):
+        load_onnx(tmp_path / "does-not-exist.onnx")

@@ -23,6 +23,7 @@ from lstmlab.errors import LstmlabError
 
 OPSET = 17
 METADATA_KEY = "lstmlab_config"
+MAX_ONNX_BYTES = 256 << 20
 
 
 def _onnx() -> tuple[Any, Any]:
@@ -86,12 +87,17 @@ class OnnxClassifier(nn.Module):
 def load_onnx(path: str | Path) -> Checkpoint:
     """An ONNX file written by ``lstmlab export``, as a Checkpoint whose model runs in onnxruntime."""
     from lstmlab.checkpoint import check_config
+    from lstmlab.data import VIEWS
 
     onnx, _ = _onnx()
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_ONNX_BYTES:  # a classifier is well under 1 MB: refuse before reading it
+            raise LstmlabError(f"{path} is over {MAX_ONNX_BYTES >> 20} MB, not a model `lstmlab export` wrote")
         data = path.read_bytes()
         graph = onnx.load_from_string(data)
+    except LstmlabError:
+        raise
     except OSError as e:
         raise LstmlabError(f"cannot read {path}: {e.strerror or e}; pass the .onnx file `lstmlab export` wrote") \
             from None
@@ -106,7 +112,11 @@ def load_onnx(path: str | Path) -> Checkpoint:
         check_config(config)
         perm = props.get("lstmlab_permutation")
         permutation = None if perm is None else torch.tensor(json.loads(perm), dtype=torch.int64)
-    except (ValueError, TypeError, KeyError) as e:
+        steps, inputs = VIEWS[config.data.view]
+        if (permutation is None) != (config.data.view != "permuted") or (
+                permutation is not None and not torch.equal(permutation.sort().values, torch.arange(steps * inputs))):
+            raise ValueError(f"the permuted view needs a permutation of 0..{steps * inputs - 1}")
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise LstmlabError(f"{path}: its lstmlab config is damaged ({e}); export the checkpoint again") from None
     try:
         model = OnnxClassifier(data)
