@@ -238,8 +238,8 @@ def test_overwrite_clears_the_old_run_and_every_file_has_the_run_id(mnist_dir, t
     new_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert new_id != old_id
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        ["run.json", "state.safetensors", "metrics.csv", "summary.json", "best.safetensors", "last.safetensors",
-         "notes.txt"])
+        ["run.json", "state.safetensors", "metrics.csv", "losses.csv", "summary.json", "best.safetensors",
+         "last.safetensors", "notes.txt"])
     assert json.loads((run_dir / "summary.json").read_text())["run_id"] == new_id
     assert {line.rsplit(",", 1)[1] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]} == {new_id}
     for name in ("best.safetensors", "last.safetensors"):
