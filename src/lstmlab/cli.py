@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lstmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nlstmlab {args.command}: interrupted", file=sys.stderr)
+        lead = "\n" if sys.stderr.isatty() else ""  # a terminal has just echoed ^C: start a line of our own
+        print(f"{lead}lstmlab {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
