@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstmlab.nn.cell import reference_layer
+from lstmlab.nn.cell import LN_EPS, reference_layer
 
 
 def fused_layer(
@@ -49,6 +49,7 @@ def fused_layer(
     bias_hh: Tensor | None,
     weight_hr: Tensor | None = None,
     batch_sizes: Tensor | None = None,
+    **variant: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one LSTM layer over x (T, B, I) from h0 (B, P) and c0 (B, H); P = H unless ``weight_hr`` projects.
 
@@ -63,15 +64,28 @@ def fused_layer(
             f"fused_layer: expected x (T, B, I), h0 (B, P) and c0 (B, H), got {tuple(x.shape)}, "
             f"{tuple(h0.shape)}, {tuple(c0.shape)}"
         )
-    if _under_functorch(x, h0, c0, weight_ih, weight_hh):  # torch.func cannot see through a custom op's autograd
-        return reference_layer(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes)
+    unknown = set(variant) - set(VARIANT_ARGS)
+    if unknown:
+        raise TypeError(f"fused_layer: unexpected keyword arguments {sorted(unknown)}")
+    if variant and weight_hr is not None:
+        raise ValueError("fused_layer: cell variants, zoneout and recurrent dropout do not combine with a projection")
+    if _under_functorch(x, h0, c0, weight_ih, weight_hh, *variant.values()):  # torch.func cannot see through a
+        # custom op's autograd
+        return reference_layer(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, **variant)
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+        t is not None and t.requires_grad
+        for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *variant.values())
     )
     out, h_T, c_T, *_ = torch.ops.lstmlab.lstm_layer(
-        x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save
+        x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save, **variant
     )
     return out, h_T, c_T
+
+
+# The variant arguments of the op, in its order: LayerNorm gains (2, 4H) = (γ_ih, γ_hh), the cell's LayerNorm
+# (2, H) = (γ_c, β_c), peepholes (3, H) = (p_i, p_f, p_o), the recurrent-dropout mask (B, H) and the zoneout
+# weights of the previous (c, h) at every step (2, T, B, H). Masks are drawn by the caller from torch's generator.
+VARIANT_ARGS = ("ln_gates", "ln_cell", "peephole", "recurrent_mask", "zoneout_mask")
 
 
 def _under_functorch(*tensors: Tensor) -> bool:
@@ -221,8 +235,17 @@ def lstm_layer(
     weight_hr: Tensor | None,
     batch_sizes: Tensor | None,
     save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, h_T, c_T, acts, cs, tcs, xh): the last four are what backward needs, empty unless ``save``."""
+    ln_gates: Tensor | None = None,
+    ln_cell: Tensor | None = None,
+    peephole: Tensor | None = None,
+    recurrent_mask: Tensor | None = None,
+    zoneout_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, h_T, c_T, acts, cs, tcs, xh, extra): the last five are what backward needs, empty unless ``save``
+    (``extra`` is the variants' own, see :func:`_variant_forward`; empty for the plain cell)."""
+    if any(t is not None for t in (ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask)):
+        return _variant_forward(x, h0, c0, weight_ih, weight_hh, _bias(bias_ih, bias_hh), batch_sizes, save,
+                                ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask)
     T, B, n_in = x.shape
     H4, P = weight_hh.shape
     H = H4 // 4
@@ -257,18 +280,25 @@ def lstm_layer(
         h_T, c_T = h0.clone(), c0.clone()
     if not save:  # inference: keep nothing (four distinct tensors: a custom op's outputs may not alias)
         acts, cs, tcs, xh = (x.new_empty(0) for _ in range(4))
-    return out, h_T, c_T, acts, cs, tcs, xh
+    return out, h_T, c_T, acts, cs, tcs, xh, x.new_empty(0)
 
 
 @lstm_layer.register_fake
-def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save):  # noqa: ANN001, ANN202
+def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save,  # noqa: ANN001, ANN202
+      ln_gates=None, ln_cell=None, peephole=None, recurrent_mask=None, zoneout_mask=None):  # noqa: ANN001
     T, B, n_in = x.shape
     H4, P = weight_hh.shape
     H = H4 // 4
-    K = _width(P, n_in, bias_ih is not None or bias_hh is not None)
-    saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, K))
+    variant = any(t is not None for t in (ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask))
+    if variant:
+        saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(0),
+                 x.new_empty(T, B, _extra_width(H, ln_gates is not None)))
+    else:
+        K = _width(P, n_in, bias_ih is not None or bias_hh is not None)
+        saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, K),
+                 x.new_empty(0))
     if not save:
-        saved = tuple(x.new_empty(0) for _ in range(4))
+        saved = tuple(x.new_empty(0) for _ in range(5))
     return (x.new_empty(T, B, P), x.new_empty(B, P), x.new_empty(B, H), *saved)
 
 
@@ -430,66 +460,313 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
     return dH
 
 
+# --- the variants (LayerNorm, peephole, zoneout, recurrent dropout): Python step loops ---------------------------
+#
+# The same equations as lstmlab.nn.cell.lstm_step, step by step into preallocated buffers, and their hand-written
+# backward. ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t after zoneout) and tcs
+# (tanh of what h reads: c_new, or LN(c_new)): [c_new | h_in | and with LayerNorm: ĉ | â | r̂ | rstd_c, rstd_a,
+# rstd_r], c_new the cell before zoneout, h_in the h entering the recurrent product, hats the normalised values.
+
+
+def _extra_width(H: int, layer_norm: bool) -> int:
+    return 2 * H + (9 * H + 3 if layer_norm else 0)
+
+
+def _normalize(v: Tensor, hat: Tensor, rstd: Tensor) -> None:
+    """LayerNorm without gain: hat = (v - mean) / sqrt(var + eps) over the last axis (biased var); rstd (n,)."""
+    d = v - v.mean(1, keepdim=True)
+    torch.rsqrt(d.square().mean(1) + LN_EPS, out=rstd)
+    torch.mul(d, rstd.unsqueeze(1), out=hat)
+
+
+def _normalize_backward(d_hat: Tensor, hat: Tensor, rstd: Tensor) -> Tensor:
+    """The gradient w.r.t. v of hat = LN(v), from the gradient w.r.t. hat."""
+    mean_d = d_hat.mean(1, keepdim=True)
+    mean_dh = (d_hat * hat).mean(1, keepdim=True)
+    return (d_hat - mean_d - hat * mean_dh) * rstd.unsqueeze(1)
+
+
+def _extra_views(extra: Tensor, H: int, layer_norm: bool) -> dict[str, Tensor]:
+    views = {"c_new": extra[..., :H], "h_in": extra[..., H : 2 * H]}
+    if layer_norm:
+        views.update(c_hat=extra[..., 2 * H : 3 * H], a_hat=extra[..., 3 * H : 7 * H],
+                     r_hat=extra[..., 7 * H : 11 * H], rstd=extra[..., 11 * H :])
+    return views
+
+
+def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+                     batch_sizes: Tensor | None, save: bool, ln_gates: Tensor | None, ln_cell: Tensor | None,
+                     peephole: Tensor | None, recurrent_mask: Tensor | None, zoneout_mask: Tensor | None
+                     ) -> tuple[Tensor, ...]:
+    """lstm_layer for the variants: (out, h_T, c_T, acts, cs, tcs, xh (empty), extra)."""
+    T, B, _ = x.shape
+    H = c0.shape[1]
+    layer_norm = ln_gates is not None
+    # Zero-filled: rows a packed step skips must read as zeros (they meet zero gradients, never NaN garbage).
+    acts, cs, tcs, out = x.new_zeros(T, B, 4 * H), x.new_zeros(T, B, H), x.new_zeros(T, B, H), x.new_zeros(T, B, H)
+    extra = x.new_zeros(T, B, _extra_width(H, layer_norm))
+    v = _extra_views(extra, H, layer_norm)
+    sizes = None if batch_sizes is None else batch_sizes.tolist()
+    A = torch.mm(x.reshape(T * B, -1), weight_ih.t()).view(T, B, 4 * H)  # every step's x2h in one matmul
+    if bias is not None and not layer_norm:
+        A += bias
+    h, c = h0, c0
+    for t in range(T):
+        n = _live(sizes, t, B)
+        h_p, c_p = h[:n], c[:n]
+        h_in = v["h_in"][t, :n]
+        torch.mul(h_p, recurrent_mask[:n], out=h_in) if recurrent_mask is not None else h_in.copy_(h_p)
+        R = torch.mm(h_in, weight_hh.t())  # (n, 4H)
+        if layer_norm:
+            rstd = v["rstd"][t, :n]
+            _normalize(A[t, :n], v["a_hat"][t, :n], rstd[:, 1])
+            _normalize(R, v["r_hat"][t, :n], rstd[:, 2])
+            z = v["a_hat"][t, :n] * ln_gates[0] + v["r_hat"][t, :n] * ln_gates[1]
+            if bias is not None:
+                z += bias
+        else:
+            z = R.add_(A[t, :n])
+        gates = acts[t, :n]
+        i, f, g, o = gates.split(H, dim=1)
+        zi, zf, zg, zo = z.split(H, dim=1)
+        if peephole is not None:  # i and f see the previous cell
+            zi = zi + peephole[0] * c_p
+            zf = zf + peephole[1] * c_p
+        torch.sigmoid(zi, out=i)
+        torch.sigmoid(zf, out=f)
+        torch.tanh(zg, out=g)
+        c_new = v["c_new"][t, :n]
+        torch.mul(f, c_p, out=c_new)
+        c_new.addcmul_(i, g)  # c' = f*c + i*g
+        if peephole is not None:  # o sees the new cell
+            zo = zo + peephole[2] * c_new
+        torch.sigmoid(zo, out=o)
+        tc = tcs[t, :n]
+        if ln_cell is not None:
+            _normalize(c_new, v["c_hat"][t, :n], v["rstd"][t, :n, 0])
+            torch.tanh(torch.addcmul(ln_cell[1], v["c_hat"][t, :n], ln_cell[0]), out=tc)  # tanh(γ_c ĉ + β_c)
+        else:
+            torch.tanh(c_new, out=tc)
+        h_t = out[t, :n]
+        torch.mul(o, tc, out=h_t)
+        if zoneout_mask is not None:  # keep the previous value with weight z: new + z * (prev - new)
+            cs[t, :n] = torch.addcmul(c_new, zoneout_mask[0, t, :n], c_p - c_new)
+            h_t.addcmul_(zoneout_mask[1, t, :n], h_p - h_t)
+        else:
+            cs[t, :n] = c_new
+        h, c = out[t], cs[t]
+    h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
+    if T == 0:
+        h_T, c_T = h0.clone(), c0.clone()
+    if not save:
+        acts, tcs, extra = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+        cs = x.new_empty(0)
+    return out, h_T, c_T, acts, cs, tcs, x.new_empty(0), extra
+
+
+def _variant_backward_impl(
+    d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor, weight_ih: Tensor,
+    weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor, extra: Tensor,
+    ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None, recurrent_mask: Tensor | None,
+    zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool, need_weights: bool,
+) -> tuple[Tensor, ...]:
+    """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent."""
+    T, B, H4 = acts.shape
+    H = H4 // 4
+    layer_norm = ln_gates is not None
+    v = _extra_views(extra, H, layer_norm)
+    sizes = None if batch_sizes is None else batch_sizes.tolist()
+    dh = acts.new_zeros(B, H) if d_hT is None else d_hT.contiguous().clone()
+    dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
+    dZ = acts.new_zeros(T, B, H4)  # gradient w.r.t. the gates' pre-activations (after LayerNorm and peepholes)
+    dA = acts.new_zeros(T, B, H4) if layer_norm else dZ  # ... w.r.t. x W_ih^T and h_in W_hh^T
+    dR = acts.new_zeros(T, B, H4) if layer_norm else dZ
+    dY = acts.new_zeros(T, B, H) if ln_cell is not None else None  # ... w.r.t. γ_c ĉ + β_c
+    for t in range(T - 1, -1, -1):
+        n = _live(sizes, t, B)
+        i, f, g, o = acts[t, :n].split(H, dim=1)
+        tc = tcs[t, :n]
+        c_prev = cs[t - 1, :n] if t > 0 else c0[:n]
+        dh_t = dh[:n] + d_out[t, :n] if d_out is not None else dh[:n].clone()
+        dc_t = dc[:n].clone()
+        if zoneout_mask is not None:  # the kept share goes straight to the previous state
+            carry_h, carry_c = dh_t * zoneout_mask[1, t, :n], dc_t * zoneout_mask[0, t, :n]
+            dh_t -= carry_h
+            dc_t -= carry_c
+        dy = dh_t * o * (1 - tc * tc)  # through h = o * tanh(y)
+        if ln_cell is not None:
+            dY[t, :n] = dy
+            dc_t += _normalize_backward(dy * ln_cell[0], v["c_hat"][t, :n], v["rstd"][t, :n, 0])
+        else:
+            dc_t += dy
+        dZ_t = dZ[t, :n]
+        dzi, dzf, dzg, dzo = dZ_t.split(H, dim=1)
+        torch.mul(dh_t, tc * o * (1 - o), out=dzo)
+        if peephole is not None:
+            dc_t.addcmul_(dzo, peephole[2])  # o saw c_new
+        torch.mul(dc_t, g * i * (1 - i), out=dzi)
+        torch.mul(dc_t, c_prev * f * (1 - f), out=dzf)
+        torch.mul(dc_t, i * (1 - g * g), out=dzg)
+        dc_prev = dc_t * f
+        if peephole is not None:  # i and f saw c_prev
+            dc_prev.addcmul_(dzi, peephole[0]).addcmul_(dzf, peephole[1])
+        if zoneout_mask is not None:
+            dc_prev += carry_c
+        if layer_norm:
+            rstd = v["rstd"][t, :n]
+            dA[t, :n] = _normalize_backward(dZ_t * ln_gates[0], v["a_hat"][t, :n], rstd[:, 1])
+            dR[t, :n] = _normalize_backward(dZ_t * ln_gates[1], v["r_hat"][t, :n], rstd[:, 2])
+        dh_prev = torch.mm(dR[t, :n], weight_hh)  # through h_in W_hh^T
+        if recurrent_mask is not None:
+            dh_prev *= recurrent_mask[:n]
+        if zoneout_mask is not None:
+            dh_prev += carry_h
+        dh[:n] = dh_prev
+        dc[:n] = dc_prev
+
+    def empty() -> Tensor:  # a distinct tensor each: a custom op's outputs may not alias
+        return acts.new_empty(0)
+
+    flat = T * B
+    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, -1) if need_x else empty()
+    dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
+    if need_weights:
+        dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, -1))
+        dw_hh = torch.mm(dR.view(flat, H4).t(), v["h_in"].reshape(flat, H))
+        if has_bias:
+            db = dZ.sum((0, 1))
+        if layer_norm:
+            d_ln_gates = torch.stack([(dZ * v["a_hat"]).sum((0, 1)), (dZ * v["r_hat"]).sum((0, 1))])
+        if ln_cell is not None:
+            d_ln_cell = torch.stack([(dY * v["c_hat"]).sum((0, 1)), dY.sum((0, 1))])
+        if peephole is not None:
+            c_prev_all = torch.cat([c0.unsqueeze(0), cs[:-1]]) if T else cs
+            d_peep = torch.stack([(dZ[..., :H] * c_prev_all).sum((0, 1)), (dZ[..., H : 2 * H] * c_prev_all).sum((0, 1)),
+                                  (dZ[..., 3 * H :] * v["c_new"]).sum((0, 1))])
+    dh0, dc0 = (dh, dc) if need_h0 else (empty(), empty())
+    return dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep
+
+
+def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs, tcs, extra,  # noqa: ANN001, ANN202
+                           ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask, has_bias, need_x, need_h0,  # noqa: ANN001
+                           need_weights):  # noqa: ANN001
+    T, B, H4 = acts.shape
+    H, w = H4 // 4, need_weights
+    shapes = [x.shape if need_x else (0,), (B, H) if need_h0 else (0,), (B, H) if need_h0 else (0,),
+              weight_ih.shape if w else (0,), weight_hh.shape if w else (0,), (H4,) if w and has_bias else (0,),
+              ln_gates.shape if w and ln_gates is not None else (0,),
+              ln_cell.shape if w and ln_cell is not None else (0,),
+              peephole.shape if w and peephole is not None else (0,)]
+    return tuple(acts.new_empty(shape) for shape in shapes)
+
+
+@torch.library.custom_op(
+    "lstmlab::lstm_variant_layer_backward", mutates_args=(),
+    schema="""(Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor x, Tensor c0, Tensor weight_ih, Tensor weight_hh,
+    Tensor? batch_sizes, Tensor acts, Tensor cs, Tensor tcs, Tensor extra, Tensor? ln_gates, Tensor? ln_cell,
+    Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, bool has_bias, bool need_x, bool need_h0,
+    bool need_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)""",
+)
+def lstm_variant_layer_backward(*args: Any) -> tuple[Tensor, ...]:
+    """The hand-written BPTT of ``lstm_layer`` with a variant; reads the saved tensors only."""
+    return _variant_backward_impl(*args)
+
+
+lstm_variant_layer_backward.register_fake(_variant_backward_fake)
+
+
 # --- autograd -----------------------------------------------------------------------------------------------------
 
 _INPUTS = ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, save = inputs
-    _, _, _, acts, cs, tcs, xh = output
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, save, *variant = inputs
+    variant += [None] * (len(VARIANT_ARGS) - len(variant))  # inputs end at the last argument given
+    _, _, _, acts, cs, tcs, xh, extra = output
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs (acts alone is T*B*4H)
-    ctx.has = [t is not None for t in (b_ih, b_hh, w_hr, batch_sizes)]
-    present = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) if t is not None]
-    ctx.save_for_backward(*present, acts, cs, tcs, xh)
+    ctx.has = [t is not None for t in (b_ih, b_hh, w_hr, batch_sizes, *variant)]
+    ctx.variant = any(t is not None for t in variant)
+    present = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *variant) if t is not None]
+    ctx.save_for_backward(*present, acts, cs, tcs, xh, extra)
 
 
-def _unpack(ctx: Any) -> tuple[list[Tensor | None], Tensor | None, tuple[Tensor, Tensor, Tensor, Tensor]]:
+def _unpack(ctx: Any) -> tuple[list[Tensor | None], Tensor | None, dict[str, Tensor], tuple[Tensor, ...]]:
     saved = list(ctx.saved_tensors)
-    acts, cs, tcs, xh = saved[-4:]
-    it = iter(saved[:-4])
+    acts, cs, tcs, xh, extra = saved[-5:]
+    it = iter(saved[:-5])
     x, h0, c0, w_ih, w_hh = (next(it) for _ in range(5))
-    b_ih, b_hh, w_hr, batch_sizes = (next(it) if has else None for has in ctx.has)
-    return [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], batch_sizes, (acts, cs, tcs, xh)
+    b_ih, b_hh, w_hr, batch_sizes, *variant = (next(it) if has else None for has in ctx.has)
+    variant_args = {name: t for name, t in zip(VARIANT_ARGS, variant, strict=True) if t is not None}
+    return [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], batch_sizes, variant_args, (acts, cs, tcs, xh, extra)
 
 
 def _backward(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, *_: Any) -> tuple:
-    inputs, batch_sizes, (acts, cs, tcs, xh) = _unpack(ctx)
+    # One gradient per input the call gave (the op's inputs end at the last argument given).
+    grads = _backward_all(ctx, d_out, d_hT, d_cT)
+    return grads[: len(ctx.needs_input_grad)]
+
+
+def _backward_all(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None) -> tuple:
+    """The gradients of all 15 inputs."""
+    inputs, batch_sizes, variant, (acts, cs, tcs, xh, extra) = _unpack(ctx)
     need = list(ctx.needs_input_grad[:8])
+    need_variant = list(ctx.needs_input_grad[10:13])  # ln_gates, ln_cell, peephole; masks get no gradient
+    need_variant += [False] * (3 - len(need_variant))
+    no_masks = (None, None)
     if torch.is_grad_enabled():  # create_graph: the gradient itself must be differentiable
-        return (*_differentiable_backward(inputs, batch_sizes, need, d_out, d_hT, d_cT), None, None)
+        grads = _differentiable_backward(inputs, batch_sizes, variant, need + need_variant, d_out, d_hT, d_cT)
+        return (*grads[:8], None, None, *grads[8:], *no_masks)
     if acts.dim() != 3:
         raise RuntimeError("lstmlab fused LSTM: this forward kept nothing for backward (it ran without grad)")
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
+    has_bias = b_ih is not None or b_hh is not None
+    if ctx.variant:
+        grads = torch.ops.lstmlab.lstm_variant_layer_backward(
+            d_out, d_hT, d_cT, x, c0, w_ih, w_hh, batch_sizes, acts, cs, tcs, extra,
+            *(variant.get(name) for name in VARIANT_ARGS), has_bias, need[0], need[1] or need[2],
+            any(need[3:]) or any(need_variant),
+        )
+        dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = grads
+        out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, None]
+        result = [o if n else None for o, n in zip(out, need, strict=True)]
+        if need[5] and need[6]:
+            result[6] = db.clone()  # two parameters must not share one gradient tensor
+        extras = [g if n else None for g, n in zip((d_ln_gates, d_ln_cell, d_peep), need_variant, strict=True)]
+        return (*result, None, None, *extras, *no_masks)
     # The activations are ours to overwrite unless the graph is kept for another backward (or being traced).
     inplace = not torch.compiler.is_compiling() and not _keep_graph()
     op = torch.ops.lstmlab.lstm_layer_backward_ if inplace else torch.ops.lstmlab.lstm_layer_backward
     grads = op(
         d_out, d_hT, d_cT, c0, w_ih, w_hh, w_hr, batch_sizes, acts, cs, tcs, xh,
-        b_ih is not None or b_hh is not None, need[0], need[1] or need[2], any(need[3:]),
+        has_bias, need[0], need[1] or need[2], any(need[3:]),
     )
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads
     out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr]
     result = [o if n else None for o, n in zip(out, need, strict=True)]
     if need[5] and need[6]:
         result[6] = db.clone()  # two parameters must not share one gradient tensor
-    return (*result, None, None)
+    return (*result, None, None, None, None, None, *no_masks)
 
 
-def _differentiable_backward(inputs: list[Tensor | None], batch_sizes: Tensor | None, need: list[bool],
-                             d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None) -> list[Tensor | None]:
-    """The first backward as differentiable reference math, for double backward and torch.func."""
-    wanted = [t for t, n in zip(inputs, need, strict=True) if n]
+def _differentiable_backward(inputs: list[Tensor | None], batch_sizes: Tensor | None, variant: dict[str, Tensor],
+                             need: list[bool], d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None
+                             ) -> list[Tensor | None]:
+    """The first backward as differentiable reference math, for double backward and torch.func. ``need`` covers the
+    8 standard inputs, then ln_gates, ln_cell, peephole."""
+    learnable = [variant.get(name) for name in VARIANT_ARGS[:3]]
+    everything = [*inputs, *learnable]
+    wanted = [t for t, n in zip(everything, need, strict=True) if n]
     with torch.enable_grad():
-        outs = reference_layer(*inputs, batch_sizes=batch_sizes)
+        outs = reference_layer(*inputs, batch_sizes=batch_sizes, **variant)
         pairs = [(o, g) for o, g in zip(outs, (d_out, d_hT, d_cT), strict=True) if g is not None]
         if not pairs:
-            return [torch.zeros_like(t) if n else None for t, n in zip(inputs, need, strict=True)]
+            return [torch.zeros_like(t) if n else None for t, n in zip(everything, need, strict=True)]
         grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
                                     allow_unused=True)
     it = iter(grads)
     result = []
-    for t, n in zip(inputs, need, strict=True):
+    for t, n in zip(everything, need, strict=True):
         g = next(it) if n else None
         result.append(torch.zeros_like(t) if n and g is None else g)
     return result
@@ -516,4 +793,5 @@ def _loop_vmap(op: Any) -> Any:
 
 torch.library.register_vmap("lstmlab::lstm_layer", _loop_vmap(lstm_layer))
 torch.library.register_vmap("lstmlab::lstm_layer_backward", _loop_vmap(lstm_layer_backward))
+torch.library.register_vmap("lstmlab::lstm_variant_layer_backward", _loop_vmap(lstm_variant_layer_backward))
 

@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmlab.nn.cell import reference_layer
+from lstmlab.nn.cell import (
+    check_variant,
+    recurrent_dropout_mask,
+    reference_layer,
+    reset_variant_parameters,
+    variant_parameter_shapes,
+    variant_repr,
+    variant_tensors,
+    zoneout_masks,
+)
 
 # (x (T, B, I), h0 (B, P), c0 (B, H), w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> (out (T, B, P), h_T, c_T)
 LayerFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -53,6 +62,15 @@ class LSTM(nn.RNNBase):
     Same arguments as ``nn.LSTM`` plus, keyword-only, ``forget_bias`` (added to the forget gate's slice of every
     ``bias_ih`` at initialisation; 1.0 makes the cell remember by default early in training) and ``backend``.
     Returns ``(output, (h_n, c_n))`` exactly as ``nn.LSTM``, PackedSequence in, PackedSequence out.
+
+    Variants (keyword-only; equations in :mod:`lstmlab.nn.cell`): ``cell="peephole"`` adds ``weight_ci_l0``,
+    ``weight_cf_l0``, ``weight_co_l0`` (H each, zeros at init: a fresh peephole LSTM equals the plain one);
+    ``cell="layernorm"`` adds ``ln_ih_weight_l0``, ``ln_hh_weight_l0`` (4H, ones), ``ln_c_weight_l0`` (H, ones) and
+    ``ln_c_bias_l0`` (H, zeros), all with ``_reverse`` twins. ``zoneout`` (a probability, or a pair (z_c, z_h)) and
+    ``recurrent_dropout`` (one mask per sequence on the h entering the recurrent product) act in training; in eval
+    zoneout takes its expectation and recurrent dropout does nothing. The standard parameters keep nn.LSTM's names,
+    so they load from and into nn.LSTM with ``load_state_dict(..., strict=False)``. Variants run on the
+    ``reference`` and ``fused`` backends (not ``torch``) and do not combine with ``proj_size``.
     """
 
     def __init__(
@@ -70,14 +88,37 @@ class LSTM(nn.RNNBase):
         *,
         forget_bias: float = 0.0,
         backend: str = "auto",
+        cell: str = "lstm",
+        zoneout: float | tuple[float, float] = 0.0,
+        recurrent_dropout: float = 0.0,
     ) -> None:
         resolve_backend(backend)
+        zoneout_pair = check_variant(cell, zoneout, recurrent_dropout, proj_size if isinstance(proj_size, int) else 0)
+        if backend == "torch" and (cell != "lstm" or any(zoneout_pair) or recurrent_dropout):
+            raise ValueError("the torch backend (nn.LSTM's kernel) runs only the plain cell: use backend='fused' or "
+                             "'reference' with cell variants, zoneout or recurrent_dropout")
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype)
         self.forget_bias = forget_bias
         self.backend = backend
+        self.cell = cell
+        self.zoneout = zoneout_pair
+        self.recurrent_dropout = float(recurrent_dropout)
+        ref = self.weight_ih_l0  # the extra parameters follow the standard ones, on their device and dtype
+        for layer in range(num_layers):
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                for name, size in variant_parameter_shapes(cell, hidden_size, suffix):
+                    self.register_parameter(name, nn.Parameter(ref.new_empty(size)))
+        reset_variant_parameters(self)
         if forget_bias:
             self._add_forget_bias()
+
+    @property
+    def is_variant(self) -> bool:
+        """Whether anything but nn.LSTM's plain cell runs (a cell variant, zoneout or recurrent dropout)."""
+        return getattr(self, "cell", "lstm") != "lstm" or any(getattr(self, "zoneout", (0.0, 0.0))) or \
+            bool(getattr(self, "recurrent_dropout", 0.0))
 
     # nn.LSTM's own LSTM-specific checks (a cell state beside h, proj_size), the same functions nn.LSTM runs.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -91,6 +132,7 @@ class LSTM(nn.RNNBase):
     def reset_parameters(self) -> None:
         """uniform(±1/sqrt(H)) as nn.LSTM (same draws for the same seed), then ``forget_bias``."""
         super().reset_parameters()
+        reset_variant_parameters(self)
         if getattr(self, "forget_bias", 0.0):  # nn.LSTM's constructor calls this before forget_bias is set
             self._add_forget_bias()
 
@@ -108,8 +150,14 @@ class LSTM(nn.RNNBase):
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         return tuple(getattr(self, name + suffix, None) for name in names)
 
+    def variant_weights(self, layer: int, direction: int) -> dict[str, Tensor | None]:
+        """``ln_gates`` (2, 4H), ``ln_cell`` (2, H) and ``peephole`` (3, H) of one layer and direction, stacked from
+        the extra parameters (None when the cell has none)."""
+        return variant_tensors(self, f"_l{layer}" + ("_reverse" if direction == 1 else ""))
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
+        variant = variant_repr(self.cell, self.zoneout, self.recurrent_dropout)
+        return super().extra_repr() + f", backend={self.backend!r}" + (f", {variant}" if variant else "")
 
     def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):  # noqa: ANN201
         """As ``nn.LSTM.forward``: input (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or packed."""
@@ -117,6 +165,11 @@ class LSTM(nn.RNNBase):
         backend = resolve_backend(self.backend, data.device)
         if torch.onnx.is_in_onnx_export() and self.proj_size > 0:
             raise RuntimeError("ONNX's LSTM operator has no projection: export an LSTM with proj_size=0")
+        if self.is_variant:
+            if torch.onnx.is_in_onnx_export():
+                raise RuntimeError("ONNX's LSTM operator has no cell variants, zoneout or recurrent dropout")
+            if backend == "torch":  # auto on CUDA: nn.LSTM's kernel cannot run a variant
+                backend = "reference"
         if backend == "torch" or torch.onnx.is_in_onnx_export():
             return nn.LSTM.forward(self, input, hx)  # ONNX: PyTorch's exporters map aten::lstm to ONNX's LSTM
         x, hx, batch_sizes, sorted_indices, unsorted_indices, unbatched = self._prepare(input, hx)
@@ -183,13 +236,18 @@ class LSTM(nn.RNNBase):
                 x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
                 weights = [[w if w is None else w.to(dtype) for w in self.layer_weights(layer, d)]
                            for layer in range(self.num_layers) for d in range(self.num_directions)]
-                return self._layers(x, hx, batch_sizes, layer_fn, weights)
+                extras = [{k: v if v is None else v.to(dtype) for k, v in self.variant_weights(layer, d).items()}
+                          for layer in range(self.num_layers) for d in range(self.num_directions)]
+                return self._layers(x, hx, batch_sizes, layer_fn, weights, extras)
         weights = [list(self.layer_weights(layer, d))
                    for layer in range(self.num_layers) for d in range(self.num_directions)]
-        return self._layers(x, hx, batch_sizes, layer_fn, weights)
+        extras = [self.variant_weights(layer, d) if self.cell != "lstm" else {}
+                  for layer in range(self.num_layers) for d in range(self.num_directions)]
+        return self._layers(x, hx, batch_sizes, layer_fn, weights, extras)
 
     def _layers(self, x: Tensor, hx: tuple[Tensor, Tensor], batch_sizes: Tensor | None, layer_fn: LayerFn,
-                weights: list[list[Tensor | None]]) -> tuple[Tensor, Tensor, Tensor]:
+                weights: list[list[Tensor | None]], extras: list[dict[str, Tensor | None]]
+                ) -> tuple[Tensor, Tensor, Tensor]:
         if batch_sizes is not None:
             T, B = batch_sizes.numel(), hx[0].shape[1]
             index, reverse = _packed_layout(batch_sizes, B, x.device)
@@ -202,7 +260,9 @@ class LSTM(nn.RNNBase):
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
                 seq = x if direction == 0 else _reversed(x, reverse if batch_sizes is not None else None)
-                out, h, c = layer_fn(seq, hx[0][k], hx[1][k], *weights[k], batch_sizes=batch_sizes)
+                extra = {name: v for name, v in extras[k].items() if v is not None} if extras else {}
+                extra.update(self._masks(hx[1][k], x.shape[0]))
+                out, h, c = layer_fn(seq, hx[0][k], hx[1][k], *weights[k], batch_sizes=batch_sizes, **extra)
                 outs.append(out if direction == 0 else _reversed(out, reverse if batch_sizes is not None else None))
                 h_n.append(h)
                 c_n.append(c)
@@ -210,6 +270,17 @@ class LSTM(nn.RNNBase):
         if batch_sizes is not None:
             x = x.reshape(-1, x.shape[2]).index_select(0, index)  # back to packed rows
         return x, torch.stack(h_n), torch.stack(c_n)
+
+
+    def _masks(self, c0: Tensor, steps: int) -> dict[str, Tensor]:
+        """One layer and direction's random masks, drawn here (outside the step loops) from torch's generator, in
+        a fixed order: the recurrent-dropout mask, then the zoneout masks of every step."""
+        masks = {}
+        if self.recurrent_dropout and self.training:
+            masks["recurrent_mask"] = recurrent_dropout_mask(c0, self.recurrent_dropout)
+        if any(self.zoneout):
+            masks["zoneout_mask"] = zoneout_masks(c0, self.zoneout, steps, self.training)
+        return masks
 
 
 def _packed_layout(batch_sizes: Tensor, B: int, device: torch.device) -> tuple[Tensor, Tensor]:

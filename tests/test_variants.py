@@ -1,0 +1,437 @@
+"""The LSTM variants of issue 12 (peephole, LayerNorm, zoneout, recurrent dropout): the fused backend equals the
+reference cell for every variant and combination; the reference equals independent implementations written here;
+the masks are drawn as documented and reproducible from the seed."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lstmlab import LSTM, LSTMCell
+from lstmlab.nn import fused
+from lstmlab.nn.cell import lstm_step, recurrent_dropout_mask, zoneout_masks
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+STANDARD = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def perturb(model: nn.Module, seed: int) -> None:
+    """Move the extra parameters off their init (γ=1, β=0, peepholes 0) so that every term is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(STANDARD):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+
+
+def run(model: LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None, seed: int,
+        lengths: list[int] | None = None) -> list[torch.Tensor]:
+    """Outputs, final states and every gradient (input, state, parameters); the masks come from ``seed``."""
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_(True)
+    leaves = [x]
+    if state is not None:
+        state = tuple(s.detach().clone().requires_grad_(True) for s in state)
+        leaves += list(state)
+    inp = x
+    if lengths is not None:
+        inp = pack_padded_sequence(x, torch.tensor(lengths), batch_first=model.batch_first, enforce_sorted=False)
+    out, (h, c) = model(inp, state)
+    if lengths is not None:
+        out, _ = pad_packed_sequence(out, batch_first=model.batch_first)
+    loss = out.sin().sum() + h.square().sum() + (c * 0.7).cos().sum()
+    grads = torch.autograd.grad(loss, leaves + list(model.parameters()))
+    return [out, h, c, *grads]
+
+
+cases = st.fixed_dictionaries({
+    "T": st.integers(1, 5),
+    "B": st.integers(1, 4),
+    "I": st.integers(1, 4),
+    "H": st.integers(1, 5),
+    "layers": st.integers(1, 3),
+    "bidirectional": st.booleans(),
+    "batch_first": st.booleans(),
+    "with_state": st.booleans(),
+    "bias": st.booleans(),
+    "packed": st.booleans(),
+    "training": st.booleans(),
+    "cell": st.sampled_from(["lstm", "peephole", "layernorm"]),
+    "zoneout": st.sampled_from([0.0, 0.2, (0.3, 0.1), (0.0, 0.5)]),
+    "recurrent_dropout": st.sampled_from([0.0, 0.25]),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def build(case: dict, dtype: torch.dtype) -> tuple[LSTM, torch.Tensor, tuple | None, list[int] | None]:
+    gen = torch.Generator().manual_seed(case["seed"])
+    torch.manual_seed(case["seed"])
+    model = LSTM(case["I"], case["H"], case["layers"], bias=case["bias"], batch_first=case["batch_first"],
+                 bidirectional=case["bidirectional"], backend="reference", cell=case["cell"],
+                 zoneout=case["zoneout"], recurrent_dropout=case["recurrent_dropout"]).to(dtype)
+    perturb(model, case["seed"])
+    model.train(case["training"])
+    T, B = case["T"], case["B"]
+    x = torch.randn((B, T, case["I"]) if case["batch_first"] else (T, B, case["I"]), generator=gen, dtype=dtype)
+    D = 2 if case["bidirectional"] else 1
+    state = None
+    if case["with_state"]:
+        state = tuple(torch.randn(case["layers"] * D, B, case["H"], generator=gen, dtype=dtype) for _ in range(2))
+    lengths = None
+    if case["packed"]:
+        lengths = torch.randint(1, T + 1, (B,), generator=gen).tolist()
+        lengths[0] = T  # the padded output keeps T steps
+    return model, x, state, lengths
+
+
+def assert_all_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> None:
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, k=k: f"tensor #{k}: {m}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases)
+def test_fused_matches_reference_fp64(case: dict) -> None:
+    model, x, state, lengths = build(case, torch.float64)
+    want = run(model, x, state, case["seed"], lengths)
+    model.backend = "fused"
+    got = run(model, x, state, case["seed"], lengths)
+    assert_all_close(got, want, TOL[torch.float64])
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=cases)
+def test_fused_matches_reference_fp32(case: dict) -> None:
+    """Within 1e-5 of the fp32 reference; the LayerNorm cell (whose backward divides by each row's standard
+    deviation, amplifying fp32 rounding differently in the two orders of operations) is held instead to be
+    no further from the fp64 result than the fp32 reference itself is, plus 1e-5."""
+    model, x, state, lengths = build(case, torch.float32)
+    want = run(model, x, state, case["seed"], lengths)
+    fused_model = copy.deepcopy(model)
+    fused_model.backend = "fused"
+    got = run(fused_model, x, state, case["seed"], lengths)
+    if case["cell"] != "layernorm":
+        assert_all_close(got, want, TOL[torch.float32])
+        return
+    truth = run(copy.deepcopy(model).double(), x.double(), None if state is None else
+                tuple(s.double() for s in state), case["seed"], lengths)
+    for k, (a, b, t) in enumerate(zip(got, want, truth, strict=True)):
+        scale = 1 + t.abs()
+        err_fused = ((a.double() - t).abs() / scale).max().item() if t.numel() else 0.0
+        err_ref = ((b.double() - t).abs() / scale).max().item() if t.numel() else 0.0
+        assert err_fused <= 2 * err_ref + 1e-5, f"tensor #{k}: fused {err_fused:.2e}, reference {err_ref:.2e}"
+
+
+def test_every_variant_trains_and_runs_fused_in_both_modes() -> None:
+    for cell in ("lstm", "peephole", "layernorm"):
+        m = LSTM(3, 4, 2, bidirectional=True, cell=cell, zoneout=0.1, recurrent_dropout=0.2, batch_first=True)
+        out, (h, c) = m(torch.randn(2, 5, 3))
+        out.sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+        m.eval()
+        with torch.inference_mode():
+            assert m(torch.randn(2, 5, 3))[0].shape == (2, 5, 8)
+
+
+# --- the reference equals independent implementations ---------------------------------------------------------------
+
+
+def ba_layer_norm(v: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Ba et al.: mu = mean of the H summed inputs, sigma = sqrt(mean((a - mu)^2)); (a - mu) / sigma * g + b."""
+    mu = v.sum(-1, keepdim=True) / v.shape[-1]
+    sigma = torch.sqrt(((v - mu) ** 2).sum(-1, keepdim=True) / v.shape[-1] + 1e-5)
+    out = (v - mu) / sigma * gain
+    return out if bias is None else out + bias
+
+
+def test_layernorm_lstm_equals_ba_et_al_written_here() -> None:
+    torch.manual_seed(0)
+    T, B, I, H = 6, 3, 4, 5  # noqa: E741
+    m = LSTM(I, H, cell="layernorm").double()
+    perturb(m, 1)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    p = dict(m.named_parameters())
+    h = torch.zeros(B, H, dtype=torch.float64)
+    c = torch.zeros(B, H, dtype=torch.float64)
+    outs = []
+    for t in range(T):
+        a = ba_layer_norm(x[t] @ p["weight_ih_l0"].T, p["ln_ih_weight_l0"]) \
+            + ba_layer_norm(h @ p["weight_hh_l0"].T, p["ln_hh_weight_l0"]) + p["bias_ih_l0"] + p["bias_hh_l0"]
+        i, f, o, g = (torch.sigmoid(a[:, :H]), torch.sigmoid(a[:, H:2 * H]), torch.sigmoid(a[:, 3 * H:]),
+                      torch.tanh(a[:, 2 * H:3 * H]))
+        c = f * c + i * g
+        h = o * torch.tanh(ba_layer_norm(c, p["ln_c_weight_l0"], p["ln_c_bias_l0"]))
+        outs.append(h)
+    for backend in ("reference", "fused"):
+        m.backend = backend
+        out, (h_n, c_n) = m(x)
+        torch.testing.assert_close(out, torch.stack(outs), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(c_n[0], c, atol=1e-12, rtol=1e-12)
+
+
+def test_peephole_equals_gers_written_here_and_a_fresh_one_equals_nn_lstm() -> None:
+    torch.manual_seed(0)
+    T, B, I, H = 5, 2, 3, 4  # noqa: E741
+    m = LSTM(I, H, cell="peephole").double()
+    ref = nn.LSTM(I, H).double()
+    missing, unexpected = ref.load_state_dict(m.state_dict(), strict=False)
+    assert not missing and sorted(unexpected) == ["weight_cf_l0", "weight_ci_l0", "weight_co_l0"]
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    torch.testing.assert_close(m(x)[0], ref(x)[0], atol=1e-12, rtol=1e-12)  # peepholes start at 0
+    perturb(m, 2)
+    p = dict(m.named_parameters())
+    h = torch.zeros(B, H, dtype=torch.float64)
+    c = torch.zeros(B, H, dtype=torch.float64)
+    outs = []
+    for t in range(T):
+        z = x[t] @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h @ p["weight_hh_l0"].T + p["bias_hh_l0"]
+        i = torch.sigmoid(z[:, :H] + p["weight_ci_l0"] * c)
+        f = torch.sigmoid(z[:, H:2 * H] + p["weight_cf_l0"] * c)
+        c = f * c + i * torch.tanh(z[:, 2 * H:3 * H])
+        h = torch.sigmoid(z[:, 3 * H:] + p["weight_co_l0"] * c) * torch.tanh(c)
+        outs.append(h)
+    for backend in ("reference", "fused"):
+        m.backend = backend
+        torch.testing.assert_close(m(x)[0], torch.stack(outs), atol=1e-12, rtol=1e-12)
+
+
+def plain_loop(m: LSTM, x: torch.Tensor, h_mask: torch.Tensor | None = None,
+               z: torch.Tensor | None = None) -> torch.Tensor:
+    """One plain layer, stepped by hand with nn.LSTMCell's math, with an optional recurrent mask and zoneout
+    weights z (2, T, B, H) applied around it."""
+    cell = nn.LSTMCell(m.input_size, m.hidden_size).double()
+    cell.load_state_dict({k[:-3]: v for k, v in m.state_dict().items()})
+    B, H = x.shape[1], m.hidden_size
+    h = torch.zeros(B, H, dtype=x.dtype)
+    c = torch.zeros(B, H, dtype=x.dtype)
+    outs = []
+    for t in range(x.shape[0]):
+        h_in = h if h_mask is None else h * h_mask
+        h_new, c_new = cell(x[t], (h_in, c))
+        if z is not None:
+            c_new = z[0, t] * c + (1 - z[0, t]) * c_new
+            h_new = z[1, t] * h + (1 - z[1, t]) * h_new
+        h, c = h_new, c_new
+        outs.append(h)
+    return torch.stack(outs)
+
+
+def test_eval_zoneout_is_the_expectation() -> None:
+    torch.manual_seed(0)
+    m = LSTM(3, 4, zoneout=(0.3, 0.6)).double().eval()
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    z = torch.tensor([0.3, 0.6], dtype=torch.float64).view(2, 1, 1, 1).expand(2, 7, 2, 4)
+    want = plain_loop(m, x, z=z)
+    for backend in ("reference", "fused"):
+        m.backend = backend
+        torch.testing.assert_close(m(x)[0], want, atol=1e-12, rtol=1e-12)
+
+
+def test_eval_recurrent_dropout_equals_nn_lstm() -> None:
+    torch.manual_seed(0)
+    m = LSTM(3, 4, 2, bidirectional=True, recurrent_dropout=0.5).eval()
+    ref = nn.LSTM(3, 4, 2, bidirectional=True).eval()
+    ref.load_state_dict(m.state_dict())  # strict: recurrent dropout adds no parameter
+    x = torch.randn(6, 2, 3)
+    for backend in ("reference", "fused"):
+        m.backend = backend
+        for a, b in zip((m(x)[0], *m(x)[1]), (ref(x)[0], *ref(x)[1]), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_recurrent_dropout_mask_is_one_per_sequence_from_the_seed() -> None:
+    m = LSTM(3, 4, recurrent_dropout=0.5).double().train()
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
+    torch.manual_seed(11)
+    mask = recurrent_dropout_mask(torch.zeros(5, 4, dtype=torch.float64), 0.5)
+    assert set(mask.unique().tolist()) <= {0.0, 2.0}  # inverted scaling 1/(1-p)
+    want = plain_loop(m, x, h_mask=mask)  # the SAME mask at every step
+    for backend in ("reference", "fused"):
+        m.backend = backend
+        torch.manual_seed(11)
+        torch.testing.assert_close(m(x)[0], want, atol=1e-12, rtol=1e-12)
+    torch.manual_seed(12)
+    assert not torch.allclose(m(x)[0], want)  # another seed, another mask
+
+
+def test_zoneout_masks_are_drawn_per_step_from_the_seed() -> None:
+    m = LSTM(3, 4, zoneout=(0.4, 0.3)).double().train()
+    x = torch.randn(9, 6, 3, dtype=torch.float64)
+    torch.manual_seed(5)
+    z = zoneout_masks(torch.zeros(6, 4, dtype=torch.float64), (0.4, 0.3), 9, True)
+    assert set(z.unique().tolist()) == {0.0, 1.0}
+    assert not all(torch.equal(z[:, 0], z[:, t]) for t in range(1, 9))  # a new draw at each step
+    want = plain_loop(m, x, z=z)
+    for backend in ("reference", "fused"):
+        m.backend = backend
+        torch.manual_seed(5)
+        first = m(x)[0]
+        torch.testing.assert_close(first, want, atol=1e-12, rtol=1e-12)
+        torch.manual_seed(5)
+        torch.testing.assert_close(m(x)[0], first, atol=0, rtol=0)  # reproducible from the seed, bit for bit
+    big = zoneout_masks(torch.zeros(1000, 100), (0.4, 0.3), 2, True)
+    assert abs(big[0].mean().item() - 0.4) < 0.01 and abs(big[1].mean().item() - 0.3) < 0.01
+
+
+# --- API --------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_names_shapes_and_loading_from_nn_lstm() -> None:
+    m = LSTM(3, 4, 2, bidirectional=True, cell="layernorm")
+    extra = {n: tuple(p.shape) for n, p in m.named_parameters() if not n.startswith(STANDARD)}
+    want = {}
+    for layer in range(2):
+        for sfx in ("", "_reverse"):
+            want.update({f"ln_ih_weight_l{layer}{sfx}": (16,), f"ln_hh_weight_l{layer}{sfx}": (16,),
+                         f"ln_c_weight_l{layer}{sfx}": (4,), f"ln_c_bias_l{layer}{sfx}": (4,)})
+    assert extra == want
+    assert all((p == 1).all() for n, p in m.named_parameters() if n.startswith(("ln_ih", "ln_hh", "ln_c_weight")))
+    assert all((p == 0).all() for n, p in m.named_parameters() if n.startswith("ln_c_bias"))
+    ref = nn.LSTM(3, 4, 2, bidirectional=True)
+    missing, unexpected = m.load_state_dict(ref.state_dict(), strict=False)
+    assert sorted(missing) == sorted(want) and not unexpected
+    for name, p in ref.named_parameters():
+        assert torch.equal(getattr(m, name), p)
+    p = LSTM(3, 4, bidirectional=True, cell="peephole")
+    assert {n for n, _ in p.named_parameters() if not n.startswith(STANDARD)} == {
+        f"weight_c{g}_l0{s}" for g in "ifo" for s in ("", "_reverse")}
+    torch.manual_seed(3)
+    a = LSTM(3, 4, cell="layernorm")
+    torch.manual_seed(3)
+    b = nn.LSTM(3, 4)
+    assert all(torch.equal(getattr(a, n), q) for n, q in b.named_parameters())  # same draws as nn.LSTM
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"cell": "gru"}, "cell should be one of"),
+    ({"cell": None}, "cell should be one of"),
+    ({"zoneout": 1.5}, r"zoneout should be a number in range \[0, 1\]"),
+    ({"zoneout": -0.1}, "zoneout should be"),
+    ({"zoneout": (0.1,)}, "pair"),
+    ({"zoneout": (0.1, 2)}, "zoneout should be"),
+    ({"zoneout": True}, "zoneout should be"),
+    ({"zoneout": float("nan")}, "zoneout should be"),
+    ({"recurrent_dropout": 1.0}, r"recurrent_dropout should be a number in range \[0, 1\)"),
+    ({"recurrent_dropout": "0.1"}, "recurrent_dropout should be"),
+    ({"cell": "peephole", "proj_size": 2}, "proj_size"),
+    ({"zoneout": 0.1, "backend": "torch"}, "torch backend"),
+])
+def test_nonsense_is_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LSTM(3, 4, **kwargs)
+    if "proj_size" not in kwargs and "backend" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            LSTMCell(3, 4, **kwargs)
+
+
+def test_repr_names_the_variant() -> None:
+    assert "cell='layernorm', zoneout=(0.1, 0.2), recurrent_dropout=0.3" in repr(
+        LSTM(2, 3, cell="layernorm", zoneout=(0.1, 0.2), recurrent_dropout=0.3))
+    assert "cell" not in repr(LSTM(2, 3))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "layernorm"])
+def test_cell_equals_one_step_of_the_layer(cell: str) -> None:
+    torch.manual_seed(0)
+    layer = LSTM(3, 4, cell=cell, zoneout=0.2, recurrent_dropout=0.3).double().eval()
+    perturb(layer, 4)
+    lstm_cell = LSTMCell(3, 4, cell=cell, zoneout=0.2, recurrent_dropout=0.3).double().eval()
+    lstm_cell.load_state_dict({k[:-3]: v for k, v in layer.state_dict().items()})
+    x, h0, c0 = (torch.randn(2, n, dtype=torch.float64) for n in (3, 4, 4))
+    out, (h, c) = layer(x.unsqueeze(0), (h0.unsqueeze(0), c0.unsqueeze(0)))
+    h1, c1 = lstm_cell(x, (h0, c0))
+    torch.testing.assert_close(h1, h[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(c1, c[0], atol=1e-12, rtol=1e-12)
+    lstm_cell.train()
+    mask = lstm_cell.draw_recurrent_mask(2)
+    assert mask.shape == (2, 4)
+    assert lstm_cell(x[0], (h0[0], c0[0]), recurrent_mask=mask[0])[0].shape == (4,)
+
+
+# --- the registered op ----------------------------------------------------------------------------------------------
+
+
+def _variant_args(T: int, B: int, H: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {"ln_gates": 1 + 0.3 * torch.randn(2, 4 * H, generator=gen, dtype=dtype),
+            "ln_cell": torch.stack([1 + 0.3 * torch.randn(H, generator=gen, dtype=dtype),
+                                    0.3 * torch.randn(H, generator=gen, dtype=dtype)]),
+            "peephole": 0.3 * torch.randn(3, H, generator=gen, dtype=dtype),
+            "recurrent_mask": (torch.rand(B, H, generator=gen, dtype=dtype) > 0.3).to(dtype) / 0.7,
+            "zoneout_mask": (torch.rand(2, T, B, H, generator=gen, dtype=dtype) > 0.6).to(dtype)}
+
+
+def test_double_backward_and_gradcheck_through_every_variant_term() -> None:
+    T, B, I, H = 3, 2, 2, 3  # noqa: E741
+    gen = torch.Generator().manual_seed(0)
+    v = _variant_args(T, B, H)
+    leaves = [torch.randn(T, B, I, generator=gen, dtype=torch.float64), torch.randn(B, H, generator=gen,
+              dtype=torch.float64), torch.randn(B, H, generator=gen, dtype=torch.float64),
+              0.5 * torch.randn(4 * H, I, generator=gen, dtype=torch.float64),
+              0.5 * torch.randn(4 * H, H, generator=gen, dtype=torch.float64),
+              torch.randn(4 * H, generator=gen, dtype=torch.float64), v["ln_gates"], v["ln_cell"], v["peephole"]]
+    leaves = [t.requires_grad_() for t in leaves]
+
+    def f(x, h0, c0, w_ih, w_hh, b, ln_gates, ln_cell, peephole):  # noqa: ANN001, ANN202
+        return fused.fused_layer(x, h0, c0, w_ih, w_hh, b, b, ln_gates=ln_gates, ln_cell=ln_cell,
+                                 peephole=peephole, recurrent_mask=v["recurrent_mask"],
+                                 zoneout_mask=v["zoneout_mask"])
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-7)
+
+
+def test_variant_op_fake_kernels_and_opcheck() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    T, B, I, H = 3, 2, 2, 4  # noqa: E741
+    v = _variant_args(T, B, H, torch.float32)
+    args = (torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, I), torch.randn(4 * H, H),
+            torch.randn(4 * H), torch.randn(4 * H), None, None)
+    for save in (False, True):
+        torch.library.opcheck(torch.ops.lstmlab.lstm_layer.default, (*args, save), dict(v))
+    with FakeTensorMode():
+        fake = [torch.empty(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+        outs = torch.ops.lstmlab.lstm_layer(*fake, True, **{k: torch.empty(t.shape) for k, t in v.items()})
+    real = torch.ops.lstmlab.lstm_layer(*args, True, **v)
+    assert [o.shape for o in outs] == [o.shape for o in real]
+    acts, cs, tcs, extra = real[3], real[4], real[5], real[7]
+    torch.library.opcheck(torch.ops.lstmlab.lstm_variant_layer_backward.default,
+                          (torch.randn(T, B, H), torch.randn(B, H), None, args[0], args[2], args[3], args[4], None,
+                           acts, cs, tcs, extra, v["ln_gates"], v["ln_cell"], v["peephole"], v["recurrent_mask"],
+                           v["zoneout_mask"], True, True, True, True))
+
+
+def test_vmap_and_compile_of_a_variant() -> None:
+    torch.manual_seed(0)
+    m = LSTM(2, 3, cell="layernorm", zoneout=0.1, batch_first=True).eval()
+    x = torch.randn(4, 5, 2)
+    want = m(x)[0]
+    got = torch.func.vmap(lambda row: m(row.unsqueeze(0))[0].squeeze(0))(x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], want, atol=1e-6, rtol=1e-6)
+    assert math.isfinite(compiled(x)[0].sum().item())
+
+
+def test_step_equations_match_the_textbook_lines() -> None:
+    """lstm_step with every variant off is the plain cell (the variants only add terms)."""
+    gen = torch.Generator().manual_seed(0)
+    x, h, c = (torch.randn(2, n, generator=gen, dtype=torch.float64) for n in (3, 4, 4))
+    w_ih, w_hh = torch.randn(16, 3, generator=gen, dtype=torch.float64), torch.randn(16, 4, generator=gen,
+                                                                                       dtype=torch.float64)
+    plain = lstm_step(x, h, c, w_ih, w_hh)
+    zero = torch.zeros(3, 4, dtype=torch.float64)
+    keep_none = (torch.zeros(2, 4, dtype=torch.float64),) * 2
+    ones = torch.ones(2, 4, dtype=torch.float64)
+    variant = lstm_step(x, h, c, w_ih, w_hh, peephole=zero, zoneout=keep_none, recurrent_mask=ones)
+    for a, b in zip(plain, variant, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
