@@ -253,12 +253,13 @@ def test_bare_lstmlab_lists_the_commands(capsys):
 
 def test_help_does_not_import_torch():
     code = ("import sys; from lstmlab.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "for argv in (['--help'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "main([])\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "train" in done.stdout
+    assert "train" in done.stdout and "--hidden-size" in done.stdout
 
 
 def test_version_matches_the_package():

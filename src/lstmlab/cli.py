@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from lstmlab.errors import LstmlabError
@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lstmlab.export", "write a trained classifier as ONNX (runs in onnxruntime)"),
     "demo": ("lstmlab.demo", "draw a digit in the browser and watch the LSTM read it"),
 }
+
+# commands whose flags live in a torch-free module of their own, so that `lstmlab COMMAND --help` is quick
+ARGUMENTS: dict[str, str] = {"train": "lstmlab.train_args"}
 
 EPILOG = """examples:
   lstmlab train --data-dir /path/to/mnist     train the default recipe, saving runs/<dataset>-<view>-<time>/
@@ -76,6 +79,15 @@ def _upper_positionals(parser: argparse.ArgumentParser) -> None:
             action.metavar = (action.metavar or action.dest).upper()
 
 
+def _runner(module_name: str) -> Callable[[argparse.Namespace], int]:
+    """The command's ``run``, its module imported only when the command runs (not for --help)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module_name).run(args)
+
+    return run
+
+
 def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; the options of ``commands`` (default: all) are added by importing their modules, the
     others are listed by name only."""
@@ -88,14 +100,14 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
         if name not in wanted:
             continue
         try:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(ARGUMENTS.get(name, module_name))
         except ImportError as e:
             if e.name != module_name:  # a real bug inside the module, not a command not built yet
                 raise
             continue
         module.add_arguments(p)
         _upper_positionals(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=_runner(module_name))
     return parser
 
 
