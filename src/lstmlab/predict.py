@@ -32,6 +32,7 @@ BOX = 20  # MNIST: the digit fits a 20x20 box ...
 FRAME = 28  # ... centred by mass in a 28x28 frame
 STROKE = 2.6  # median MNIST stroke width in pixels (2 * area / boundary of the ink above 50%)
 WORK_SIDE = 160  # big images are first averaged down to this longest side before stroke estimation
+LIGHT_SIDE = 96  # the background's lighting is estimated at this longest side: it changes slowly, and it is cheap
 
 
 def _pil():
@@ -145,13 +146,67 @@ def _dilate(ink: np.ndarray, k: int) -> np.ndarray:
     return t[0, 0].numpy()
 
 
+def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 square, edges averaging only the pixels inside the image."""
+    if radius < 1:
+        return a
+    k = 2 * radius + 1
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+    t = torch.nn.functional.avg_pool2d(t, k, stride=1, padding=radius, count_include_pad=False)
+    return t[0, 0].numpy()
+
+
+def _detail_skew(a: np.ndarray) -> float:
+    """Skewness of the image minus its local mean: negative when the details (ink) are darker than around them."""
+    h, w = a.shape
+    f = min(1.0, LIGHT_SIDE / max(h, w))
+    small = _resize(a, max(1, round(w * f)), max(1, round(h * f))) if f < 1 else a
+    detail = small - _box_blur(small, max(1, round(max(small.shape) / 12)))
+    detail = detail - detail.mean()
+    return float((detail**3).mean() / max(float((detail**2).mean()) ** 1.5, 1e-12))
+
+
+def _remove_lighting(a: np.ndarray, inverted: bool = False) -> np.ndarray:
+    """Ink (light on dark, ``a`` in 0..1) with the background's own level at each pixel taken away.
+
+    The background is estimated at ``LIGHT_SIDE`` pixels a side by a grey opening (erase every bright structure
+    narrower than a sixth of the image: strokes) then smoothed, so a shadow, a lamp's gradient or a tinted
+    corner is background however dark it is. When the picture was dark ink on light paper (``inverted``), the
+    residual is divided by the local paper brightness: ink under a shadow is as dark relative to its paper as ink
+    in the light, so both come out equally strong.
+    """
+    h, w = a.shape
+    f = min(1.0, LIGHT_SIDE / max(h, w))
+    small = _resize(a, max(1, round(w * f)), max(1, round(h * f))) if f < 1 else a
+    k = max(3, round(max(small.shape) / 6)) | 1  # odd; strokes are a tenth of a digit, lighting changes slower
+    t = torch.from_numpy(np.ascontiguousarray(small, dtype=np.float32))[None, None]
+    pool = torch.nn.functional.max_pool2d
+    t = -pool(-t, k, stride=1, padding=k // 2)  # erosion: the ink goes, the lighting stays (padding is ignored)
+    t = pool(t, k, stride=1, padding=k // 2)  # dilation: back to the lighting's extent
+    s = max(1, k // 3) | 1  # smooth the opening's flat steps, but less than a shadow's edge is wide
+    t = torch.nn.functional.avg_pool2d(t, s, stride=1, padding=s // 2, count_include_pad=False)
+    background = t[0, 0].numpy()
+    if background.shape != a.shape:
+        background = _resize(background, w, h)
+    background = np.minimum(background, a.max())  # the smoothing can overshoot a bright edge, never the data
+    ink = a - background
+    spread = np.abs(ink - np.median(ink))
+    noise = 1.4826 * float(np.median(spread))  # the residual of most pixels (paper) is noise: its robust sigma
+    ink = ink - 3.0 * noise  # sensor noise and paper grain are not ink, least of all once a shadow is divided out
+    if inverted:  # relative to the paper's brightness; a black shadow (paper below 10% of the brightest) is not ink
+        paper = 1.0 - background
+        ink = ink / np.maximum(paper, 0.1 * max(float(paper.max()), 1e-6))
+    return np.clip(ink, 0.0, None).astype(np.float32)
+
+
 def preprocess_image(img: PILImage.Image) -> Tensor:
     """Any picture of one digit -> an MNIST-style uint8 tensor (28, 28): white ink on black, centred.
 
     Steps: any mode (1, L, P, RGB, RGBA composited on white, LA, I;16, I, F) to grayscale; dark ink on a
-    light background is inverted (decided by the border, else by the majority); the background level is
-    removed; crop to the ink's bounding box; thin strokes are thickened to MNIST's width; scale into 20x20
-    keeping the aspect ratio; centre by centre of mass in 28x28. A blank image raises ``LstmlabError``.
+    light background is inverted (decided by an evenly lit border, else by which way the details stand out); the
+    background's level is estimated at every pixel (uneven light, shadows) and removed, relative to the paper's
+    brightness, along with the noise; crop to the ink's bounding box; thin strokes are thickened to MNIST's width;
+    scale into 20x20 keeping the aspect ratio; centre by centre of mass in 28x28. A blank image raises ``LstmlabError``.
     """
     Image = _pil()
     if not isinstance(img, Image.Image):
@@ -168,19 +223,26 @@ def preprocess_image(img: PILImage.Image) -> Tensor:
     img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
     a, fixed_scale = _to_gray(img)
 
-    # Polarity: MNIST is light ink on a dark background; the border tells which is background.
-    background = float(np.median(_border(a)))
-    if abs(background - 0.5) < 0.1:  # an ambiguous border (ink touching the edges): go by the majority
-        background = float(np.median(a))
-    if background > 0.5:
-        a, background = 1.0 - a, 1.0 - background
-    contrast = float(a.max()) - background
+    # Polarity: MNIST is light ink on a dark background. An evenly lit border tells which is background; under
+    # uneven light (or ink on the edges) the ink is the side on which the details stand out of their surroundings.
+    low, background, high = np.percentile(_border(a), [10, 50, 90])
+    if high - low < 0.2 and abs(background - 0.5) >= 0.1:
+        inverted = background > 0.5
+    else:
+        inverted = _detail_skew(a) < 0
+    if inverted:
+        a = 1.0 - a
+    ink = _remove_lighting(a, inverted)
+    smooth = max(1, round(max(ink.shape) / 150))  # about a pixel of a 150-pixel digit: below any stroke's width
+    contrast = float(_box_blur(ink, smooth).max())  # the ink's level, not one noisy pixel's
     if contrast <= (0.1 if fixed_scale else 1e-6):
         raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
-    ink = np.clip((a - background) / contrast, 0.0, 1.0)
+    ink = np.clip(ink / contrast, 0.0, 1.0)
     ink[ink < 0.15] = 0.0  # paper texture and JPEG noise are not ink
 
-    ys, xs = np.nonzero(ink > 0.25)
+    # Crop on a lightly smoothed copy: single noisy pixels of a photo must not stretch the box.
+    mask = _box_blur(ink, smooth) > 0.25
+    ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
     ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]  # crop to the ink's bounding box
