@@ -75,7 +75,9 @@ def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
     for figure in (r.gates, r.evolution):
         assert figure.ndim == 3 and figure.shape[2] == 3 and figure.dtype == np.uint8
         assert figure.std() > 20  # not blank
-    assert r.gates.shape[:2] == (12 * DPI, 17 * DPI)
+    # the gates figure is its heatmaps only (the input and the guess are shown once, elsewhere on the page)
+    assert r.gates.shape[1] == 17 * DPI and 6 * DPI < r.gates.shape[0] < 9 * DPI
+    assert r.step_data is not None and r.step_data.steps == 28 and r.step_data.digit.shape == (28, 28)
     # A later drawing refills the same figures (only what changes is redrawn): the pixels equal a fresh drawing's.
     cache = FigureCache(checkpoint.permutation, list(r.probabilities), checkpoint.config.data.view)
     one = predict_drawing(checkpoint, np.asarray(seven("RGB", width=40)), figure_cache=cache)
@@ -87,6 +89,30 @@ def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
         assert predict_drawing(checkpoint, drawing, figures=False).probabilities.keys() == r.probabilities.keys()
         assert max(predict_drawing(checkpoint, drawing, figures=False).probabilities.items(),
                    key=lambda kv: kv[1])[0] == best
+
+
+def test_step_view_counts_rows_from_one(checkpoint) -> None:
+    """The step view shows the rows read so far lit, the rest dimmed, the current one marked; the caption, the
+    slider and the message all count rows from 1."""
+    from lstmlab.demo import predict_drawing, render_step, step_caption
+
+    r = predict_drawing(checkpoint, seven(), figures=False)
+    data = r.step_data
+    frames = {t: render_step(data, t) for t in (1, 12, 28)}
+    assert len({f.shape for f in frames.values()}) == 1 and frames[1].dtype == np.uint8
+    assert not np.array_equal(frames[1], frames[12]) and not np.array_equal(frames[12], frames[28])
+    assert np.array_equal(render_step(data, 0), frames[1]) and np.array_equal(render_step(data, 99), frames[28])
+    digit = data.digit.astype(np.float32)
+    top, scale = 24, 8  # where the input sits in the frame, and its magnification
+    shown = frames[12][top + 4 : top + 224 : scale, 4:224:scale, 1].astype(np.float32)  # one pixel per input pixel
+    assert np.abs(shown[:11] - digit[:11]).max() <= 1  # rows 1..11 read: as the model sees them
+    assert np.abs(shown[12:] - (0.3 * digit[12:] + 40)).max() <= 1  # rows 13..28 not read yet: dimmed
+    red = frames[12][top + 11 * scale, 100]
+    assert tuple(red) == (230, 30, 30)  # row 12 (index 11) is framed in red
+    assert step_caption(data, 12).startswith("**Row 12 of 28**")
+    assert step_caption(data, 1).startswith("**Row 1 of 28**")
+    word, first = r.message.split("after ")[1].split(":")[0].split()
+    assert (word, first) == ("row", str(r.steps[0][0])) and r.steps[0][0] == 1
 
 
 def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
@@ -220,18 +246,17 @@ def test_app_through_gradio_client(served: str, tmp_path: Path, real_mnist: bool
     def editor(path: Path) -> dict:
         return {"background": None, "layers": [], "composite": client_mod.handle_file(str(path)), "id": None}
 
-    digit, label, evolution, gates, message = client.predict(editor(blank), api_name="/predict")
-    assert (digit, evolution, gates) == (None, None, None) and not label  # gradio sends an empty Label as {}
-    assert "blank" in message
+    step_view, label, evolution, gates, message, _, caption = client.predict(editor(blank), api_name="/predict")
+    assert (step_view, evolution, gates) == (None, None, None) and not label  # gradio sends an empty Label as {}
+    assert "blank" in message and not caption
     # The app keeps serving after a blank canvas.
-    digit, label, evolution, gates, message = client.predict(editor(drawn), api_name="/predict")
+    step_view, label, evolution, gates, message, slider, caption = client.predict(editor(drawn), api_name="/predict")
+    assert slider["value"] == 28 and caption.startswith("**Row 28 of 28**")  # the step view opens at the last row
     assert len(label["confidences"]) >= 3
     if real_mnist:  # a model trained on the synthetic stand-in has never seen a digit
         assert "7" in [c["label"] for c in label["confidences"]]
     assert message.startswith(f"**Prediction: {label['label']}**")
-    with Image.open(digit) as img:
-        assert img.size == (224, 224)
-    for path in (evolution, gates):
+    for path in (step_view, evolution, gates):
         with Image.open(path) as img:
             assert np.asarray(img.convert("L")).std() > 20
 
@@ -253,6 +278,7 @@ def test_app_in_headless_chromium(served: str, tmp_path: Path, real_mnist: bool)
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
@@ -271,24 +297,70 @@ def test_app_in_headless_chromium(served: str, tmp_path: Path, real_mnist: bool)
         def message() -> str:
             return chrome.find_element(By.CSS_SELECTOR, "#message").text
 
+        def caption() -> str:
+            return chrome.find_element(By.CSS_SELECTOR, "#step-caption").text
+
+        def brush_selected() -> bool:
+            brush = chrome.find_element(By.CSS_SELECTOR, "#sketchpad button[aria-label='Brush']")
+            return "highlight" in (brush.get_attribute("class") or "")
+
+        def draw_seven() -> None:
+            canvas = [c for c in chrome.find_elements(By.CSS_SELECTOR, "#sketchpad canvas") if c.is_displayed()][-1]
+            stroke = ActionChains(chrome).move_to_element_with_offset(canvas, -60, -70).click_and_hold()
+            for x, y in [(-20, -70), (20, -70), (60, -70), (40, -20), (20, 30), (0, 80)]:  # a 7, from the centre
+                stroke.move_to_element_with_offset(canvas, x, y)
+            stroke.release().perform()
+            time.sleep(0.5)  # let the canvas commit the stroke before reading it
+
         chrome.find_element(By.CSS_SELECTOR, "#read-button").click()  # nothing drawn yet
         wait.until(lambda d: "blank" in message())
 
-        chrome.find_element(By.CSS_SELECTOR, "#sketchpad button[aria-label='Brush']").click()
-        canvas = [c for c in chrome.find_elements(By.CSS_SELECTOR, "#sketchpad canvas") if c.is_displayed()][-1]
-        stroke = ActionChains(chrome).move_to_element_with_offset(canvas, -60, -70).click_and_hold()
-        for x, y in [(-20, -70), (20, -70), (60, -70), (40, -20), (20, 30), (0, 80)]:  # a 7, offsets from the centre
-            stroke.move_to_element_with_offset(canvas, x, y)
-        stroke.release().perform()
-        time.sleep(0.5)  # let the canvas commit the stroke before reading it
+        wait.until(lambda d: brush_selected())  # the page opens with the brush picked: drawing works at once
+        draw_seven()
         chrome.find_element(By.CSS_SELECTOR, "#read-button").click()
         wait.until(lambda d: "Prediction" in message())
         predicted = message().split("Prediction:")[1].split()[0]
         label_lines = chrome.find_element(By.CSS_SELECTOR, "#prediction").text.split()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gates img"))
+        wait.until(lambda d: caption().startswith("Row 28 of 28"))
+
+        # scrub: the caption and the step view follow the slider, counted from 1
+        slider = chrome.find_element(By.CSS_SELECTOR, "#step-slider input[type=range]")
+        number = chrome.find_element(By.CSS_SELECTOR, "#step-slider input[type=number]")
+        view_before = chrome.find_element(By.CSS_SELECTOR, "#step-view img").get_attribute("src")
+        slider.send_keys(Keys.HOME)
+        for _ in range(6):
+            slider.send_keys(Keys.ARROW_RIGHT)
+        wait.until(lambda d: number.get_attribute("value") == "7")
+        wait.until(lambda d: caption().startswith("Row 7 of 28"))
+        wait.until(lambda d: chrome.find_element(By.CSS_SELECTOR, "#step-view img").get_attribute("src")
+                   != view_before)
         time.sleep(0.5)
         shot = tmp_path / "demo.png"
         chrome.save_screenshot(str(shot))
+
+        # play: the rows go by, one after the other, up to the last
+        chrome.find_element(By.CSS_SELECTOR, "#play-button").click()
+        seen = set()
+
+        def played(d) -> bool:
+            seen.add(caption().split(" of ")[0])
+            return caption().startswith("Row 28 of 28")
+
+        WebDriverWait(chrome, 90, poll_frequency=0.05).until(played)
+        assert len(seen) >= 5, seen  # several rows were shown on the way, not just the end
+        assert number.get_attribute("value") == "28"
+
+        # the trash button clears the canvas and every answer, and keeps the brush
+        chrome.find_element(By.CSS_SELECTOR, "#sketchpad button[aria-label='Clear canvas']").click()
+        wait.until(lambda d: not message() and not caption())
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#gates img")
+                   and not d.find_elements(By.CSS_SELECTOR, "#step-view img"))
+        wait.until(lambda d: brush_selected())
+        draw_seven()  # with no tool re-picked by hand
+        chrome.find_element(By.CSS_SELECTOR, "#read-button").click()
+        wait.until(lambda d: "Prediction" in message() or "blank" in message())
+        assert "Prediction" in message(), message()
         if os.environ.get("LSTMLAB_SCREENSHOT_DIR"):  # to look at it by eye
             shutil.copy(shot, Path(os.environ["LSTMLAB_SCREENSHOT_DIR"]) / "demo-chromium.png")
     finally:

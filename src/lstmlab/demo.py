@@ -46,6 +46,7 @@ class DrawingResult:
     gates: np.ndarray | None = None  # RGB (H, W, 3): the gates figure
     evolution: np.ndarray | None = None  # RGB (H, W, 3): the guess after each step
     steps: list[tuple[int, str, float]] = field(default_factory=list)  # (step, guess, probability) per step
+    step_data: StepData | None = None  # for the step-by-step view (slider and play)
 
 
 def drawing_to_image(drawing: Any):
@@ -73,7 +74,7 @@ def drawing_to_image(drawing: Any):
 
 
 class EvolutionFigure:
-    """Lines of each class's probability after every step beside the input, built once and refilled per drawing
+    """Lines of each class's probability after every step (steps counted from 1), built once and refilled per drawing
     (``update``, then ``to_array``, which redraws only the input and the lines over a cached background). Each
     class keeps one colour, so the legend, beside the plot, never changes; the classes that lead at some step are
     drawn bold. One thread at a time per object."""
@@ -83,14 +84,8 @@ class EvolutionFigure:
 
         p = probs.detach().float().cpu().numpy()  # (T, C)
         self.names, self.steps = names, np.arange(1, len(p) + 1)
-        fig = self.fig = new_figure(10, 4.2, dpi=DPI)
-        img_ax, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3.2]})
-        self.ax = ax
-        self.digit = img_ax.imshow(digit.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
-        img_ax.set_title("what the LSTM reads\n(28 x 28, one row per step)" if view == "rows" else
-                         "what the LSTM reads (28 x 28)", fontsize=10)
-        img_ax.set_xticks([])
-        img_ax.set_yticks([0, 9, 18, 27])
+        fig = self.fig = new_figure(8, 3.6, dpi=DPI)
+        ax = self.ax = fig.subplots(1, 1)  # the input itself is shown once on the page, in the step view
         self.lines = [ax.plot(self.steps, p[:, c], color=f"C{c % 10}", label=names[c])[0] for c in range(p.shape[1])]
         self._background = None
         ax.set_ylim(0, 1.02)
@@ -98,7 +93,7 @@ class EvolutionFigure:
         ax.set_xlabel("rows read so far" if view == "rows" else "pixels read so far")
         ax.set_ylabel("probability")
         ax.grid(True, alpha=0.3)
-        ax.set_title("The guess as the LSTM reads: each class's probability after each step", fontsize=11)
+        ax.set_title(f"each class's probability after each {'row' if view == 'rows' else 'pixel'}", fontsize=11)
         ax.legend(title="bold: led at\nsome step", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
                   title_fontsize=8)
         self._fill(p)
@@ -113,17 +108,15 @@ class EvolutionFigure:
             line.set_zorder(3 if c in leaders else 2)
 
     def update(self, probs: Tensor, digit: Tensor) -> EvolutionFigure:
-        """Show another drawing's per-step probabilities (T, C) and input."""
+        """Show another drawing's per-step probabilities (T, C); ``digit`` is accepted for the old signature."""
         p = probs.detach().float().cpu().numpy()
         if p.shape != (len(self.steps), len(self.lines)):
             raise ValueError("EvolutionFigure.update needs probabilities of the same shape")
-        self.digit.set_data(digit.cpu().numpy())
         self._fill(p)
         return self
 
     def _dynamic(self) -> list:
-        ax = self.digit.axes
-        return [self.digit, *ax.spines.values(), *sorted(self.lines, key=lambda a: a.get_zorder())]
+        return sorted(self.lines, key=lambda a: a.get_zorder())
 
     def to_array(self) -> np.ndarray:
         """The figure as an RGB array (H, W, 3)."""
@@ -147,6 +140,22 @@ def evolution_figure(probs: Tensor, names: list[str], view: str, digit: Tensor) 
     return EvolutionFigure(probs, names, view, digit).fig
 
 
+def _count_steps_from_one(gates: Any) -> None:
+    """Label the heatmaps' time axes 1..T, as the message, the slider and the step view count."""
+    for heat in gates.heat.values():
+        steps = heat.get_array().shape[1]
+        ticks = sorted({0, *range(4, steps, 5), steps - 1})
+        heat.axes.set_xticks(ticks, labels=[str(t + 1) for t in ticks])
+
+
+def _heatmaps_top(gates: Any) -> int:
+    """The first pixel row of the gates figure's heatmaps (with their titles), for cropping off the rest."""
+    fig = gates.fig
+    renderer = fig.canvas.get_renderer()
+    top = max(h.axes.get_tightbbox(renderer).y1 for h in gates.heat.values())  # display units, y upwards
+    return int(max(0, fig.bbox.height - top - 6))
+
+
 class FigureCache:
     """The demo's two figures for one checkpoint, built on the first drawing and refilled for every later one.
 
@@ -160,6 +169,7 @@ class FigureCache:
         self.lock = threading.Lock()
         self.permutation, self.names, self.view = permutation, names, view
         self.gates: Any = None
+        self.crop: int | None = None
         self.evolution: EvolutionFigure | None = None
 
     def render(self, rec: Any, digit: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -172,9 +182,13 @@ class FigureCache:
                 self.gates = GatesFigure(rec, digit, self.view, self.names, permutation=self.permutation,
                                          title="Your digit", image_title="your digit, preprocessed", dpi=DPI,
                                          live_title=False)
+                _count_steps_from_one(self.gates)
             else:
                 self.gates.update(rec, digit)
             gates = self.gates.to_array()
+            if self.crop is None:
+                self.crop = _heatmaps_top(self.gates)
+            gates = gates[self.crop :]  # the heatmaps only: the input and the guess are shown once elsewhere
             evolution = None
             if rec.probs is not None:
                 if self.evolution is None:
@@ -183,6 +197,154 @@ class FigureCache:
                     self.evolution.update(rec.probs[0], digit)
                 evolution = self.evolution.to_array()
         return gates, evolution
+
+
+@dataclass
+class StepData:
+    """What the step-by-step view needs of one drawing (kept in the page's session state): small numpy arrays."""
+
+    digit: np.ndarray  # uint8 (28, 28): what the model reads
+    values: dict[str, np.ndarray]  # gate name -> (H, T), hidden units in the gates figure's order
+    probs: np.ndarray | None  # (T, C): the guess after each step
+    names: list[str]
+    view: str
+    order: np.ndarray  # (T,) or (T, 2): the row (rows view) or flat pixel index each step reads
+
+    @property
+    def steps(self) -> int:
+        """How many steps the model took (28 rows, or 784 pixels)."""
+        return next(iter(self.values.values())).shape[1]
+
+
+def step_data(rec: Any, digit: Tensor, names: list[str], view: str, permutation: Tensor | None = None) -> StepData:
+    """The step view's data from a recording of the last layer's forward direction."""
+    from lstmlab.gates import PANELS, unit_order
+
+    layer = rec.get(-1, 0)
+    rows = unit_order(layer, 0, "index")  # as the gates figure: its cached unit labels cannot follow a new order
+    values = {name: layer[name][0].detach().float().cpu().numpy().T[rows].astype(np.float32) for name in PANELS}
+    steps = layer.h.size(1)
+    if view == "rows":
+        order = np.arange(steps)
+    elif view == "permuted" and permutation is not None:
+        order = permutation.cpu().numpy()[:steps]
+    else:
+        order = np.arange(steps)
+    probs = rec.probs[0].detach().float().cpu().numpy() if rec.probs is not None else None
+    return StepData(digit.cpu().numpy().astype(np.uint8), values, probs, names, view, order)
+
+
+_LUTS: dict[str, np.ndarray] = {}
+
+
+def _lut(cmap: str) -> np.ndarray:
+    """A colour map as a (256, 3) uint8 table, built once (matplotlib's tables are read-only data after that)."""
+    if cmap not in _LUTS:
+        from matplotlib import colormaps
+
+        _LUTS[cmap] = np.round(colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    return _LUTS[cmap]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+STEP_PANEL = (168, 128)  # width (time) x height (units) of each gate's panel in the step view, in pixels
+
+
+def step_caption(data: StepData, step: int) -> str:
+    """One line for the step view: which step, what it reads, the guess then (step counts from 1)."""
+    word = "row" if data.view == "rows" else "pixel"
+    line = f"**{word.capitalize()} {step} of {data.steps}**"
+    if data.probs is not None:
+        p = data.probs[step - 1]
+        top = int(p.argmax())
+        line += f": after reading it the guess is **{data.names[top]}** ({100 * p[top]:.0f}%)"
+    f = data.values["f"][:, step - 1]
+    line += f"; the forget gate keeps {100 * float(f.mean()):.0f}% of the memory on average."
+    return line
+
+
+def render_step(data: StepData, step: int) -> np.ndarray:
+    """The step view for ``step`` (1-based) as an RGB array: the input with the rows read so far lit and the current
+    one marked, each gate's heatmap (units x steps) revealed up to this step, and the guess after it. Pure numpy and
+    Pillow: cheap, and safe from any number of threads."""
+    from PIL import Image, ImageDraw
+
+    from lstmlab.gates import PANELS
+
+    steps = data.steps
+    step = int(min(max(step, 1), steps))
+    pw, ph = STEP_PANEL
+    scale = 8
+    width, height = 224 + 24 + 3 * (pw + 16) + 230, 2 * (ph + 40) + 24
+    frame = np.full((height, width, 3), 255, np.uint8)
+
+    # the input: what has been read is lit, the rest dimmed, the step being read framed in red
+    read = np.zeros(28 * 28, bool)
+    if data.view == "rows":
+        read[: step * 28] = True
+    else:
+        read[data.order[:step]] = True
+    read = read.reshape(28, 28)
+    digit = data.digit.astype(np.float32)
+    shown = np.where(read, digit, 0.3 * digit + 40)  # unread pixels stay visible, dim, on a grey that shows "not yet"
+    big = np.kron(shown, np.ones((scale, scale), np.float32)).astype(np.uint8)
+    top = 24
+    frame[top : top + 224, 0:224] = big[..., None]
+    if data.view == "rows":
+        y = top + (step - 1) * scale
+        frame[y : y + 2, 0:224] = (230, 30, 30)
+        frame[y + scale - 2 : y + scale, 0:224] = (230, 30, 30)
+    else:
+        r, c = divmod(int(data.order[step - 1]), 28)
+        frame[top + r * scale : top + (r + 1) * scale, c * scale : (c + 1) * scale] = (230, 30, 30)
+
+    # each gate: units x steps so far, the current column marked
+    columns = np.minimum((np.arange(pw) * steps) // pw, steps - 1)
+    units = next(iter(data.values.values())).shape[0]
+    rows = np.minimum((np.arange(ph) * units) // ph, units - 1)
+    x0 = 224 + 24
+    for k, (name, (_, cmap, limits)) in enumerate(PANELS.items()):
+        values = data.values[name]
+        low, high = limits if limits is not None else (-max(float(np.abs(values).max()), 1e-6),
+                                                       max(float(np.abs(values).max()), 1e-6))
+        index = np.clip(((values - low) / (high - low) * 256), 0, 255).astype(np.intp)
+        panel = _lut(cmap)[index[rows][:, columns]]  # (ph, pw, 3)
+        panel[:, columns >= step] = 235  # steps not read yet
+        px, py = x0 + (k % 3) * (pw + 16), top + 16 + (k // 3) * (ph + 40)
+        frame[py : py + ph, px : px + pw] = panel
+        cursor = px + np.nonzero(columns == step - 1)[0]
+        frame[py - 4 : py, cursor] = (230, 30, 30)  # ticks above and below the current step's column
+        frame[py + ph : py + ph + 4, cursor] = (230, 30, 30)
+    img = Image.fromarray(frame)
+    draw = ImageDraw.Draw(img)
+    small, tiny = _font(14), _font(12)
+    word = "row" if data.view == "rows" else "pixel"
+    draw.text((0, 2), f"reading {word} {step} of {steps}", fill=(0, 0, 0), font=small)
+    for k, name in enumerate(PANELS):
+        px, py = x0 + (k % 3) * (pw + 16), top + (k // 3) * (ph + 40)
+        label = {"i": "i input gate", "f": "f forget gate", "g": "g candidate", "o": "o output gate",
+                 "c": "c cell (memory)", "h": "h hidden state"}[name]
+        draw.text((px, py), f"{label}: mean {float(data.values[name][:, step - 1].mean()):+.2f}", fill=(0, 0, 0),
+                  font=tiny)
+        draw.text((px, py + 16 + ph + 2), f"{word}s 1-{steps}", fill=(90, 90, 90), font=tiny)
+    if data.probs is not None:
+        p = data.probs[step - 1]
+        bx = x0 + 3 * (pw + 16) + 8
+        draw.text((bx, 2), f"the guess after {word} {step}", fill=(0, 0, 0), font=small)
+        best = int(p.argmax())
+        for c, q in enumerate(p):
+            y = top + 6 + c * 22
+            draw.text((bx, y), data.names[c][:10], fill=(0, 0, 0), font=tiny)
+            length = int(round(float(q) * 150))
+            draw.rectangle([bx + 70, y + 2, bx + 70 + max(length, 1), y + 14],
+                           fill=(230, 30, 30) if c == best else (120, 120, 200))
+            draw.text((bx + 76 + length, y), f"{100 * float(q):.0f}%", fill=(0, 0, 0), font=tiny)
+    return np.asarray(img)
 
 
 def _guess_changes(probs: Tensor, names: list[str]) -> list[tuple[int, str, float]]:
@@ -233,35 +395,67 @@ def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True,
     message = f"**Prediction: {names[top]}** ({100 * final[top]:.1f}%)."
     if story:
         message += f" How the guess changed — {story}."
-    result = DrawingResult(ok=True, message=message, digit=digit, probabilities=probabilities, steps=changes)
+    result = DrawingResult(ok=True, message=message, digit=digit, probabilities=probabilities, steps=changes,
+                           step_data=step_data(rec, digit, names, view, ckpt.permutation))
     if figures:
         cache = figure_cache or FigureCache(ckpt.permutation, names, view)
         result.gates, result.evolution = cache.render(rec, digit)
     return result
 
 
+# Gradio's toolbar opens with no tool and its trash button drops the brush: pick it again (after the toolbar settles).
+SELECT_BRUSH_JS = """() => { const pick = () => {
+  const brush = document.querySelector("#sketchpad button[aria-label='Brush']");
+  if (brush && !brush.classList.contains("highlight")) brush.click();
+}; setTimeout(pick, 150); setTimeout(pick, 600); return []; }"""
+PLAY_DELAY = 0.18  # seconds between steps when playing: 28 rows in about 5 s, slow enough to follow the gates
+
+
 def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your digit"):
-    """The Gradio Blocks app around ``predict_drawing``."""
+    """The Gradio Blocks app around ``predict_drawing``, with the step-by-step view (slider and play button)."""
+    import time
+
     from lstmlab.predict import class_names
 
     gr = _gradio()
     names = class_names(ckpt.config.data.dataset)
-    figures = FigureCache(ckpt.permutation, names, ckpt.config.data.view)
+    view = ckpt.config.data.view
+    word = "row" if view == "rows" else "pixel"
+    figures = FigureCache(ckpt.permutation, names, view)
 
     def handle(drawing):
         r = predict_drawing(ckpt, drawing, figure_cache=figures)
         if not r.ok:
-            return None, None, None, None, r.message
-        big = np.kron(r.digit.numpy(), np.ones((8, 8), dtype=np.uint8))  # 224 x 224, sharp pixels
-        return big, r.probabilities, r.evolution, r.gates, r.message
+            return None, None, None, None, r.message, None, gr.update(value=1, interactive=False), ""
+        data = r.step_data
+        last = data.steps
+        return (render_step(data, last), r.probabilities, r.evolution, r.gates, r.message, data,
+                gr.update(value=last, maximum=last, interactive=True), step_caption(data, last))
+
+    def clear():
+        return None, None, None, None, "", None, gr.update(value=1, interactive=False), ""
+
+    def scrub(data, step):
+        if data is None:
+            return None, ""
+        return render_step(data, int(step)), step_caption(data, int(step))
+
+    def play(data):
+        if data is None:
+            return
+        stride = max(1, data.steps // 28)  # the pixel views play 28 stops, not 784
+        for t in [*range(1, data.steps, stride), data.steps]:
+            yield t, render_step(data, t), step_caption(data, t)
+            time.sleep(PLAY_DELAY)
 
     # delete_cache: a long-running demo would otherwise pile up every figure it served in gradio's temp folder
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(
-            f"# {title}\nPick the brush (the pencil left of the canvas), draw one "
-            f"{'digit' if names == [str(k) for k in range(10)] else 'item'} ({', '.join(names)}), then press "
-            f"**Read my digit**. The model reads the image "
-            f"{'row by row, top to bottom' if ckpt.config.data.view == 'rows' else 'pixel by pixel'}."
+            f"# {title}\nDraw one "
+            f"{'digit' if names == [str(k) for k in range(10)] else 'item'} ({', '.join(names)}) with the brush, then "
+            f"press **Read my digit**. The model reads the image "
+            f"{'row by row, top to bottom' if view == 'rows' else 'pixel by pixel'}: drag the slider or press "
+            f"**Play** to watch its gates {word} by {word}. The trash button clears the canvas and the answers."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -272,13 +466,30 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
             with gr.Column(scale=1):
                 message = gr.Markdown(elem_id="message")
                 label = gr.Label(num_top_classes=3, label="prediction", elem_id="prediction")
-                digit = gr.Image(label="model input, 28 x 28", height=224, width=224, format="png",
-                                 elem_id="digit")
+                evolution = gr.Image(label=f"the guess after each {word} (counted from 1)", format="jpeg",
+                                     elem_id="evolution")
+        step_view = gr.Image(label=f"step by step: what the LSTM has read, its gates (hidden units top to bottom, "
+                             f"as below) and its guess, {word} by {word}",
+                             format="png", elem_id="step-view")
+        with gr.Row():
+            slider = gr.Slider(1, 28 if view == "rows" else 784, value=1, step=1, interactive=False,
+                               label=f"{word} (1 = the first {word} read)", elem_id="step-slider", scale=4)
+            play_button = gr.Button("▶ Play", elem_id="play-button", scale=1)
+        caption = gr.Markdown(elem_id="step-caption")
         # JPEG: a tenth of PNG's encoding time for these figures, and no visible loss at the size they are shown
-        evolution = gr.Image(label="the guess, step by step", format="jpeg", elem_id="evolution")
-        gates = gr.Image(label="inside the LSTM: gates and states at every step", format="jpeg", elem_id="gates")
-        outputs = [digit, label, evolution, gates, message]
+        gates = gr.Image(label=f"inside the LSTM: gates and states at every {word}", format="jpeg",
+                         elem_id="gates")
+        state = gr.State(None)
+        outputs = [step_view, label, evolution, gates, message, state, slider, caption]
         button.click(handle, inputs=pad, outputs=outputs, api_name="predict", concurrency_limit=CONCURRENCY)
+        pad.clear(clear, outputs=outputs, js=SELECT_BRUSH_JS, api_name=False, queue=False)
+        # Scrubbing and playing are pure numpy on the session's own arrays: no lock, their own concurrency slots.
+        slider.input(scrub, inputs=[state, slider], outputs=[step_view, caption], api_name=False,
+                     trigger_mode="always_last", show_progress="hidden", concurrency_id="scrub",
+                     concurrency_limit=CONCURRENCY)
+        play_button.click(play, inputs=state, outputs=[slider, step_view, caption], api_name=False,
+                          show_progress="hidden", concurrency_id="play", concurrency_limit=8)
+        app.load(None, js=SELECT_BRUSH_JS)
     # Requests beyond the running ones wait in gradio's queue, in order, up to QUEUE_SIZE; more are turned away.
     # Queue positions go out every 2 s rather than to every waiting client after every answer (N^2 messages).
     app.queue(status_update_rate=2.0, default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
