@@ -23,6 +23,9 @@ class ModelConfig:
     dropout: float = 0.0
     forget_bias: float = 0.0
     backend: str = "auto"
+    cell: str = "lstm"  # "lstm", "peephole" or "layernorm" (lstmlab.LSTM's cell=)
+    zoneout: float | list[float] = 0.0  # one probability for c and h, or [z_c, z_h]
+    recurrent_dropout: float = 0.0
 
 
 @dataclass
@@ -137,3 +140,19 @@ def validate_config(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise LstmlabError(message)
+    _validate_variant(m)
+
+
+def _validate_variant(m: ModelConfig) -> None:
+    """The LSTM variant's fields, checked by the LSTM's own rules, in the flags' words."""
+    from lstmlab.nn.cell import check_variant
+
+    try:
+        pair = check_variant(m.cell, m.zoneout, m.recurrent_dropout)
+    except ValueError as e:
+        flag = "--cell" if str(e).startswith("cell") else "--zoneout" if str(e).startswith("zoneout") else \
+            "--recurrent-dropout"
+        raise LstmlabError(f"{flag}: {e}") from None
+    if m.backend == "torch" and (m.cell != "lstm" or any(pair) or m.recurrent_dropout):
+        raise LstmlabError("--backend torch runs only the plain cell: use --backend auto, fused or reference with "
+                           "--cell, --zoneout or --recurrent-dropout")

@@ -96,12 +96,17 @@ def _run_layers(model: SequenceClassifier, x: Tensor) -> tuple[list[LayerRecord]
         for direction in range(lstm.num_directions):
             w_ih, w_hh, b_ih, b_hh, w_hr = (None if w is None else w.detach()
                                             for w in lstm.layer_weights(layer, direction))
+            # A variant's own terms, in eval mode: no recurrent dropout, zoneout's expectation.
+            variant = {k: None if v is None else v.detach() for k, v in lstm.variant_weights(layer, direction).items()}
+            if any(lstm.zoneout):
+                variant["zoneout"] = tuple(torch.full((batch, lstm.hidden_size), z, dtype=seq.dtype,
+                                                      device=seq.device) for z in lstm.zoneout)
             h = seq.new_zeros(batch, lstm.hidden_size)
             c = seq.new_zeros(batch, lstm.hidden_size)
             steps = []
             order = range(seq.size(0) - 1, -1, -1) if direction == 1 else range(seq.size(0))
             for t in order:
-                gates = lstm_step(seq[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+                gates = lstm_step(seq[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, **variant)
                 h, c = gates.h, gates.c
                 steps.append(gates)
             if direction == 1:

@@ -24,6 +24,9 @@ class SequenceClassifier(nn.Module):
             bidirectional=config.bidirectional,
             forget_bias=config.forget_bias,
             backend=config.backend,
+            cell=config.cell,
+            zoneout=tuple(config.zoneout) if isinstance(config.zoneout, list) else config.zoneout,
+            recurrent_dropout=config.recurrent_dropout,
         )
         directions = 2 if config.bidirectional else 1
         self.head = nn.Linear(directions * config.hidden_size, config.num_classes)

@@ -873,7 +873,8 @@ def _finished_summary(out: Path, run_id: str) -> dict[str, Any] | None:
 
 
 _SECTIONS = {
-    "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend"),
+    "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend", "cell", "zoneout",
+              "recurrent_dropout"),
     "data": ("dataset", "view", "val_size", "normalize", "augment_shift"),
     "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
               "eval_every", "clip", "time_budget", "seed", "device"),

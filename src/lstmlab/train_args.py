@@ -15,6 +15,17 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _zoneout(text: str) -> float | list[float]:
+    """One probability for both states, or Z_C,Z_H."""
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected a probability or two as Z_C,Z_H, got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
+
+
 def _both(default: object, seed: object) -> str:
     """How a flag's default reads when the two recipes differ."""
     return f"(default: {default}; --recipe seed: {seed})" if default != seed else f"(default: {default})"
@@ -61,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="added to the forget gate's bias at init, e.g. 1.0 (default: 0)")
     g.add_argument("--backend", choices=["auto", "reference", "fused", "torch"],
                    help="the LSTM's implementation: auto = fused on the CPU, torch (cuDNN) on CUDA (default: auto)")
+    g.add_argument("--cell", choices=["lstm", "peephole", "layernorm"],
+                   help="the LSTM cell: lstm, peephole (Gers et al.) or layernorm (Ba et al.) (default: lstm)")
+    g.add_argument("--zoneout", type=_zoneout, metavar="Z",
+                   help="in training each unit keeps its previous c and h with probability Z at each step; "
+                   "Z_C,Z_H for two (default: 0)")
+    g.add_argument("--recurrent-dropout", type=float, metavar="P",
+                   help="dropout on the h entering the recurrent product, one mask per sequence (default: 0)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="the optimizer " + _both("adam", "sgd"))
     g.add_argument("--lr", type=float, help="peak learning rate " + _both(4e-3, 0.1))

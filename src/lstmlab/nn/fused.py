@@ -292,7 +292,7 @@ def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
     variant = any(t is not None for t in (ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask))
     if variant:
         saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(0),
-                 x.new_empty(T, B, _extra_width(H, ln_gates is not None)))
+                 x.new_empty(T, B, _extra_width(H, ln_gates is not None or ln_cell is not None)))
     else:
         K = _width(P, n_in, bias_ih is not None or bias_hh is not None)
         saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, K),
@@ -502,10 +502,11 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
     T, B, _ = x.shape
     H = c0.shape[1]
     layer_norm = ln_gates is not None
+    norm_any = layer_norm or ln_cell is not None  # either LayerNorm keeps its normalised values in extra
     # Zero-filled: rows a packed step skips must read as zeros (they meet zero gradients, never NaN garbage).
     acts, cs, tcs, out = x.new_zeros(T, B, 4 * H), x.new_zeros(T, B, H), x.new_zeros(T, B, H), x.new_zeros(T, B, H)
-    extra = x.new_zeros(T, B, _extra_width(H, layer_norm))
-    v = _extra_views(extra, H, layer_norm)
+    extra = x.new_zeros(T, B, _extra_width(H, norm_any))
+    v = _extra_views(extra, H, norm_any)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
     A = torch.mm(x.reshape(T * B, -1), weight_ih.t()).view(T, B, 4 * H)  # every step's x2h in one matmul
     if bias is not None and not layer_norm:
@@ -574,7 +575,7 @@ def _variant_backward_impl(
     T, B, H4 = acts.shape
     H = H4 // 4
     layer_norm = ln_gates is not None
-    v = _extra_views(extra, H, layer_norm)
+    v = _extra_views(extra, H, layer_norm or ln_cell is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
     dh = acts.new_zeros(B, H) if d_hT is None else d_hT.contiguous().clone()
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()

@@ -253,6 +253,7 @@ class LSTM(nn.RNNBase):
             index, reverse = _packed_layout(batch_sizes, B, x.device)
             x = x.new_zeros(T * B, x.shape[1]).index_copy(0, index, x).view(T, B, -1)  # (T, B, I), zero padded
         h_n, c_n = [], []
+        variant = self.is_variant
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)  # between layers, as nn.LSTM
@@ -260,8 +261,10 @@ class LSTM(nn.RNNBase):
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
                 seq = x if direction == 0 else _reversed(x, reverse if batch_sizes is not None else None)
-                extra = {name: v for name, v in extras[k].items() if v is not None} if extras else {}
-                extra.update(self._masks(hx[1][k], x.shape[0]))
+                extra = {}
+                if variant:  # the plain cell passes nothing more: its call stays as it was
+                    extra = {name: v for name, v in extras[k].items() if v is not None}
+                    extra.update(self._masks(hx[1][k], x.shape[0]))
                 out, h, c = layer_fn(seq, hx[0][k], hx[1][k], *weights[k], batch_sizes=batch_sizes, **extra)
                 outs.append(out if direction == 0 else _reversed(out, reverse if batch_sizes is not None else None))
                 h_n.append(h)
