@@ -115,6 +115,41 @@ def test_step_view_counts_rows_from_one(checkpoint) -> None:
     assert (word, first) == ("row", str(r.steps[0][0])) and r.steps[0][0] == 1
 
 
+@pytest.mark.parametrize("view", ["pixels", "permuted"])
+def test_step_view_of_a_pixel_model(tmp_path: Path, view: str) -> None:
+    """A pixel-by-pixel model (784 steps): the step view lights the pixels read so far, in the
+    order the model reads them, and counts pixels from 1."""
+    import torch
+
+    from lstmlab.checkpoint import load_checkpoint, save_checkpoint
+    from lstmlab.config import Config, DataConfig, ModelConfig
+    from lstmlab.data import make_permutation
+    from lstmlab.demo import predict_drawing, render_step, step_caption
+    from lstmlab.model import SequenceClassifier
+
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(input_size=1, hidden_size=8, backend="torch"),
+                    data=DataConfig(view=view, mean=0.13, std=0.31))
+    path = tmp_path / "pixels.safetensors"
+    save_checkpoint(path, SequenceClassifier(config.model), config, make_permutation(3) if view == "permuted" else None)
+    ckpt = load_checkpoint(path)
+    r = predict_drawing(ckpt, seven(), figures=False)
+    data = r.step_data
+    assert r.ok and data.steps == 784 and data.probs.shape == (784, 10)
+    frame = render_step(data, 400)
+    order = np.arange(784) if view == "pixels" else ckpt.permutation.numpy()
+    read = np.zeros(784, bool)
+    read[order[:400]] = True
+    shown = frame[24 + 4 : 24 + 224 : 8, 4:224:8, 1].astype(np.float32).ravel()
+    digit = data.digit.astype(np.float32).ravel()
+    current = order[399]
+    lit = read.copy()
+    lit[current] = False  # the pixel being read is painted red
+    assert np.abs(shown[lit] - digit[lit]).max() <= 1 and np.abs(shown[~read] - (0.3 * digit[~read] + 40)).max() <= 1
+    assert step_caption(data, 400).startswith("**Pixel 400 of 784**")
+    assert render_step(data, 784).shape == frame.shape
+
+
 def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
     """The demo paints the heatmaps' pixels itself; the picture is matplotlib's but for anti-aliased edges."""
     from lstmlab.demo import DPI
