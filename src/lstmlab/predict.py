@@ -183,8 +183,9 @@ def _remove_lighting(a: np.ndarray, inverted: bool = False) -> np.ndarray:
     pool = torch.nn.functional.max_pool2d
     t = -pool(-t, k, stride=1, padding=k // 2)  # erosion: the ink goes, the lighting stays (padding is ignored)
     t = pool(t, k, stride=1, padding=k // 2)  # dilation: back to the lighting's extent
-    s = max(1, k // 3) | 1  # smooth the opening's flat steps, but less than a shadow's edge is wide
-    t = torch.nn.functional.avg_pool2d(t, s, stride=1, padding=s // 2, count_include_pad=False)
+    s = max(1, k // 3) | 1  # smooth the opening's flat steps ...
+    smooth = torch.nn.functional.avg_pool2d(t, s, stride=1, padding=s // 2, count_include_pad=False)
+    t = torch.maximum(t, smooth)  # ... but never below the opening: a hard shadow edge stays hard, not half ink
     background = t[0, 0].numpy()
     if background.shape != a.shape:
         background = _resize(background, w, h)
