@@ -487,10 +487,17 @@ def _normalize_backward(d_hat: Tensor, hat: Tensor, rstd: Tensor) -> Tensor:
 
 
 def _extra_views(extra: Tensor, H: int, layer_norm: bool) -> dict[str, Tensor]:
-    views = {"c_new": extra[..., :H], "h_in": extra[..., H : 2 * H]}
+    """extra's parts, each a contiguous (T, B, width) block of its storage (strided column slices would make
+    every per-step op and matmul copy)."""
+    T, B = extra.shape[:2]
+    flat = extra.reshape(-1)
+    widths = [("c_new", H), ("h_in", H)]
     if layer_norm:
-        views.update(c_hat=extra[..., 2 * H : 3 * H], a_hat=extra[..., 3 * H : 7 * H],
-                     r_hat=extra[..., 7 * H : 11 * H], rstd=extra[..., 11 * H :])
+        widths += [("c_hat", H), ("a_hat", 4 * H), ("r_hat", 4 * H), ("rstd", 3)]
+    views, offset = {}, 0
+    for name, width in widths:
+        views[name] = flat[offset : offset + T * B * width].view(T, B, width)
+        offset += T * B * width
     return views
 
 
