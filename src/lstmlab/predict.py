@@ -152,7 +152,9 @@ def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
         return a
     k = 2 * radius + 1
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
-    t = torch.nn.functional.avg_pool2d(t, k, stride=1, padding=radius, count_include_pad=False)
+    pool = torch.nn.functional.avg_pool2d  # separable, rows then columns: a tenth of the square kernel's time
+    t = pool(t, (1, k), stride=1, padding=(0, radius), count_include_pad=False)
+    t = pool(t, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)
     return t[0, 0].numpy()
 
 
@@ -180,9 +182,12 @@ def _remove_lighting(a: np.ndarray, inverted: bool = False) -> np.ndarray:
     small = _resize(a, max(1, round(w * f)), max(1, round(h * f))) if f < 1 else a
     k = max(3, round(max(small.shape) / 6)) | 1  # odd; strokes are a tenth of a digit, lighting changes slower
     t = torch.from_numpy(np.ascontiguousarray(small, dtype=np.float32))[None, None]
-    pool = torch.nn.functional.max_pool2d
-    t = -pool(-t, k, stride=1, padding=k // 2)  # erosion: the ink goes, the lighting stays (padding is ignored)
-    t = pool(t, k, stride=1, padding=k // 2)  # dilation: back to the lighting's extent
+    def grow(x: Tensor) -> Tensor:  # k x k max filter, separable; max_pool2d's padding never wins
+        x = torch.nn.functional.max_pool2d(x, (1, k), stride=1, padding=(0, k // 2))
+        return torch.nn.functional.max_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0))
+
+    t = -grow(-t)  # erosion: the ink goes, the lighting stays
+    t = grow(t)  # dilation: back to the lighting's extent
     s = max(1, k // 3) | 1  # smooth the opening's flat steps ...
     smooth = torch.nn.functional.avg_pool2d(t, s, stride=1, padding=s // 2, count_include_pad=False)
     t = torch.maximum(t, smooth)  # ... but never below the opening: a hard shadow edge stays hard, not half ink
@@ -235,14 +240,15 @@ def preprocess_image(img: PILImage.Image) -> Tensor:
         a = 1.0 - a
     ink = _remove_lighting(a, inverted)
     smooth = max(1, round(max(ink.shape) / 150))  # about a pixel of a 150-pixel digit: below any stroke's width
-    contrast = float(_box_blur(ink, smooth).max())  # the ink's level, not one noisy pixel's
+    blurred = _box_blur(ink, smooth)
+    contrast = float(blurred.max())  # the ink's level, not one noisy pixel's
     if contrast <= (0.1 if fixed_scale else 1e-6):
         raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
     ink = np.clip(ink / contrast, 0.0, 1.0)
     ink[ink < 0.15] = 0.0  # paper texture and JPEG noise are not ink
 
     # Crop on a lightly smoothed copy: single noisy pixels of a photo must not stretch the box.
-    mask = _box_blur(ink, smooth) > 0.25
+    mask = blurred > 0.25 * contrast
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
