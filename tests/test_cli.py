@@ -10,19 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 
 from lstmlab.cli import main
 
 DRY = ["train", "--dry-run", "--quiet", "--batch-size", "16", "--hidden-size", "8"]
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse exits on bad flags
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def _one_line_error(code: int, err: str, *needles: str) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_cli
 
 from lstmlab.checkpoint import save_checkpoint
-from lstmlab.cli import main
 from lstmlab.config import Config, DataConfig, ModelConfig
 from lstmlab.model import SequenceClassifier
 
@@ -34,13 +34,7 @@ ImageDraw = pytest.importorskip("PIL.ImageDraw")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse exits on bad flags
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def _one_line(code: int, err: str, *needles: str, status: int = 2) -> str:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 
 from lstmlab.cli import COMMANDS, VERSION, build_parser, main
 
@@ -19,13 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--quiet", "--batch-size", "32", "--hidden-size", "8", "--val-size", "500", "--device", "cpu"]
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse exits on bad flags
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def _one_line_error(code: int, err: str, *needles: str) -> str:
