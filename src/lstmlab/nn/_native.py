@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-_SOURCE = Path(__file__).with_name("csrc") / "lstm_native.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+# The translation units of the one library (they share csrc/*.h); the cache key covers every file in csrc.
+_SOURCES = (_CSRC / "lstm_native.cpp",)
 # -march=native: the library is built on the machine that runs it (the CPU's flags are in the cache key);
 # -fno-trapping-math lets the compiler vectorise the branch-free exp/sigmoid/tanh; -fopenmp turns on
 # at::parallel_for, which then runs on torch's own OpenMP threads (its libgomp is already loaded).
@@ -68,7 +70,8 @@ def _key() -> str:
     import torch
 
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
+    sources = [p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    for part in (*sources, torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
                  " ".join(_CFLAGS + _LDFLAGS).encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
@@ -205,7 +208,8 @@ def build(verbose: bool = False) -> Path:
         cmd = _self_command("--compile", *(["-v"] if verbose else []))
         done = subprocess.run(cmd, capture_output=not verbose, text=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0 or verify(final) is not None:
-            raise RuntimeError(f"building {_SOURCE.name} failed: {(done.stderr or '').strip()[-2000:]}")
+            tail = (done.stderr or "").strip()[-2000:]
+            raise RuntimeError(f"building the native step loops ({_CSRC}) failed: {tail}")
     return final
 
 
@@ -224,7 +228,7 @@ def _compile(verbose: bool = False) -> Path:
     try:
         so = cpp.load(
             name=f"lstmlab_native_{final.parent.name}",
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=_LDFLAGS,
             build_directory=str(work),

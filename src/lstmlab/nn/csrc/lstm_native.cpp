@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lstm_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,45 +26,9 @@
 
 namespace {
 
-// exp(x) for float, Cephes-style: 2^n * p(r), r = x - n ln2; error ~1-2 ulp, no branches so it vectorises.
-inline float exp_f(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // keep 2^n a normal float (and NaN-free min/max vectorise)
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline double exp_f(double x) { return std::exp(x); }
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + exp_f(-x));
-}
-
-// tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}); absolute error ~1e-7 in float near 0.
-template <typename T>
-inline T tanh_(T x) {
-  const T a = x < T(0) ? -x : x;
-  const T e = exp_f(T(-2) * a);
-  const T t = (T(1) - e) / (T(1) + e);
-  return x < T(0) ? -t : t;
-}
-
-template <>
-inline double tanh_(double x) {
-  return std::tanh(x);
-}
+using lstmlab::exp_f;
+using lstmlab::sigmoid;
+using lstmlab::tanh_;
 
 // One forward step's pointwise math over rows of 4H pre-activations (in place -> activations). h_t goes to
 // h_out (rows of H) and, unless null, also to h_next (rows of h_stride): the next step's matmul input.
