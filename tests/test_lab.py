@@ -197,6 +197,62 @@ def test_gates_figure_title_and_unit_order(small_run):
     assert UNIT_ORDERS["change"] in labels
 
 
+def test_gates_figure_counts_steps_rows_and_columns_from_one(small_run):
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.gates import GatesFigure
+    from lstmlab.inspect import record
+
+    ckpt = load_checkpoint(small_run / "best.safetensors")
+    x = torch.rand(1, 28, 28)
+    rec = record(ckpt.model, x)
+    names = [str(k) for k in range(10)]
+    last = GatesFigure(rec, (x[0] * 255).byte(), "rows", names)  # default: the last step
+    first = GatesFigure(rec, (x[0] * 255).byte(), "rows", names, step=1)
+    titles = [ax.get_title() for ax in last.fig.axes]
+    assert any("step 28 reads row 28" in t for t in titles)
+    assert any("step 1 reads row 1" in ax.get_title() for ax in first.fig.axes)
+    for heat in last.heat.values():  # every time axis: 1 .. 28
+        labels = [t.get_text() for t in heat.axes.get_xticklabels()]
+        assert labels[0] == "1" and labels[-1] == "28"
+    pixel = GatesFigure(rec, (x[0] * 255).byte(), "pixels", names, step=2)  # step 2 reads pixel index 1
+    assert any("step 2 reads row 1, column 2" in ax.get_title() for ax in pixel.fig.axes)
+
+
+def test_gates_figure_unit_labels_follow_a_new_recording(small_run):
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.gates import GatesFigure, unit_order
+    from lstmlab.inspect import record
+
+    ckpt = load_checkpoint(small_run / "best.safetensors")
+    names = [str(k) for k in range(10)]
+    torch.manual_seed(3)
+    recs = [record(ckpt.model, torch.rand(1, 28, 28)) for _ in range(6)]
+    orders = [unit_order(r.get(-1), 0, "change") for r in recs]
+    b = next(k for k in range(1, 6) if (orders[k] != orders[0]).any())  # a drawing whose units sort differently
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+
+    def row_labels(fig: GatesFigure) -> list[str]:
+        return [t.get_text() for t in next(iter(fig.heat.values())).axes.get_yticklabels()]
+
+    labelled = GatesFigure(recs[0], image, "rows", names, order="change")
+    labelled.to_array()
+    labelled.update(recs[b], image)
+    labelled.to_array()
+    ticks = list(range(0, 8, 1))
+    assert row_labels(labelled) == [str(int(orders[b][t])) for t in ticks]  # the new order's units, not the first's
+    plain = GatesFigure(recs[0], image, "rows", names, order="change", unit_labels=False)
+    assert row_labels(plain) == []  # no unit numbers that a new drawing would make stale
+    values = next(iter(plain.update(recs[b], image).heat.values())).get_array()
+    first = next(iter(recs[b].get(-1)[g] for g in "i"))[0].T.numpy()[orders[b]]
+    assert abs(values - first).max() < 1e-6  # the heatmap rows follow the new order
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. help and CLI consistency
 

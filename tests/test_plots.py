@@ -79,8 +79,8 @@ def test_gates_figure_refuses_bad_step() -> None:
 
     model = SequenceClassifier(ModelConfig(hidden_size=8, backend="reference")).eval()
     rec = record(model, torch.zeros(1, 28, 28))
-    with pytest.raises(LstmlabError, match="--step must be in 0..27"):
-        gates_figure(rec, torch.zeros(28, 28, dtype=torch.uint8), "rows", list("0123456789"), step=28)
+    with pytest.raises(LstmlabError, match="--step must be in 1..28"):
+        gates_figure(rec, torch.zeros(28, 28, dtype=torch.uint8), "rows", list("0123456789"), step=0)
 
 
 def test_gates_cli(run_dir: Path, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -140,14 +140,6 @@ def evolution_figure(probs: Tensor, names: list[str], view: str, digit: Tensor) 
     return EvolutionFigure(probs, names, view, digit).fig
 
 
-def _count_steps_from_one(gates: Any) -> None:
-    """Label the heatmaps' time axes 1..T, as the message, the slider and the step view count."""
-    for heat in gates.heat.values():
-        steps = heat.get_array().shape[1]
-        ticks = sorted({0, *range(4, steps, 5), steps - 1})
-        heat.axes.set_xticks(ticks, labels=[str(t + 1) for t in ticks])
-
-
 def _heatmaps_top(gates: Any) -> int:
     """The first pixel row of the gates figure's heatmaps (with their titles), for cropping off the rest."""
     fig = gates.fig
@@ -181,8 +173,7 @@ class FigureCache:
                 # no live probability title: the page's message says the prediction, and text is the slow part
                 self.gates = GatesFigure(rec, digit, self.view, self.names, permutation=self.permutation,
                                          title="Your digit", image_title="your digit, preprocessed", dpi=DPI,
-                                         live_title=False)
-                _count_steps_from_one(self.gates)
+                                         live_title=False, order="change", unit_labels=False)
             else:
                 self.gates.update(rec, digit)
             gates = self.gates.to_array()
@@ -221,7 +212,7 @@ def step_data(rec: Any, digit: Tensor, names: list[str], view: str, permutation:
     from lstmlab.gates import PANELS, unit_order
 
     layer = rec.get(-1, 0)
-    rows = unit_order(layer, 0, "index")  # as the gates figure: its cached unit labels cannot follow a new order
+    rows = unit_order(layer, 0, "change")  # as the gates figure: units sorted by when their gates change most
     values = {name: layer[name][0].detach().float().cpu().numpy().T[rows].astype(np.float32) for name in PANELS}
     steps = layer.h.size(1)
     if view == "rows":
@@ -469,7 +460,8 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
                 evolution = gr.Image(label=f"the guess after each {word} (counted from 1)", format="jpeg",
                                      elem_id="evolution")
         step_view = gr.Image(label=f"step by step: what the LSTM has read, its gates (hidden units top to bottom, "
-                             f"as below) and its guess, {word} by {word}",
+                             f"sorted by the {word} where their gates change most, as below) and its guess, "
+                             f"{word} by {word}",
                              format="png", elem_id="step-view")
         with gr.Row():
             slider = gr.Slider(1, 28 if view == "rows" else 784, value=1, step=1, interactive=False,

@@ -36,7 +36,8 @@ PANELS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
 
 
 def step_position(view: str, step: int, permutation: Tensor | None = None) -> tuple[int, int | None]:
-    """Where step ``step`` reads in the 28x28 image: (row, column), column None for a whole row."""
+    """Where step ``step`` (counted from 0, as an index) reads in the 28x28 image: (row, column) as indices,
+    column None for a whole row."""
     if view == "rows":
         return step, None
     pixel = int(permutation[step]) if view == "permuted" and permutation is not None else step
@@ -48,22 +49,29 @@ def _time_label(view: str) -> str:
             "permuted": "time step = pixel read (fixed shuffle)"}.get(view, "time step")
 
 
+def count_from_one(ax: Axes, steps: int) -> None:
+    """Label an axes' time axis 1..T: every label a reader sees (figure, CLI, demo message, slider) counts steps,
+    rows and columns from 1."""
+    ticks = sorted({0, *range(4, steps, 5), steps - 1})
+    ax.set_xticks(ticks, labels=[str(t + 1) for t in ticks])
+
+
 def draw_image(ax: Axes, image: Tensor, view: str, step: int, permutation: Tensor | None,
                title: str) -> AxesImage:
-    """The 28x28 input with the pixels read at ``step`` outlined; returns the image artist."""
+    """The 28x28 input with the pixels read at step index ``step`` outlined; returns the image artist."""
     from matplotlib.patches import Rectangle
 
     shown = ax.imshow(image.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
     row, col = step_position(view, step, permutation)
     if col is None:
         ax.add_patch(Rectangle((-0.5, row - 0.5), 28, 1, fill=False, edgecolor="red", linewidth=2))
-        where = f"row {row}"
+        where = f"row {row + 1}"
     else:
         ax.add_patch(Rectangle((col - 1.5, row - 1.5), 3, 3, fill=False, edgecolor="red", linewidth=2))
-        where = f"pixel ({row}, {col})"
-    ax.set_title(f"{title}\nred: step {step} reads {where}", fontsize=10)
-    ax.set_xticks([0, 9, 18, 27])
-    ax.set_yticks([0, 9, 18, 27])
+        where = f"row {row + 1}, column {col + 1}"
+    ax.set_title(f"{title}\nred: step {step + 1} reads {where}", fontsize=10)
+    ax.set_xticks([0, 9, 18, 27], labels=["1", "10", "19", "28"])
+    ax.set_yticks([0, 9, 18, 27], labels=["1", "10", "19", "28"])
     return shown
 
 
@@ -85,6 +93,7 @@ def draw_probs(fig: Figure, ax: Axes, probs: Tensor | None, note: str, names: li
     fig.colorbar(image, ax=ax, label="probability", fraction=0.04, pad=0.02)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel(_time_label(view))
+    count_from_one(ax, p.shape[1])
     ax.axvline(step, color="cyan", linestyle="--", linewidth=1)
     ax.set_title(_probs_title(p, names), fontsize=10)
     return image
@@ -139,8 +148,11 @@ class GatesFigure:
     """The gates figure of one sample, built once and then refilled: ``update`` puts a new recording in,
     ``to_array`` renders it. After the first ``to_array`` only what changes is redrawn over a cached background
     (blitting), which makes the demo's figure some 20 times cheaper than drawing a new one. Not thread-safe: one
-    thread at a time per object. ``live_title`` False keeps the probability panel's title fixed (it otherwise names
-    the final guess), which saves redrawing text."""
+    thread at a time per object. ``step`` is the step to mark, counted from 1 (default: the last). ``live_title``
+    False keeps the probability panel's title fixed (it otherwise names the final guess), which saves redrawing
+    text. With ``order`` other than ``index`` each recording sorts the units anew; ``unit_labels`` then labels a
+    few heatmap rows with the unit they show, and a new recording redraws those labels (the slow path); without
+    them the rows carry no unit numbers and ``update`` stays fast."""
 
     def __init__(
         self,
@@ -159,18 +171,20 @@ class GatesFigure:
         dpi: int = 100,
         live_title: bool = True,
         order: str = "index",
+        unit_labels: bool = True,
     ) -> None:
         from lstmlab.plots import new_figure
 
         if order not in UNIT_ORDERS:
             raise LstmlabError(f"unknown unit order {order!r}; choose one of {', '.join(UNIT_ORDERS)}")
-        self.order = order
+        self.order, self.unit_labels = order, unit_labels and order != "index"
 
         layer_rec = rec.get(layer, direction)
         steps = layer_rec.h.size(1)
-        step = steps - 1 if step is None else step
-        if not 0 <= step < steps:
-            raise LstmlabError(f"--step must be in 0..{steps - 1}, got {step}")
+        step = steps if step is None else step
+        if not 1 <= step <= steps:
+            raise LstmlabError(f"--step must be in 1..{steps} (steps count from 1), got {step}")
+        step -= 1  # an index from here on
         self.names, self.layer, self.direction = names, layer, direction
         self.shape = (len(rec.layers), steps, layer_rec.h.size(2), rec.probs is not None)
         fig = self.fig = new_figure(17, 12, dpi=dpi)
@@ -203,17 +217,21 @@ class GatesFigure:
                 self._symmetric_ticks(name)
             ax.axvline(step, color="black" if cmap == "RdBu_r" else "white", linestyle="--", linewidth=1)
             ax.set_title(panel_title, fontsize=10)
-            if order != "index":  # rows are no longer unit numbers: label a few rows with the unit they show
-                ticks = list(range(0, len(rows), max(1, len(rows) // 8)))
-                ax.set_yticks(ticks, labels=[str(int(rows[t])) for t in ticks], fontsize=8)
+            if order != "index":  # rows are no longer unit numbers: label a few with the unit they show, or none
+                self._label_units(ax, rows)
             if k % 3 == 0:  # one label per row: the colour bars leave no room between panels
                 ax.set_ylabel(UNIT_ORDERS[order], fontsize=9)
             ax.set_xlabel(_time_label(view), fontsize=9)
+            count_from_one(ax, steps)
         where = f"layer {layer_rec.layer + 1} of {rec.num_layers}"
         if rec.num_directions == 2:
             where += ", forward direction" if direction == 0 else ", reverse direction (reads from the last step)"
         fig.suptitle(f"{title}  —  {where}" if title else f"Inside the LSTM — {where}", fontsize=13)
         self._background = None
+
+    def _label_units(self, ax: Axes, rows: np.ndarray) -> None:
+        ticks = list(range(0, len(rows), max(1, len(rows) // 8))) if self.unit_labels else []
+        ax.set_yticks(ticks, labels=[str(int(rows[t])) for t in ticks], fontsize=8)
 
     def _symmetric_ticks(self, name: str) -> None:
         """Three ticks, -bound, 0 and +bound, on a colour bar whose range follows the data: the bound is what the
@@ -255,6 +273,9 @@ class GatesFigure:
             if limits is None:
                 self.heat[name].set_clim(*self._symmetric(values))
                 self._symmetric_ticks(name)
+            if self.unit_labels:  # the labels are part of the cached background: draw it anew
+                self._label_units(self.heat[name].axes, rows)
+                self._background = None
         return self
 
     def to_array(self) -> np.ndarray:
@@ -348,7 +369,8 @@ def gates_figure(
     dpi: int = 100,
     order: str = "index",
 ) -> Figure:
-    """The whole picture for sample ``sample`` of a recording; ``image`` is its uint8 (28, 28) input. ``order``
+    """The whole picture for sample ``sample`` of a recording; ``image`` is its uint8 (28, 28) input; ``step``
+    (counted from 1, default the last) is marked in every panel. ``order``
     orders the heatmaps' hidden units (see ``unit_order``)."""
     return GatesFigure(rec, image, view, names, sample=sample, layer=layer, direction=direction, step=step,
                        permutation=permutation, title=title, image_title=image_title, dpi=dpi, order=order).fig
@@ -373,7 +395,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which LSTM layer to draw, 1 = the first, as in the title (default: the last)")
     parser.add_argument("--direction", choices=["forward", "reverse"], default="forward",
                         help="for a bidirectional model: which direction to draw")
-    parser.add_argument("--step", type=int, metavar="T", help="the step to mark in every panel (default: the last)")
+    parser.add_argument("--step", type=int, metavar="T",
+                        help="the step to mark in every panel, counting from 1 as every label does (default: the last)")
     parser.add_argument("--order", choices=list(UNIT_ORDERS), default="change",
                         help="order of the hidden units in the heatmaps: change = by the step where each unit's "
                         "gates change most (stated on the figure), index = as stored")
