@@ -24,7 +24,8 @@ The variants (``cell=`` and the regularisers of :class:`lstmlab.LSTM`), each a f
 * zoneout (Krueger et al. 2017): ``c' = z_c*c + (1-z_c)*c'`` and ``h' = z_h*h + (1-z_h)*h'`` with z a 0/1 mask
   drawn per step in training (1 = the unit keeps its previous value) and the probability itself in eval.
 
-``reference_layer`` runs that step over a whole sequence; every fast path is held equal to it.
+``lstm_step(..., signals={})`` also hands back each variant's own terms (what ``lstmlab gates`` draws below the
+gates). ``reference_layer`` runs that step over a whole sequence; every fast path is held equal to it.
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ def lstm_step(
     peephole: Tensor | None = None,
     recurrent_mask: Tensor | None = None,
     zoneout: tuple[Tensor, Tensor] | None = None,
+    signals: dict[str, Tensor] | None = None,
 ) -> Gates:
     """One LSTM step; returns every gate so that tools can look inside. x (B, I), h (B, P), c (B, H);
     P = H, or proj_size when ``weight_hr`` (P, H) projects the hidden state.
 
     Variants (each None = off): ``ln_gates`` (2, 4H) = (γ_ih, γ_hh) and ``ln_cell`` (2, H) = (γ_c, β_c) for the
     LayerNorm cell; ``peephole`` (3, H) = (p_i, p_f, p_o); ``recurrent_mask`` (B, H) multiplies the h entering the
-    recurrent product; ``zoneout`` = (z_c, z_h), each (B, H), the weight of the previous value."""
+    recurrent product; ``zoneout`` = (z_c, z_h), each (B, H), the weight of the previous value.
+
+    ``signals``, when a dict, receives the variants' own terms of this step, each (B, H): LayerNorm's
+    normalised pre-activations ``z_i``, ``z_f``, ``z_g``, ``z_o`` (bias included) and ``c_norm`` = LN(c'; γ_c, β_c),
+    what tanh reads; the peephole terms ``peep_i`` = p_i·c, ``peep_f`` = p_f·c, ``peep_o`` = p_o·c'; zoneout's
+    ``zone_c`` = z_c·(c − c') and ``zone_h`` = z_h·(h − h'), how far it held each unit back from its new value."""
     h_in = h if recurrent_mask is None else h * recurrent_mask  # variational recurrent dropout
     if ln_gates is None:
         gates = x @ weight_ih.T + h_in @ weight_hh.T  # (B, 4H): x2h and h2h of the textbook
@@ -82,26 +89,42 @@ def lstm_step(
     if bias_ih is not None:
         gates = gates + bias_ih + bias_hh
     i, f, g, o = gates.chunk(4, dim=1)  # each (B, H)
+    if ln_gates is not None:
+        _keep(signals, z_i=i, z_f=f, z_g=g, z_o=o)
     if peephole is not None:  # i and f peek at the previous cell
-        i = i + peephole[0] * c
-        f = f + peephole[1] * c
+        peep_i, peep_f = peephole[0] * c, peephole[1] * c
+        i = i + peep_i
+        f = f + peep_f
+        _keep(signals, peep_i=peep_i, peep_f=peep_f)
     i = torch.sigmoid(i)
     f = torch.sigmoid(f)
     g = torch.tanh(g)
     c_new = f * c + i * g
     if peephole is not None:  # o peeks at the new cell
-        o = o + peephole[2] * c_new
+        peep_o = peephole[2] * c_new
+        o = o + peep_o
+        _keep(signals, peep_o=peep_o)
     o = torch.sigmoid(o)
     if ln_cell is None:
         h_new = o * torch.tanh(c_new)
     else:  # the cell is normalised only on its way out: c itself keeps its scale
-        h_new = o * torch.tanh(layer_norm(c_new, ln_cell[0], ln_cell[1]))
+        c_norm = layer_norm(c_new, ln_cell[0], ln_cell[1])
+        h_new = o * torch.tanh(c_norm)
+        _keep(signals, c_norm=c_norm)
     if weight_hr is not None:
         h_new = h_new @ weight_hr.T  # (B, P)
     if zoneout is not None:  # each unit keeps its previous value with weight z
+        if signals is not None:  # only on request: training on this reference path does not pay for it
+            signals.update(zone_c=zoneout[0] * (c - c_new), zone_h=zoneout[1] * (h - h_new))
         c_new = zoneout[0] * c + (1 - zoneout[0]) * c_new
         h_new = zoneout[1] * h + (1 - zoneout[1]) * h_new
     return Gates(i, f, g, o, c_new, h_new)
+
+
+def _keep(signals: dict[str, Tensor] | None, **terms: Tensor) -> None:
+    """Store a step's variant terms in ``signals`` when the caller asked for them."""
+    if signals is not None:
+        signals.update(terms)
 
 
 def layer_norm(v: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
