@@ -266,3 +266,42 @@ def test_native_row_blocks(native_ops, threads: int, dtype: torch.dtype) -> None
     finally:
         torch.set_num_threads(before)
     assert_all_close(got, want, TOL[dtype])
+
+
+class _Intercept(torch.overrides.TorchFunctionMode):
+    """A do-nothing function mode: like any tool that intercepts ops, it must see the registered op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", [False, True])
+def test_eager_shortcut_equals_the_registered_op(loops, variant: bool) -> None:  # noqa: ANN001
+    """Plain eager calls skip torch.library's Python wrappers; the numbers are the registered op's, bit for bit,
+    and anything that intercepts ops still sees ``lstmlab::lstm_layer`` and its backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    model = LSTM(5, 8, 2, bidirectional=True, backend="fused", cell="peephole" if variant else "lstm").double()
+    x = torch.randn(7, 3, 5, dtype=torch.float64)
+    weights = (torch.randn(7, 3, 16, dtype=torch.float64), torch.randn(4, 3, 8, dtype=torch.float64),
+               torch.randn(4, 3, 8, dtype=torch.float64))
+    with using(loops):
+        eager = run_lstm(model, x, None, weights)
+        with _Intercept():
+            through_op = run_lstm(model, x, None, weights)
+    for a, b in zip(eager, through_op, strict=True):
+        assert torch.equal(a, b)
+
+    seen: list[str] = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with using(loops), Log():
+        run_lstm(model, x, None, weights)
+    assert any(name.startswith("lstmlab.lstm_layer.") for name in seen)
+    assert any(name.startswith(("lstmlab.lstm_layer_backward", "lstmlab.lstm_variant_layer_backward"))
+               for name in seen)

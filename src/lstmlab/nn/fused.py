@@ -76,9 +76,12 @@ def fused_layer(
         t is not None and t.requires_grad
         for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *variant.values())
     )
-    out, h_T, c_T, *_ = torch.ops.lstmlab.lstm_layer(
-        x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save, **variant
-    )
+    args = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save,
+            *(variant.get(name) for name in VARIANT_ARGS))
+    if _plain_eager(*args):
+        out, h_T, c_T, *_ = _EagerLayer.apply(*args) if save else _lstm_layer_impl(*args)
+    else:
+        out, h_T, c_T, *_ = torch.ops.lstmlab.lstm_layer(*args)
     return out, h_T, c_T
 
 
@@ -86,6 +89,17 @@ def fused_layer(
 # (2, H) = (γ_c, β_c), peepholes (3, H) = (p_i, p_f, p_o), the recurrent-dropout mask (B, H) and the zoneout
 # weights of the previous (c, h) at every step (2, T, B, H). Masks are drawn by the caller from torch's generator.
 VARIANT_ARGS = ("ln_gates", "ln_cell", "peephole", "recurrent_mask", "zoneout_mask")
+
+
+def _plain_eager(*args: Any) -> bool:
+    """Whether this call runs in plain eager mode: then the op's implementation and autograd formula are called
+    straight from Python, skipping torch.library's Python wrappers around a registered op (~1 ms per training step,
+    4% of a B=256 step). Anything that traces or intercepts ops (torch.compile, export, jit.trace, dispatch and
+    function modes, tensor subclasses such as FakeTensor) gets the registered op itself."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._len_torch_function_stack():
+        return False
+    return all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))
 
 
 def _under_functorch(*tensors: Tensor) -> bool:
@@ -223,8 +237,7 @@ def _live(batch_sizes: list[int] | None, t: int, B: int) -> int:
 # --- forward ------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lstmlab::lstm_layer", mutates_args=())
-def lstm_layer(
+def _lstm_layer_impl(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
@@ -281,6 +294,9 @@ def lstm_layer(
     if not save:  # inference: keep nothing (four distinct tensors: a custom op's outputs may not alias)
         acts, cs, tcs, xh = (x.new_empty(0) for _ in range(4))
     return out, h_T, c_T, acts, cs, tcs, xh, x.new_empty(0)
+
+
+lstm_layer = torch.library.custom_op("lstmlab::lstm_layer", mutates_args=())(_lstm_layer_impl)
 
 
 @lstm_layer.register_fake
@@ -744,11 +760,13 @@ def _backward_all(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Ten
         return (*result, None, None, *extras, *no_masks)
     # The activations are ours to overwrite unless the graph is kept for another backward (or being traced).
     inplace = not torch.compiler.is_compiling() and not _keep_graph()
-    op = torch.ops.lstmlab.lstm_layer_backward_ if inplace else torch.ops.lstmlab.lstm_layer_backward
-    grads = op(
-        d_out, d_hT, d_cT, c0, w_ih, w_hh, w_hr, batch_sizes, acts, cs, tcs, xh,
-        has_bias, need[0], need[1] or need[2], any(need[3:]),
-    )
+    args = (d_out, d_hT, d_cT, c0, w_ih, w_hh, w_hr, batch_sizes, acts, cs, tcs, xh,
+            has_bias, need[0], need[1] or need[2], any(need[3:]))
+    if _plain_eager(*args):
+        grads = _backward_impl(*args, inplace=inplace)
+    else:
+        op = torch.ops.lstmlab.lstm_layer_backward_ if inplace else torch.ops.lstmlab.lstm_layer_backward
+        grads = op(*args)
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads
     out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr]
     result = [o if n else None for o, n in zip(out, need, strict=True)]
@@ -781,6 +799,18 @@ def _differentiable_backward(inputs: list[Tensor | None], batch_sizes: Tensor | 
 
 
 lstm_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """``lstmlab::lstm_layer`` with its registered autograd formula, called directly in plain eager mode (see
+    :func:`_plain_eager`): the same implementation, setup_context and backward as the op."""
+
+    @staticmethod
+    def forward(*args: Any) -> tuple[Tensor, ...]:  # noqa: D102
+        return _lstm_layer_impl(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 # --- vmap: run the op once per vmapped slice (correct for any in_dims; torch.func users want the numbers) ---------
