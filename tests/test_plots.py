@@ -50,6 +50,13 @@ def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 # gates
 
 
+def _a_one() -> torch.Tensor:
+    """A drawn "1", uint8 (28, 28)."""
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+    image[6:22, 12:16] = 255
+    return image
+
+
 @pytest.mark.parametrize(("view", "bidirectional", "layers"), [("rows", False, 2), ("rows", True, 1),
                                                                ("pixels", True, 1), ("permuted", False, 1)])
 def test_gates_figure_any_model(tmp_path: Path, view: str, bidirectional: bool, layers: int) -> None:
@@ -61,8 +68,7 @@ def test_gates_figure_any_model(tmp_path: Path, view: str, bidirectional: bool, 
     steps, inputs = (28, 28) if view == "rows" else (784, 1)
     model = SequenceClassifier(ModelConfig(input_size=inputs, hidden_size=12, num_layers=layers,
                                            bidirectional=bidirectional, backend="torch")).eval()
-    image = torch.zeros(28, 28, dtype=torch.uint8)
-    image[6:22, 12:16] = 255  # a "1"
+    image = _a_one()
     x = (image.float() / 255).reshape(1, steps, inputs)
     rec = record(model, x)
     if view == "pixels" and bidirectional:
@@ -112,6 +118,85 @@ def test_gates_cli(run_dir: Path, mnist_dir: Path, tmp_path: Path, capsys: pytes
     assert "does not exist" in err
     err = _cli_error(["gates", ckpt, "--index", "0", "--data-dir", str(mnist_dir), "--out", str(tmp_path)], capsys)
     assert "is a folder" in err
+
+
+DIGITS = [str(k) for k in range(10)]
+
+
+def _variant_model(**variant: object) -> SequenceClassifier:
+    torch.manual_seed(0)
+    return SequenceClassifier(ModelConfig(hidden_size=12, backend="reference", **variant)).eval()
+
+
+@pytest.mark.parametrize(("variant", "own", "phrase", "height"), [
+    ({"cell": "peephole"}, ["peep_i", "peep_f", "peep_o"], "peephole into f: p_f · c", 1600),
+    ({"cell": "layernorm", "zoneout": 0.1}, ["z_f", "c_norm", "zone_c", "zone_h"], "LN(c')", 2000),
+    ({"zoneout": [0.2, 0.1]}, ["zone_c", "zone_h"], "zoneout on c: z_c · (c − c')", 1600),
+    ({"recurrent_dropout": 0.3}, [], "", 1200),  # nothing of its own in eval: the plain figure
+    ({}, [], "", 1200),
+])
+def test_gates_figure_of_a_variant(tmp_path: Path, variant: dict, own: list[str], phrase: str, height: int) -> None:
+    """A variant's own terms get panels below the six gates, titled by what they are, steps counted from 1 and units
+    in the figure's order; the plain cell keeps exactly its six panels and size."""
+    from lstmlab.gates import PANELS, VARIANT_PANELS, GatesFigure, unit_order
+    from lstmlab.inspect import record
+    from lstmlab.plots import save_figure
+
+    image = _a_one()
+    rec = record(_variant_model(**variant), (image.float() / 255)[None], zoneout="sample",
+                 generator=torch.Generator().manual_seed(0))
+    figure = GatesFigure(rec, image, "rows", DIGITS, step=5, order="change")
+    assert list(figure.heat) == [*PANELS, *own]
+    titles = [figure.heat[name].axes.get_title() for name in own]
+    assert titles == [VARIANT_PANELS[name][0] for name in own]
+    assert any(t.startswith(phrase) for t in titles) == bool(own)  # titles that say what each panel is
+    rows = unit_order(rec.get(), 0, "change")
+    for name in own:
+        ax = figure.heat[name].axes
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels[0] == "1" and labels[-1] == "28" and ax.lines[0].get_xdata()[0] == 4  # step 5 marked
+        np.testing.assert_array_equal(figure.heat[name].get_array(), rec.get()[name][0].numpy().T[rows])
+    assert ("zoneout masks drawn as in training" in figure.fig.get_suptitle()) == ("zone_c" in own)
+    assert_figure(save_figure(figure.fig, tmp_path / "v.png"), (1700, height))
+
+
+def test_variant_gates_figure_refills_like_a_new_one() -> None:
+    """update and to_array (the demo's blitting path) with a variant's panels: the pixels of a new figure."""
+    from lstmlab.gates import GatesFigure
+    from lstmlab.inspect import record
+    from lstmlab.plots import figure_to_array
+
+    model = _variant_model(cell="layernorm", zoneout=0.2)
+    one, other = _a_one(), _a_one().T.contiguous()
+    recs = [record(model, (image.float() / 255)[None]) for image in (one, other)]
+    options = {"dpi": 40, "live_title": False, "order": "change", "unit_labels": False}
+    figure = GatesFigure(recs[0], one, "rows", DIGITS, **options)
+    figure.to_array()
+    again = figure.update(recs[1], other).to_array()
+    assert np.array_equal(again, GatesFigure(recs[1], other, "rows", DIGITS, **options).to_array())
+    drawn = figure_to_array(GatesFigure(recs[1], other, "rows", DIGITS, **options).fig)
+    assert (np.abs(again.astype(int) - drawn.astype(int)).max(-1) > 40).mean() < 0.01  # but anti-aliased edges
+    with pytest.raises(ValueError, match="same model shape and variant"):
+        figure.update(record(_variant_model(), (other.float() / 255)[None]), other)
+
+
+def test_gates_cli_draws_sampled_zoneout(tmp_path: Path) -> None:
+    from lstmlab.checkpoint import save_checkpoint
+    from lstmlab.config import Config, DataConfig
+
+    config = Config(model=ModelConfig(hidden_size=12, zoneout=0.3), data=DataConfig(mean=0.13, std=0.31))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "zoneout.safetensors"
+    save_checkpoint(ckpt, SequenceClassifier(config.model), config, None)
+    Image.fromarray(_a_one().numpy()).save(tmp_path / "one.png")
+    pictures = {}
+    for mode in ("expected", "sample"):
+        out = tmp_path / f"{mode}.png"
+        assert main(["gates", str(ckpt), "--image", str(tmp_path / "one.png"), "--zoneout", mode, "--seed", "3",
+                     "--out", str(out)]) == 0
+        assert_figure(out, (1700, 1600))
+        pictures[mode] = np.asarray(Image.open(out))
+    assert not np.array_equal(pictures["expected"], pictures["sample"])
 
 
 # ---------------------------------------------------------------------------------------------

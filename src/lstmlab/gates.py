@@ -1,7 +1,8 @@
 """Draw what the LSTM does while it reads one image: ``lstmlab gates``.
 
 One figure: the input image with the current step marked, the class probabilities after every step,
-and heatmaps (hidden unit x time step) of the gates i, f, g, o and the states c, h of one layer.
+and heatmaps (hidden unit x time step) of the gates i, f, g, o and the states c, h of one layer; for a variant
+model, heatmaps of its own terms below them (``VARIANT_PANELS``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,28 @@ PANELS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
     "c": ("c: cell state — the memory (unbounded)", "RdBu_r", None),
     "h": ("h: hidden state = o · tanh(c) (−1..1)", "RdBu_r", (-1.0, 1.0)),
 }
+# A variant's own terms (lstm_step's signals, c' the new cell and h' the new hidden state before zoneout), drawn in
+# this order below the gates when the recording has them; LayerNorm's z_i, z_g and z_o are recorded, not drawn
+# (i, g and o above are their squashed values).
+VARIANT_PANELS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
+    "z_f": ("z_f: f's pre-activation, LN(xW)+LN(hW)+b; f = σ(z_f)", "RdBu_r", None),
+    "c_norm": ("LN(c'): the normalised cell that tanh reads", "RdBu_r", None),
+    "peep_i": ("peephole into i: p_i · c (the previous cell)", "RdBu_r", None),
+    "peep_f": ("peephole into f: p_f · c (the previous cell)", "RdBu_r", None),
+    "peep_o": ("peephole into o: p_o · c' (the new cell)", "RdBu_r", None),
+    "zone_c": ("zoneout on c: z_c · (c − c'), previous minus new cell", "RdBu_r", None),
+    "zone_h": ("zoneout on h: z_h · (h − h'), previous minus new state", "RdBu_r", None),
+}
+
+
+def panels(layer_rec: Any) -> dict[str, tuple[str, str, tuple[float, float] | None]]:
+    """The heatmaps to draw for one layer's record: the six of ``PANELS``, then its variant's ``VARIANT_PANELS``."""
+    return PANELS | {name: panel for name, panel in VARIANT_PANELS.items() if name in layer_rec.extra}
+
+
+def panel_values(layer_rec: Any, name: str, sample: int, rows: np.ndarray) -> np.ndarray:
+    """One heatmap's data: gate or signal ``name`` of one sample as (H, T), the units in display order ``rows``."""
+    return layer_rec[name][sample].detach().float().cpu().numpy().T[rows]
 
 
 def step_position(view: str, step: int, permutation: Tensor | None = None) -> tuple[int, int | None]:
@@ -152,7 +175,8 @@ class GatesFigure:
     False keeps the probability panel's title fixed (it otherwise names the final guess), which saves redrawing
     text. With ``order`` other than ``index`` each recording sorts the units anew; ``unit_labels`` then labels a
     few heatmap rows with the unit they show, and a new recording redraws those labels (the slow path); without
-    them the rows carry no unit numbers and ``update`` stays fast."""
+    them the rows carry no unit numbers and ``update`` stays fast. A variant model's own terms (``VARIANT_PANELS``)
+    add rows of panels below the six gates, the figure growing 4 inches a row."""
 
     def __init__(
         self,
@@ -186,10 +210,14 @@ class GatesFigure:
             raise LstmlabError(f"--step must be in 1..{steps} (steps count from 1), got {step}")
         step -= 1  # an index from here on
         self.names, self.layer, self.direction = names, layer, direction
-        self.shape = (len(rec.layers), steps, layer_rec.h.size(2), rec.probs is not None)
-        fig = self.fig = new_figure(17, 12, dpi=dpi)
-        outer = fig.add_gridspec(3, 1, height_ratios=[1.0, 1.0, 1.0], hspace=0.42,
-                                 left=0.05, right=0.96, top=0.91, bottom=0.05)
+        self.panels = panels(layer_rec)
+        self.shape = (len(rec.layers), steps, layer_rec.h.size(2), rec.probs is not None, tuple(self.panels))
+        extra_rows = -(-(len(self.panels) - len(PANELS)) // 3)  # the variant's panels, three to a row
+        height = 12 + 4 * extra_rows
+        fig = self.fig = new_figure(17, height, dpi=dpi)
+        # margins in inches, as the plain figure's: a taller figure adds rows, not space around them
+        outer = fig.add_gridspec(3 + extra_rows, 1, height_ratios=[1.0] * (3 + extra_rows), hspace=0.42,
+                                 left=0.05, right=0.96, top=1 - 1.08 / height, bottom=0.6 / height)
         top = outer[0].subgridspec(1, 3, width_ratios=[1.0, 3.2, 1.2], wspace=0.25)
         self.image = draw_image(fig.add_subplot(top[0]), image, view, step, permutation, image_title)
         probs = rec.probs[sample] if rec.probs is not None else None
@@ -200,34 +228,41 @@ class GatesFigure:
             self.probs_ax.set_title("The guess after each step (class probabilities)", fontsize=10)
         self.bars, self.bar_texts = draw_final_bars(fig.add_subplot(top[2]),
                                                     torch.softmax(rec.logits[sample].float(), 0), names)
-        grid = outer[1:].subgridspec(2, 3, hspace=0.42, wspace=0.22)
-        self.heat = {}
-        self.colorbars = {}
-        rows = unit_order(layer_rec, sample, order)
-        for k, (name, (panel_title, cmap, limits)) in enumerate(PANELS.items()):
-            ax = fig.add_subplot(grid[k // 3, k % 3])
-            values = layer_rec[name][sample].detach().float().cpu().numpy().T[rows]  # (H, T), rows in display order
-            if limits is None:
-                limits = self._symmetric(values)
-            heat = ax.imshow(values, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1],
-                             interpolation="nearest")
-            self.heat[name] = heat
-            self.colorbars[name] = fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02)
-            if PANELS[name][2] is None:
-                self._symmetric_ticks(name)
-            ax.axvline(step, color="black" if cmap == "RdBu_r" else "white", linestyle="--", linewidth=1)
-            ax.set_title(panel_title, fontsize=10)
-            if order != "index":  # rows are no longer unit numbers: label a few with the unit they show, or none
-                self._label_units(ax, rows)
-            if k % 3 == 0:  # one label per row: the colour bars leave no room between panels
-                ax.set_ylabel(UNIT_ORDERS[order], fontsize=9)
-            ax.set_xlabel(_time_label(view), fontsize=9)
-            count_from_one(ax, steps)
+        self._draw_heatmaps(outer[1:].subgridspec(2 + extra_rows, 3, hspace=0.42, wspace=0.22), layer_rec, sample,
+                            step, view)
         where = f"layer {layer_rec.layer + 1} of {rec.num_layers}"
         if rec.num_directions == 2:
             where += ", forward direction" if direction == 0 else ", reverse direction (reads from the last step)"
+        if rec.zoneout == "sample" and "zone_c" in self.panels:
+            where += ", zoneout masks drawn as in training (nonzero = the unit was zoned out)"
         fig.suptitle(f"{title}  —  {where}" if title else f"Inside the LSTM — {where}", fontsize=13)
         self._background = None
+
+    def _draw_heatmaps(self, grid: Any, layer_rec: Any, sample: int, step: int, view: str) -> None:
+        """Every panel of ``self.panels``, three to a row of ``grid``, units in ``self.order``."""
+        self.heat, self.colorbars = {}, {}
+        rows = unit_order(layer_rec, sample, self.order)
+        for k, name in enumerate(self.panels):
+            ax = self.fig.add_subplot(grid[k // 3, k % 3])
+            self._draw_heatmap(ax, name, panel_values(layer_rec, name, sample, rows), step)
+            if self.order != "index":  # rows are no longer unit numbers: label a few with the unit they show, or none
+                self._label_units(ax, rows)
+            if k % 3 == 0:  # one label per row: the colour bars leave no room between panels
+                ax.set_ylabel(UNIT_ORDERS[self.order], fontsize=9)
+            ax.set_xlabel(_time_label(view), fontsize=9)
+            count_from_one(ax, layer_rec.h.size(1))
+
+    def _draw_heatmap(self, ax: Axes, name: str, values: np.ndarray, step: int) -> None:
+        """Panel ``name``: values (H, T) as a heatmap with its colour bar, step index ``step`` marked."""
+        panel_title, cmap, limits = self.panels[name]
+        low, high = limits if limits is not None else self._symmetric(values)
+        heat = ax.imshow(values, aspect="auto", cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+        self.heat[name] = heat
+        self.colorbars[name] = self.fig.colorbar(heat, ax=ax, fraction=0.05, pad=0.02)
+        if limits is None:
+            self._symmetric_ticks(name)
+        ax.axvline(step, color="black" if cmap == "RdBu_r" else "white", linestyle="--", linewidth=1)
+        ax.set_title(panel_title, fontsize=10)
 
     def _label_units(self, ax: Axes, rows: np.ndarray) -> None:
         ticks = list(range(0, len(rows), max(1, len(rows) // 8))) if self.unit_labels else []
@@ -251,14 +286,16 @@ class GatesFigure:
         """The artists a new recording changes, other than the images (``_ImagePixels`` paints those); everything
         else is the cached background."""
         artists = [*self.bars, *self.bar_texts] + ([self.probs_ax.title] if self.live_title else [])
-        unbounded = [name for name, (_, _, limits) in PANELS.items() if limits is None]
+        unbounded = [name for name, (_, _, limits) in self.panels.items() if limits is None]
         return artists + [self.colorbars[name].ax for name in unbounded]  # their ticks follow the data
 
     def update(self, rec: Recording, image: Tensor, sample: int = 0) -> GatesFigure:
         """Show another recording of a model of the same shape (layers, steps, hidden size)."""
         layer_rec = rec.get(self.layer, self.direction)
-        if (len(rec.layers), layer_rec.h.size(1), layer_rec.h.size(2), rec.probs is not None) != self.shape:
-            raise ValueError("GatesFigure.update needs a recording of the same model shape")
+        shape = (len(rec.layers), layer_rec.h.size(1), layer_rec.h.size(2), rec.probs is not None,
+                 tuple(panels(layer_rec)))
+        if shape != self.shape:
+            raise ValueError("GatesFigure.update needs a recording of the same model shape and variant")
         self.image.set_data(image.cpu().numpy())
         if self.probs is not None:
             p = rec.probs[sample].detach().float().cpu().numpy().T  # (C, T)
@@ -267,8 +304,8 @@ class GatesFigure:
                 self.probs_ax.set_title(_probs_title(p, self.names), fontsize=10)
         _update_bars(self.bars, self.bar_texts, torch.softmax(rec.logits[sample].float(), 0).cpu().tolist())
         rows = unit_order(layer_rec, sample, self.order)
-        for name, (_, _, limits) in PANELS.items():
-            values = layer_rec[name][sample].detach().float().cpu().numpy().T[rows]  # (H, T), rows in display order
+        for name, (_, _, limits) in self.panels.items():
+            values = panel_values(layer_rec, name, sample, rows)
             self.heat[name].set_data(values)
             if limits is None:
                 self.heat[name].set_clim(*self._symmetric(values))
@@ -400,6 +437,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--order", choices=list(UNIT_ORDERS), default="change",
                         help="order of the hidden units in the heatmaps: change = by the step where each unit's "
                         "gates change most (stated on the figure), index = as stored")
+    parser.add_argument("--zoneout", choices=["expected", "sample"], default="expected",
+                        help="for a model with zoneout: expected = as it predicts (eval: every unit pulled back by "
+                        "z), sample = 0/1 masks drawn as in training, so the zoned-out units show")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the masks --zoneout sample draws (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -434,7 +476,8 @@ def run(args: argparse.Namespace) -> int:
             )
         image = images[args.index]
         image_title = f"{dataset} {args.split} #{args.index}, label {names[int(labels[args.index])]}"
-    rec = record(ckpt.model, model_input(ckpt, image[None]))
+    rec = record(ckpt.model, model_input(ckpt, image[None]), zoneout=args.zoneout,
+                 generator=torch.Generator().manual_seed(args.seed))
     direction = 0 if args.direction == "forward" else 1
     fig = gates_figure(rec, image, ckpt.config.data.view, names, layer=layer - 1, direction=direction,
                        step=args.step, permutation=ckpt.permutation, title=f"run {run_name(path)}",
