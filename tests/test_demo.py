@@ -169,6 +169,53 @@ def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
     assert far.mean() < 0.01, far.mean()
 
 
+@pytest.fixture(scope="session")
+def variant_checkpoint(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path):
+    """A tiny peephole LSTM with zoneout, trained for a few seconds: its peepholes have moved off their zero init."""
+    import torch
+
+    from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
+    from lstmlab.train import train
+
+    out = tmp_path_factory.mktemp("variant-run")
+    config = Config(model=ModelConfig(hidden_size=16, cell="peephole", zoneout=0.1),
+                    data=DataConfig(val_size=500),
+                    train=TrainConfig(batch_size=64, iterations=40, eval_every=40, device="cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: threads only spin against each other on a shared machine
+    try:
+        train(config, out, data_dir=mnist_dir, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return load_checkpoint(out / "best.safetensors")
+
+
+def test_demo_shows_a_variant_models_own_terms(variant_checkpoint) -> None:
+    """The step view and the gates figure of a variant model add its own panels (peepholes, zoneout) below the six
+    gates, in more rows; refilled figures equal new ones."""
+    from lstmlab.demo import DPI, STEP_PANEL, FigureCache, predict_drawing, render_step
+    from lstmlab.gates import PANELS
+
+    own = ["peep_i", "peep_f", "peep_o", "zone_c", "zone_h"]
+    r = predict_drawing(variant_checkpoint, seven())
+    data = r.step_data
+    assert r.ok and list(data.values) == [*PANELS, *own]
+    assert all(data.values[name].shape == (16, 28) for name in own) and np.abs(data.values["peep_f"]).max() > 0
+    frame = render_step(data, 12)
+    pw, ph = STEP_PANEL
+    assert frame.shape[0] == 4 * (ph + 40) + 24  # two rows of gates, two of the variant's terms
+    x0, top = 224 + 24, 24 + 16 + 3 * (ph + 40)  # the fourth row: zone_c, then zone_h
+    zone_c = frame[top : top + ph, x0 : x0 + pw]
+    assert (zone_c != 235).any(-1)[:, : pw * 11 // 28].mean() > 0.9  # rows 1..11 painted
+    assert (zone_c[:, pw * 12 // 28 + 1 :] == 235).all()  # rows 13.. not read yet
+    assert 14 * DPI < r.gates.shape[0] < 17 * DPI  # the heatmaps: the six gates and two rows more
+    cache = FigureCache(None, [str(k) for k in range(10)], "rows")
+    predict_drawing(variant_checkpoint, seven(width=40), figure_cache=cache)
+    again = predict_drawing(variant_checkpoint, seven(), figure_cache=cache)
+    assert np.array_equal(again.gates, r.gates)
+
+
 def test_predict_drawing_from_many_threads(checkpoint) -> None:
     """The server runs several drawings at once: with one shared figure cache, each answer and figure is the one
     the same drawing gets alone."""

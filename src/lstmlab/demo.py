@@ -195,7 +195,7 @@ class StepData:
     """What the step-by-step view needs of one drawing (kept in the page's session state): small numpy arrays."""
 
     digit: np.ndarray  # uint8 (28, 28): what the model reads
-    values: dict[str, np.ndarray]  # gate name -> (H, T), hidden units in the gates figure's order
+    values: dict[str, np.ndarray]  # gate or variant signal name -> (H, T), hidden units in the gates figure's order
     probs: np.ndarray | None  # (T, C): the guess after each step
     names: list[str]
     view: str
@@ -208,12 +208,13 @@ class StepData:
 
 
 def step_data(rec: Any, digit: Tensor, names: list[str], view: str, permutation: Tensor | None = None) -> StepData:
-    """The step view's data from a recording of the last layer's forward direction."""
-    from lstmlab.gates import PANELS, unit_order
+    """The step view's data from a recording of the last layer's forward direction: its six gates and states, then
+    a variant model's own terms, as the gates figure draws them."""
+    from lstmlab.gates import panel_values, panels, unit_order
 
     layer = rec.get(-1, 0)
     rows = unit_order(layer, 0, "change")  # as the gates figure: units sorted by when their gates change most
-    values = {name: layer[name][0].detach().float().cpu().numpy().T[rows].astype(np.float32) for name in PANELS}
+    values = {name: panel_values(layer, name, 0, rows).astype(np.float32) for name in panels(layer)}
     steps = layer.h.size(1)
     if view == "rows":
         order = np.arange(steps)
@@ -244,6 +245,11 @@ def _font(size: int):
 
 
 STEP_PANEL = (168, 128)  # width (time) x height (units) of each gate's panel in the step view, in pixels
+# the step view's panel labels, short enough for a panel's width with ": mean +0.00" after them
+STEP_LABELS = {"i": "i input gate", "f": "f forget gate", "g": "g candidate", "o": "o output gate",
+               "c": "c cell (memory)", "h": "h hidden state", "z_f": "z_f f pre-act.", "c_norm": "LN(c')",
+               "peep_i": "peephole p_i·c", "peep_f": "peephole p_f·c", "peep_o": "peephole p_o·c'",
+               "zone_c": "zoneout on c", "zone_h": "zoneout on h"}
 
 
 def step_caption(data: StepData, step: int) -> str:
@@ -261,68 +267,27 @@ def step_caption(data: StepData, step: int) -> str:
 
 def render_step(data: StepData, step: int) -> np.ndarray:
     """The step view for ``step`` (1-based) as an RGB array: the input with the rows read so far lit and the current
-    one marked, each gate's heatmap (units x steps) revealed up to this step, and the guess after it. Pure numpy and
-    Pillow: cheap, and safe from any number of threads."""
+    one marked, each gate's heatmap (units x steps) revealed up to this step (a variant model's own terms in more
+    rows below), and the guess after it. Pure numpy and Pillow: cheap, and safe from any number of threads."""
     from PIL import Image, ImageDraw
 
-    from lstmlab.gates import PANELS
-
-    steps = data.steps
-    step = int(min(max(step, 1), steps))
+    step = int(min(max(step, 1), data.steps))
     pw, ph = STEP_PANEL
-    scale = 8
-    width, height = 224 + 24 + 3 * (pw + 16) + 230, 2 * (ph + 40) + 24
+    width, height = 224 + 24 + 3 * (pw + 16) + 230, -(-len(data.values) // 3) * (ph + 40) + 24
     frame = np.full((height, width, 3), 255, np.uint8)
-
-    # the input: what has been read is lit, the rest dimmed, the step being read framed in red
-    read = np.zeros(28 * 28, bool)
-    if data.view == "rows":
-        read[: step * 28] = True
-    else:
-        read[data.order[:step]] = True
-    read = read.reshape(28, 28)
-    digit = data.digit.astype(np.float32)
-    shown = np.where(read, digit, 0.3 * digit + 40)  # unread pixels stay visible, dim, on a grey that shows "not yet"
-    big = np.kron(shown, np.ones((scale, scale), np.float32)).astype(np.uint8)
-    top = 24
-    frame[top : top + 224, 0:224] = big[..., None]
-    if data.view == "rows":
-        y = top + (step - 1) * scale
-        frame[y : y + 2, 0:224] = (230, 30, 30)
-        frame[y + scale - 2 : y + scale, 0:224] = (230, 30, 30)
-    else:
-        r, c = divmod(int(data.order[step - 1]), 28)
-        frame[top + r * scale : top + (r + 1) * scale, c * scale : (c + 1) * scale] = (230, 30, 30)
-
-    # each gate: units x steps so far, the current column marked
-    columns = np.minimum((np.arange(pw) * steps) // pw, steps - 1)
-    units = next(iter(data.values.values())).shape[0]
-    rows = np.minimum((np.arange(ph) * units) // ph, units - 1)
-    x0 = 224 + 24
-    for k, (name, (_, cmap, limits)) in enumerate(PANELS.items()):
-        values = data.values[name]
-        low, high = limits if limits is not None else (-max(float(np.abs(values).max()), 1e-6),
-                                                       max(float(np.abs(values).max()), 1e-6))
-        index = np.clip(((values - low) / (high - low) * 256), 0, 255).astype(np.intp)
-        panel = _lut(cmap)[index[rows][:, columns]]  # (ph, pw, 3)
-        panel[:, columns >= step] = 235  # steps not read yet
-        px, py = x0 + (k % 3) * (pw + 16), top + 16 + (k // 3) * (ph + 40)
-        frame[py : py + ph, px : px + pw] = panel
-        cursor = px + np.nonzero(columns == step - 1)[0]
-        frame[py - 4 : py, cursor] = (230, 30, 30)  # ticks above and below the current step's column
-        frame[py + ph : py + ph + 4, cursor] = (230, 30, 30)
+    top, x0 = 24, 224 + 24
+    _paint_input(frame, data, step, top)
+    _paint_panels(frame, data, step, x0, top)
     img = Image.fromarray(frame)
     draw = ImageDraw.Draw(img)
     small, tiny = _font(14), _font(12)
     word = "row" if data.view == "rows" else "pixel"
-    draw.text((0, 2), f"reading {word} {step} of {steps}", fill=(0, 0, 0), font=small)
-    for k, name in enumerate(PANELS):
+    draw.text((0, 2), f"reading {word} {step} of {data.steps}", fill=(0, 0, 0), font=small)
+    for k, name in enumerate(data.values):
         px, py = x0 + (k % 3) * (pw + 16), top + (k // 3) * (ph + 40)
-        label = {"i": "i input gate", "f": "f forget gate", "g": "g candidate", "o": "o output gate",
-                 "c": "c cell (memory)", "h": "h hidden state"}[name]
-        draw.text((px, py), f"{label}: mean {float(data.values[name][:, step - 1].mean()):+.2f}", fill=(0, 0, 0),
-                  font=tiny)
-        draw.text((px, py + 16 + ph + 2), f"{word}s 1-{steps}", fill=(90, 90, 90), font=tiny)
+        draw.text((px, py), f"{STEP_LABELS[name]}: mean {float(data.values[name][:, step - 1].mean()):+.2f}",
+                  fill=(0, 0, 0), font=tiny)
+        draw.text((px, py + 16 + ph + 2), f"{word}s 1-{data.steps}", fill=(90, 90, 90), font=tiny)
     if data.probs is not None:
         p = data.probs[step - 1]
         bx = x0 + 3 * (pw + 16) + 8
@@ -336,6 +301,52 @@ def render_step(data: StepData, step: int) -> np.ndarray:
                            fill=(230, 30, 30) if c == best else (120, 120, 200))
             draw.text((bx + 76 + length, y), f"{100 * float(q):.0f}%", fill=(0, 0, 0), font=tiny)
     return np.asarray(img)
+
+
+def _paint_input(frame: np.ndarray, data: StepData, step: int, top: int) -> None:
+    """The input, 8x, at (0, top) of ``frame``: what has been read lit, the rest dimmed, the step being read in red."""
+    scale = 8
+    read = np.zeros(28 * 28, bool)
+    if data.view == "rows":
+        read[: step * 28] = True
+    else:
+        read[data.order[:step]] = True
+    read = read.reshape(28, 28)
+    digit = data.digit.astype(np.float32)
+    shown = np.where(read, digit, 0.3 * digit + 40)  # unread pixels stay visible, dim, on a grey that shows "not yet"
+    big = np.kron(shown, np.ones((scale, scale), np.float32)).astype(np.uint8)
+    frame[top : top + 224, 0:224] = big[..., None]
+    if data.view == "rows":
+        y = top + (step - 1) * scale
+        frame[y : y + 2, 0:224] = (230, 30, 30)
+        frame[y + scale - 2 : y + scale, 0:224] = (230, 30, 30)
+    else:
+        r, c = divmod(int(data.order[step - 1]), 28)
+        frame[top + r * scale : top + (r + 1) * scale, c * scale : (c + 1) * scale] = (230, 30, 30)
+
+
+def _paint_panels(frame: np.ndarray, data: StepData, step: int, x0: int, top: int) -> None:
+    """Each heatmap of ``data.values``, three to a row from (x0, top): units x steps so far, the current column
+    marked."""
+    from lstmlab.gates import PANELS, VARIANT_PANELS
+
+    pw, ph = STEP_PANEL
+    steps = data.steps
+    columns = np.minimum((np.arange(pw) * steps) // pw, steps - 1)
+    units = next(iter(data.values.values())).shape[0]
+    rows = np.minimum((np.arange(ph) * units) // ph, units - 1)
+    for k, (name, values) in enumerate(data.values.items()):
+        _, cmap, limits = (PANELS | VARIANT_PANELS)[name]
+        bound = max(float(np.abs(values).max()), 1e-6)
+        low, high = limits if limits is not None else (-bound, bound)
+        index = np.clip(((values - low) / (high - low) * 256), 0, 255).astype(np.intp)
+        panel = _lut(cmap)[index[rows][:, columns]]  # (ph, pw, 3)
+        panel[:, columns >= step] = 235  # steps not read yet
+        px, py = x0 + (k % 3) * (pw + 16), top + 16 + (k // 3) * (ph + 40)
+        frame[py : py + ph, px : px + pw] = panel
+        cursor = px + np.nonzero(columns == step - 1)[0]
+        frame[py - 4 : py, cursor] = (230, 30, 30)  # ticks above and below the current step's column
+        frame[py + ph : py + ph + 4, cursor] = (230, 30, 30)
 
 
 def _guess_changes(probs: Tensor, names: list[str]) -> list[tuple[int, str, float]]:
