@@ -34,7 +34,7 @@ from typing import Any
 
 _CSRC = Path(__file__).with_name("csrc")
 # The translation units of the one library (they share csrc/*.h); the cache key covers every file in csrc.
-_SOURCES = (_CSRC / "lstm_native.cpp",)
+_SOURCES = (_CSRC / "lstm_native.cpp", _CSRC / "lstm_variants.cpp")
 # -march=native: the library is built on the machine that runs it (the CPU's flags are in the cache key);
 # -fno-trapping-math lets the compiler vectorise the branch-free exp/sigmoid/tanh; -fopenmp turns on
 # at::parallel_for, which then runs on torch's own OpenMP threads (its libgomp is already loaded).

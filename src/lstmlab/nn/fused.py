@@ -476,12 +476,15 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
     return dH
 
 
-# --- the variants (LayerNorm, peephole, zoneout, recurrent dropout): Python step loops ---------------------------
+# --- the variants (LayerNorm, peephole, zoneout, recurrent dropout): compiled or Python step loops ---------------
 #
 # The same equations as lstmlab.nn.cell.lstm_step, step by step into preallocated buffers, and their hand-written
 # backward. ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t after zoneout) and tcs
 # (tanh of what h reads: c_new, or LN(c_new)): [c_new | h_in | and with LayerNorm: ĉ | â | r̂ | rstd_c, rstd_a,
 # rstd_r], c_new the cell before zoneout, h_in the h entering the recurrent product, hats the normalised values.
+# The compiled loops (csrc/lstm_variants.cpp, ops lstmlab_native::variant_forward/variant_backward) run when
+# _native_for gives them, with the same buffers: a forward of one kind and a backward of the other work together.
+# Rows a packed step does not reach are zero in every buffer.
 
 
 def _extra_width(H: int, layer_norm: bool) -> int:
@@ -524,6 +527,10 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
     """lstm_layer for the variants: (out, h_T, c_T, acts, cs, tcs, xh (empty), extra)."""
     T, B, _ = x.shape
     H = c0.shape[1]
+    native = _native_for(x)
+    if native is not None and T and B:
+        return _variant_forward_native(native, x, h0, c0, weight_ih, weight_hh, bias, batch_sizes, save, ln_gates,
+                                       ln_cell, peephole, recurrent_mask, zoneout_mask)
     layer_norm = ln_gates is not None
     norm_any = layer_norm or ln_cell is not None  # either LayerNorm keeps its normalised values in extra
     # Zero-filled: rows a packed step skips must read as zeros (they meet zero gradients, never NaN garbage).
@@ -597,6 +604,11 @@ def _variant_backward_impl(
     """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent."""
     T, B, H4 = acts.shape
     H = H4 // 4
+    native = _native_for(acts)
+    if native is not None and T and B:
+        return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs,
+                                        tcs, extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask,
+                                        has_bias, need_x, need_h0, need_weights)
     layer_norm = ln_gates is not None
     v = _extra_views(extra, H, layer_norm or ln_cell is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
@@ -667,6 +679,93 @@ def _variant_backward_impl(
             c_prev_all = torch.cat([c0.unsqueeze(0), cs[:-1]]) if T else cs
             d_peep = torch.stack([(dZ[..., :H] * c_prev_all).sum((0, 1)), (dZ[..., H : 2 * H] * c_prev_all).sum((0, 1)),
                                   (dZ[..., 3 * H :] * v["c_new"]).sum((0, 1))])
+    dh0, dc0 = (dh, dc) if need_h0 else (empty(), empty())
+    return dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _native_zoneout(mask: Tensor | None) -> Tensor | None:
+    """The zoneout weights as the compiled loops take them: (2, T, B, H), or (2, 1, 1, H) when the same weights
+    serve every step and row (eval's probabilities, expanded without copying)."""
+    if mask is None:
+        return None
+    if mask.shape[1] * mask.shape[2] > 1 and mask.stride(1) == 0 and mask.stride(2) == 0:
+        return mask[:, :1, :1].contiguous()
+    return mask.contiguous()
+
+
+def _variant_forward_native(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                            bias: Tensor | None, batch_sizes: Tensor | None, save: bool, ln_gates: Tensor | None,
+                            ln_cell: Tensor | None, peephole: Tensor | None, recurrent_mask: Tensor | None,
+                            zoneout_mask: Tensor | None) -> tuple[Tensor, ...]:
+    """_variant_forward on the compiled loops (T, B > 0)."""
+    T, B, _ = x.shape
+    H = c0.shape[1]
+    packed = batch_sizes is not None
+
+    def new(*shape: int) -> Tensor:
+        buf = _cache().empty(shape, x) if save else x.new_empty(shape)
+        return buf.zero_() if packed else buf  # a packed step leaves rows untouched: they must read as zeros
+
+    acts, cs, tcs, out = new(T, B, 4 * H), new(T, B, H), new(T, B, H), new(T, B, H)
+    extra = new(T, B, _extra_width(H, ln_gates is not None or ln_cell is not None))
+    sizes = batch_sizes.to(torch.int64).contiguous() if packed else None
+    native.variant_forward(x.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(),
+                           weight_hh.contiguous(), _contiguous(bias), _contiguous(ln_gates), _contiguous(ln_cell),
+                           _contiguous(peephole), _contiguous(recurrent_mask), _native_zoneout(zoneout_mask),
+                           acts, cs, tcs, out, extra, sizes)
+    h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
+    if not save:  # four distinct tensors: a custom op's outputs may not alias
+        acts, cs, tcs, extra = (x.new_empty(0) for _ in range(4))
+    return out, h_T, c_T, acts, cs, tcs, x.new_empty(0), extra
+
+
+def _variant_backward_native(
+    native: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor,
+    weight_ih: Tensor, weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor,
+    extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
+    recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool,
+    need_weights: bool,
+) -> tuple[Tensor, ...]:
+    """_variant_backward_impl on the compiled loops (T, B > 0): they give the gradients w.r.t. x W_ih^T (dA) and
+    h_in W_hh^T (dR), the same tensor without the gates' LayerNorm, and the column sums of the bias, LayerNorm and
+    peephole gradients; dx, dW_ih and dW_hh are one matmul each over all steps."""
+    T, B, H4 = acts.shape
+    H = H4 // 4
+    layer_norm = ln_gates is not None
+    dh = acts.new_zeros(B, H) if d_hT is None else d_hT.contiguous().clone()
+    dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
+    dA = _cache().empty((T, B, H4), acts)  # every row is written (zeros where a packed step does not reach)
+    dR = _cache().empty((T, B, H4), acts) if layer_norm else dA
+    sums = acts.new_empty(17 * H)  # [db | dγ_ih | dγ_hh | dγ_c | dβ_c | dp_i | dp_f | dp_o]
+    sizes = batch_sizes.to(torch.int64).contiguous() if batch_sizes is not None else None
+    extra = extra.contiguous()
+    native.variant_backward(_contiguous(d_out), dh, dc, c0.contiguous(), weight_hh.contiguous(), acts.contiguous(),
+                            cs.contiguous(), tcs.contiguous(), extra, _contiguous(ln_gates), _contiguous(ln_cell),
+                            _contiguous(peephole), _contiguous(recurrent_mask), _native_zoneout(zoneout_mask),
+                            dA, dR, sums, need_h0, sizes)
+
+    def empty() -> Tensor:  # a distinct tensor each: a custom op's outputs may not alias
+        return acts.new_empty(0)
+
+    flat = T * B
+    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, -1) if need_x else empty()
+    dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
+    if need_weights:
+        h_in = _extra_views(extra, H, layer_norm or ln_cell is not None)["h_in"]
+        dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, -1))
+        dw_hh = torch.mm(dR.view(flat, H4).t(), h_in.reshape(flat, H))
+        if has_bias:
+            db = sums[:H4].clone()
+        if layer_norm:
+            d_ln_gates = sums[H4 : 3 * H4].view(2, H4).clone()
+        if ln_cell is not None:
+            d_ln_cell = sums[3 * H4 : 3 * H4 + 2 * H].view(2, H).clone()
+        if peephole is not None:
+            d_peep = sums[3 * H4 + 2 * H :].view(3, H).clone()
     dh0, dc0 = (dh, dc) if need_h0 else (empty(), empty())
     return dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep
 

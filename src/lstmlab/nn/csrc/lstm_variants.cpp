@@ -1,0 +1,833 @@
+// The step loops of lstmlab's LSTM variants (issue 12) out of Python: LayerNorm (Ba et al., gates and cell),
+// peepholes (Gers et al.), zoneout (a weight per unit and step) and variational recurrent dropout (a mask per
+// sequence on the h entering the recurrent product), in any combination, with packed batch_sizes, float and double.
+// The equations are lstmlab.nn.cell.lstm_step's; fused.py's variant section holds the same loops in Python (the
+// fallback) and documents the buffers.
+//
+// forward:  A = x W_ih^T for all steps in ONE matmul before the loop (with the bias unless LayerNorm; with
+//           LayerNorm each row of A is normalised there too, rows never depend on the recurrence). Per step:
+//           h_in = h_{t-1} * mask, ONE matmul h_in W_hh^T (added onto A in place, or into r_hat to be normalised),
+//           then ONE pass per row over the gates (LayerNorm of R, peepholes, activations, c', cell LayerNorm,
+//           zoneout).
+// backward: per step (last to first) ONE pass per row that turns dh, dc into the gradient of the pre-activations
+//           (through zoneout, the cell LayerNorm, peepholes, the gates' LayerNorm) and dc_{t-1}, accumulating the
+//           column sums of the bias, LayerNorm and peephole gradients on the way; then ONE matmul
+//           dh_{t-1} = dR_t W_hh (times the mask, plus zoneout's carry). dx, dW_ih and dW_hh are matmuls over all
+//           steps, done in Python after the loop.
+//
+// LayerNorm statistics (mean, variance, and the two means of its backward) are accumulated in double for both
+// dtypes, and the normalised value computed in double before rounding: in float, 1/std reaches 1/sqrt(eps) ~ 316
+// on rows of nearly equal values, and float sums lose the digits that this factor then amplifies.
+//
+// As in lstm_native.cpp: a batch is cut into row blocks that run the whole sequence on separate threads
+// (over_blocks), pointwise loops are plain loops the compiler vectorises, exp is lstm_math.h's branch-free one.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "lstm_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using lstmlab::sigmoid;
+// tanh with a small relative error near 0 too (lstm_math.h): a LayerNorm divides differences by their spread.
+using lstmlab::tanh_accurate;
+
+constexpr double kLnEps = 1e-5;  // lstmlab.nn.cell.LN_EPS
+
+// --- the row-block machinery (as lstm_native.cpp's, which keeps its own in its translation unit) ---------------
+
+constexpr int64_t kParallelElems = 16384;
+constexpr int64_t kMinBlockRows = 16;
+
+template <typename F>
+void over_rows(int64_t n, int64_t H, const F& f) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kParallelElems / H), f);
+}
+
+int64_t row_blocks(int64_t B) {
+  if (at::in_parallel_region()) {
+    return 1;
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinBlockRows));
+}
+
+template <typename F>
+void over_blocks(int64_t B, const F& f) {
+  const int64_t blocks = row_blocks(B);
+  if (blocks == 1) {
+    f(int64_t{0}, B);
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::NoGradGuard no_grad;
+    for (int64_t k = k0; k < k1; ++k) {
+      f(B * k / blocks, B * (k + 1) / blocks);
+    }
+  });
+}
+
+int64_t live_rows(const int64_t* batch_sizes, int64_t t, int64_t B) {
+  return batch_sizes == nullptr ? B : std::min<int64_t>(B, batch_sizes[t]);
+}
+
+const int64_t* sizes_ptr(const c10::optional<at::Tensor>& batch_sizes, int64_t T) {
+  if (!batch_sizes.has_value() || !batch_sizes->defined()) {
+    return nullptr;
+  }
+  TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->scalar_type() == at::kLong &&
+                  batch_sizes->is_contiguous() && batch_sizes->numel() == T,
+              "lstmlab_native: batch_sizes must be a contiguous CPU int64 tensor of T entries");
+  return batch_sizes->data_ptr<int64_t>();
+}
+
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "lstmlab_native: ", name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), "lstmlab_native: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, "lstmlab_native: ", name, " must have the input's dtype");
+}
+
+void check_numel(const at::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.numel() == numel, "lstmlab_native: ", name, " has ", t.numel(), " elements, expected ", numel);
+}
+
+template <typename T>
+const T* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return given(t) ? t->data_ptr<T>() : nullptr;
+}
+
+// Calls f(std::integral_constant<bool, b>) so that a runtime flag picks a template instantiation.
+template <typename F>
+void with_flag(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// --- LayerNorm of one row, accurate in float ---------------------------------------------------------------------
+
+// hat = (v - mean) / sqrt(var + eps) over N values (biased variance; hat may be v itself); returns 1/sqrt(var+eps).
+// Two passes in double: the mean, then the squared deviations from it.
+template <typename T>
+double normalize_row(const T* v, T* hat, int64_t N) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < N; ++k) {
+    s += static_cast<double>(v[k]);
+  }
+  const double mean = s / static_cast<double>(N);
+  double q = 0.0;
+#pragma omp simd reduction(+ : q)
+  for (int64_t k = 0; k < N; ++k) {
+    const double d = static_cast<double>(v[k]) - mean;
+    q += d * d;
+  }
+  const double rstd = 1.0 / std::sqrt(q / static_cast<double>(N) + kLnEps);
+#pragma omp simd
+  for (int64_t k = 0; k < N; ++k) {
+    hat[k] = static_cast<T>((static_cast<double>(v[k]) - mean) * rstd);
+  }
+  return rstd;
+}
+
+// The gradient w.r.t. v of y = gamma * LN(v), from dy: rstd * (g - mean(g) - hat * mean(g * hat)), g = dy * gamma,
+// in double; written into dv, or added to it (ADD). Also adds dy * hat into acc_gamma (the gain's gradient). dv may
+// not alias dy.
+template <bool ADD, typename T>
+void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, const T* __restrict hat, double rstd,
+                            T* __restrict dv, int64_t N, double* __restrict acc_gamma) {
+  double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t k = 0; k < N; ++k) {
+    const double g = static_cast<double>(dy[k]) * static_cast<double>(gamma[k]);
+    s1 += g;
+    s2 += g * static_cast<double>(hat[k]);
+  }
+  const double m1 = s1 / static_cast<double>(N), m2 = s2 / static_cast<double>(N);
+#pragma omp simd
+  for (int64_t k = 0; k < N; ++k) {
+    const double g = static_cast<double>(dy[k]) * static_cast<double>(gamma[k]);
+    const T d = static_cast<T>((g - m1 - static_cast<double>(hat[k]) * m2) * rstd);
+    if constexpr (ADD) {
+      dv[k] += d;
+    } else {
+      dv[k] = d;
+    }
+    acc_gamma[k] += static_cast<double>(dy[k]) * static_cast<double>(hat[k]);
+  }
+}
+
+// --- forward -------------------------------------------------------------------------------------------------------
+
+// Zoneout: z * prev + (1 - z) * next, as the reference cell writes it. Not next + z * (prev - next): the compiler
+// fuses a multiply into that difference (fp-contract), and the product's rounding error then survives where z = 1
+// should give prev exactly -- an error that a LayerNorm in the next layer can scale up by 1/sqrt(eps).
+template <typename T>
+inline T zone(T z, T prev, T next) {
+  return z * prev + (T(1) - z) * next;
+}
+
+// One step's rows (pointers at the step's first row of the block; row b at + b * width).
+template <typename T>
+struct FwdStep {
+  int64_t H;
+  T* acts;          // (n, 4H): in, the pre-activations A + R (no gate LayerNorm); out, i, f, g, o
+  const T* a_hat;   // (n, 4H) LN(x W_ih^T) (gate LayerNorm)
+  T* r_hat;         // (n, 4H): in, h_in W_hh^T; out, its LayerNorm (gate LayerNorm)
+  T* rstd;          // (n, 3): 1/std of c_new, A, R
+  const T* gain_ih;  // (4H) γ_ih
+  const T* gain_hh;  // (4H) γ_hh
+  const T* bias;     // (4H) b_ih + b_hh, or zeros (gate LayerNorm: added after the normalisation)
+  const T* peep;     // (3, H) p_i, p_f, p_o
+  const T* gain_c;   // (H) γ_c
+  const T* bias_c;   // (H) β_c
+  const T* c_prev;   // (n, H)
+  const T* h_prev;   // (n, H)
+  T* c_new;          // (n, H) the cell before zoneout
+  T* c_hat;          // (n, H) LN(c_new) (cell LayerNorm)
+  T* tc;             // (n, H) tanh of what h reads
+  T* h;              // (n, H) h_t (after zoneout)
+  T* c;              // (n, H) c_t (after zoneout)
+  const T* zc;       // zoneout weights of the previous c and h: rows of z_stride
+  const T* zh;
+  int64_t z_stride;  // H, or 0 when one row of weights serves every row (eval: the probabilities)
+};
+
+template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
+void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
+  const int64_t H = s.H, H4 = 4 * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict z = s.acts + b * H4;
+    if constexpr (LNG) {
+      T* r = s.r_hat + b * H4;
+      s.rstd[b * 3 + 2] = static_cast<T>(normalize_row(r, r, H4));
+      const T* __restrict a = s.a_hat + b * H4;
+      const T* __restrict ga = s.gain_ih;
+      const T* __restrict gr = s.gain_hh;
+      const T* __restrict bb = s.bias;
+      const T* __restrict rr = r;
+      for (int64_t k = 0; k < H4; ++k) {
+        z[k] = a[k] * ga[k] + rr[k] * gr[k] + bb[k];
+      }
+    }
+    const T* __restrict cp = s.c_prev + b * H;
+    const T* __restrict hp = s.h_prev + b * H;
+    T* __restrict cn = s.c_new + b * H;
+    T* __restrict tcb = s.tc + b * H;
+    T* __restrict hb = s.h + b * H;
+    T* __restrict cb = s.c + b * H;
+    const T* __restrict zc = ZONE ? s.zc + b * s.z_stride : nullptr;
+    const T* __restrict zh = ZONE ? s.zh + b * s.z_stride : nullptr;
+    const T* __restrict pi = PEEP ? s.peep : nullptr;
+    const T* __restrict pf = PEEP ? s.peep + H : nullptr;
+    const T* __restrict po = PEEP ? s.peep + 2 * H : nullptr;
+    T* __restrict zi = z;
+    T* __restrict zf = z + H;
+    T* __restrict zg = z + 2 * H;
+    T* __restrict zo = z + 3 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      T ai = zi[j], af = zf[j], ao = zo[j];
+      if constexpr (PEEP) {  // i and f see the previous cell
+        ai += pi[j] * cp[j];
+        af += pf[j] * cp[j];
+      }
+      const T i = sigmoid(ai);
+      const T f = sigmoid(af);
+      const T g = tanh_accurate(zg[j]);
+      const T c1 = f * cp[j] + i * g;
+      if constexpr (PEEP) {  // o sees the new one
+        ao += po[j] * c1;
+      }
+      const T o = sigmoid(ao);
+      zi[j] = i;
+      zf[j] = f;
+      zg[j] = g;
+      zo[j] = o;
+      cn[j] = c1;
+      if constexpr (!LNC) {
+        const T tcj = tanh_accurate(c1);
+        tcb[j] = tcj;
+        T hv = o * tcj;
+        if constexpr (ZONE) {  // keep the previous value with weight z (exactly, for z = 0 or 1: see zone())
+          cb[j] = zone(zc[j], cp[j], c1);
+          hv = zone(zh[j], hp[j], hv);
+        } else {
+          cb[j] = c1;
+        }
+        hb[j] = hv;
+      }
+    }
+    if constexpr (LNC) {  // h = o * tanh(γ_c LN(c') + β_c); c' itself keeps its scale
+      T* __restrict ch = s.c_hat + b * H;
+      s.rstd[b * 3] = static_cast<T>(normalize_row(cn, ch, H));
+      const T* __restrict gc = s.gain_c;
+      const T* __restrict bc = s.bias_c;
+      for (int64_t j = 0; j < H; ++j) {
+        const T tcj = tanh_accurate(gc[j] * ch[j] + bc[j]);
+        tcb[j] = tcj;
+        T hv = zo[j] * tcj;
+        const T c1 = cn[j];
+        if constexpr (ZONE) {
+          cb[j] = zone(zc[j], cp[j], c1);
+          hv = zone(zh[j], hp[j], hv);
+        } else {
+          cb[j] = c1;
+        }
+        hb[j] = hv;
+      }
+    }
+  }
+}
+
+template <typename T>
+using ForwardRowsFn = void (*)(const FwdStep<T>&, int64_t, int64_t);
+
+template <typename T>
+ForwardRowsFn<T> pick_forward(bool lng, bool lnc, bool peep, bool zone) {
+  ForwardRowsFn<T> fn = nullptr;
+  with_flag(lng, [&](auto LNG) {
+    with_flag(lnc, [&](auto LNC) {
+      with_flag(peep, [&](auto PEEP) {
+        with_flag(zone, [&](auto ZONE) {
+          fn = &forward_rows<T, decltype(LNG)::value, decltype(LNC)::value, decltype(PEEP)::value,
+                             decltype(ZONE)::value>;
+        });
+      });
+    });
+  });
+  return fn;
+}
+
+// The extra buffer's parts (fused.py's _extra_views): contiguous (T, B, width) blocks of one storage.
+template <typename T>
+struct Extra {
+  T* c_new;
+  T* h_in;
+  T* c_hat;
+  T* a_hat;
+  T* r_hat;
+  T* rstd;
+};
+
+template <typename T>
+Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, bool norm_any) {
+  const int64_t width = 2 * H + (norm_any ? 9 * H + 3 : 0);
+  TORCH_CHECK(extra.dim() == 3 && extra.size(0) == T_ && extra.size(1) == B && extra.size(2) == width,
+              "lstmlab_native: extra must be (T, B, ", width, ")");
+  T* const base = extra.data_ptr<T>();
+  const int64_t n = T_ * B * H;
+  Extra<T> e{base, base + n, nullptr, nullptr, nullptr, nullptr};
+  if (norm_any) {
+    e.c_hat = base + 2 * n;
+    e.a_hat = base + 3 * n;
+    e.r_hat = base + 7 * n;
+    e.rstd = base + 11 * n;
+  }
+  return e;
+}
+
+// The zoneout weights: (2, T, B, H), or (2, 1, 1, H) for the same weights at every step and row.
+int64_t zoneout_layout(const at::Tensor& zm, int64_t T, int64_t B, int64_t H, int64_t* step_stride) {
+  TORCH_CHECK(zm.dim() == 4 && zm.size(0) == 2 && zm.size(3) == H,
+              "lstmlab_native: zoneout_mask must be (2, T, B, H) or (2, 1, 1, H)");
+  if (zm.size(1) == 1 && zm.size(2) == 1 && (T != 1 || B != 1)) {
+    *step_stride = 0;
+    return 0;
+  }
+  TORCH_CHECK(zm.size(1) == T && zm.size(2) == B, "lstmlab_native: zoneout_mask must be (2, T, B, H)");
+  *step_stride = B * H;
+  return H;
+}
+
+// The forward pass of one layer and direction with a variant. x (T, B, I); h0, c0 (B, H); w_ih (4H, I); w_hh
+// (4H, H); bias (4H) = b_ih + b_hh or None; ln_gates (2, 4H), ln_cell (2, H), peephole (3, H), recurrent_mask (B, H),
+// zoneout_mask as zoneout_layout says, each None when off. Writes acts (T, B, 4H) = i, f, g, o; cs, tcs, out (T, B, H)
+// = c_t, tanh of what h reads, h_t; extra (T, B, E) as fused.py's _extra_views. With batch_sizes only live rows are
+// written, except acts' dead rows, which are zeroed; the caller zeroes the other buffers for a packed batch.
+void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& ln_gates, const c10::optional<at::Tensor>& ln_cell,
+                     const c10::optional<at::Tensor>& peephole, const c10::optional<at::Tensor>& recurrent_mask,
+                     const c10::optional<at::Tensor>& zoneout_mask, at::Tensor acts, at::Tensor cs, at::Tensor tcs,
+                     at::Tensor out, at::Tensor extra, const c10::optional<at::Tensor>& batch_sizes) {
+  const auto dtype = x.scalar_type();
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = c0.size(1), H4 = 4 * H;
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&x, "x"}, {&h0, "h0"}, {&c0, "c0"},
+                                {&w_ih, "w_ih"}, {&w_hh, "w_hh"}, {&acts, "acts"}, {&cs, "cs"}, {&tcs, "tcs"},
+                                {&out, "out"}, {&extra, "extra"}}) {
+    check(*t, dtype, name);
+  }
+  for (const auto& [t, name] : {std::pair<const c10::optional<at::Tensor>*, const char*>{&bias, "bias"},
+                                {&ln_gates, "ln_gates"}, {&ln_cell, "ln_cell"}, {&peephole, "peephole"},
+                                {&recurrent_mask, "recurrent_mask"}, {&zoneout_mask, "zoneout_mask"}}) {
+    if (given(*t)) {
+      check(**t, dtype, name);
+    }
+  }
+  check_numel(h0, B * H, "h0");
+  check_numel(c0, B * H, "c0");
+  check_numel(w_ih, H4 * I, "w_ih");
+  check_numel(w_hh, H4 * H, "w_hh");
+  check_numel(acts, T * B * H4, "acts");
+  check_numel(cs, T * B * H, "cs");
+  check_numel(tcs, T * B * H, "tcs");
+  check_numel(out, T * B * H, "out");
+  if (given(bias)) check_numel(*bias, H4, "bias");
+  if (given(ln_gates)) check_numel(*ln_gates, 2 * H4, "ln_gates");
+  if (given(ln_cell)) check_numel(*ln_cell, 2 * H, "ln_cell");
+  if (given(peephole)) check_numel(*peephole, 3 * H, "peephole");
+  if (given(recurrent_mask)) check_numel(*recurrent_mask, B * H, "recurrent_mask");
+  const bool lng = given(ln_gates), lnc = given(ln_cell), peep = given(peephole), zone = given(zoneout_mask);
+  const bool rmask = given(recurrent_mask);
+  int64_t z_step = 0, z_row = 0;
+  if (zone) {
+    z_row = zoneout_layout(*zoneout_mask, T, B, H, &z_step);
+  }
+  const int64_t* const sizes = sizes_ptr(batch_sizes, T);
+  if (T == 0 || B == 0) {
+    return;
+  }
+  const at::Tensor x2 = x.view({T * B, I});
+  const at::Tensor w_hh_t = w_hh.t();  // (H, 4H)
+  const at::Tensor flat = extra.view({-1});
+  const int64_t tbh = T * B * H;
+  at::Tensor zeros4;  // the bias added after the gates' LayerNorm when there is none
+  if (lng && !given(bias)) {
+    zeros4 = at::zeros({H4}, x.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_forward", [&] {
+    using T_ = scalar_t;
+    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
+    T_* const ap = acts.data_ptr<T_>();
+    // Every step's x W_ih^T in one matmul, before the loop.
+    if (lng) {
+      at::Tensor a_hat = flat.narrow(0, 3 * tbh, T * B * H4).view({T * B, H4});
+      at::mm_out(a_hat, x2, w_ih.t());
+      at::parallel_for(0, T * B, std::max<int64_t>(1, kParallelElems / H4), [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          T_* const row = e.a_hat + q * H4;
+          if (q % B < live_rows(sizes, q / B, B)) {
+            e.rstd[q * 3 + 1] = static_cast<T_>(normalize_row(row, row, H4));
+          } else {
+            std::memset(row, 0, sizeof(T_) * H4);
+          }
+        }
+      });
+    } else {
+      at::Tensor a = acts.view({T * B, H4});
+      if (given(bias)) {
+        at::addmm_out(a, *bias, x2, w_ih.t());
+      } else {
+        at::mm_out(a, x2, w_ih.t());
+      }
+      if (sizes != nullptr) {  // rows a packed step does not reach read as zeros, as the Python loop leaves them
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t n = live_rows(sizes, t, B);
+          if (n < B) {
+            std::memset(ap + (t * B + n) * H4, 0, sizeof(T_) * (B - n) * H4);
+          }
+        }
+      }
+    }
+    const ForwardRowsFn<T_> rows_fn = pick_forward<T_>(lng, lnc, peep, zone);
+    T_* const cp = cs.data_ptr<T_>();
+    T_* const tp = tcs.data_ptr<T_>();
+    T_* const op = out.data_ptr<T_>();
+    const T_* const h0p = h0.data_ptr<T_>();
+    const T_* const c0p = c0.data_ptr<T_>();
+    const T_* const mp = rmask ? recurrent_mask->data_ptr<T_>() : nullptr;
+    const T_* const zp = zone ? zoneout_mask->data_ptr<T_>() : nullptr;
+    const int64_t z_half = zone ? zoneout_mask->numel() / 2 : 0;
+    const T_* const gates_gain = opt_ptr<T_>(ln_gates);
+    const T_* const cell_ln = opt_ptr<T_>(ln_cell);
+    const T_* const bias_p = lng ? (given(bias) ? bias->data_ptr<T_>() : zeros4.data_ptr<T_>()) : nullptr;
+    over_blocks(B, [&](int64_t r0, int64_t r1) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = std::min(r1, live_rows(sizes, t, B)) - r0;
+        if (n <= 0) {
+          break;  // live rows only shrink with t
+        }
+        const int64_t o1 = (t * B + r0) * H;  // this step's first row, in rows of H
+        const T_* const h_prev = t == 0 ? h0p + r0 * H : op + o1 - B * H;
+        const T_* const c_prev = t == 0 ? c0p + r0 * H : cp + o1 - B * H;
+        T_* const h_in = e.h_in + o1;
+        if (mp != nullptr) {  // variational recurrent dropout: the same mask at every step
+          const T_* __restrict m = mp + r0 * H;
+          const T_* __restrict hp = h_prev;
+          T_* __restrict hi = h_in;
+          for (int64_t k = 0; k < n * H; ++k) {
+            hi[k] = hp[k] * m[k];
+          }
+        } else {
+          std::memcpy(h_in, h_prev, sizeof(T_) * n * H);
+        }
+        const at::Tensor h_rows = flat.narrow(0, tbh + o1, n * H).view({n, H});
+        if (lng) {
+          at::Tensor r_rows = flat.narrow(0, 7 * tbh + o1 * 4, n * H4).view({n, H4});
+          at::mm_out(r_rows, h_rows, w_hh_t);  // R = h_in W_hh^T, normalised in the pass
+        } else {
+          at::Tensor g_rows = acts.select(0, t).narrow(0, r0, n);
+          g_rows.addmm_(h_rows, w_hh_t);  // A + h_in W_hh^T
+        }
+        FwdStep<T_> s{};
+        s.H = H;
+        s.acts = ap + o1 * 4;
+        s.a_hat = lng ? e.a_hat + o1 * 4 : nullptr;
+        s.r_hat = lng ? e.r_hat + o1 * 4 : nullptr;
+        s.rstd = (lng || lnc) ? e.rstd + (t * B + r0) * 3 : nullptr;
+        s.gain_ih = gates_gain;
+        s.gain_hh = lng ? gates_gain + H4 : nullptr;
+        s.bias = bias_p;
+        s.peep = opt_ptr<T_>(peephole);
+        s.gain_c = cell_ln;
+        s.bias_c = lnc ? cell_ln + H : nullptr;
+        s.c_prev = c_prev;
+        s.h_prev = h_prev;
+        s.c_new = e.c_new + o1;
+        s.c_hat = lnc ? e.c_hat + o1 : nullptr;
+        s.tc = tp + o1;
+        s.h = op + o1;
+        s.c = cp + o1;
+        if (zone) {
+          s.zc = zp + t * z_step + r0 * z_row;
+          s.zh = s.zc + z_half;
+          s.z_stride = z_row;
+        }
+        over_rows(n, H, [&](int64_t b0, int64_t b1) { rows_fn(s, b0, b1); });
+      }
+    });
+  });
+}
+
+// --- backward ------------------------------------------------------------------------------------------------------
+
+// Column sums of the parameter gradients, per thread, in double: [db (4H) | dγ_ih (4H) | dγ_hh (4H) | dγ_c (H) |
+// dβ_c (H) | dp_i (H) | dp_f (H) | dp_o (H)].
+constexpr int64_t kSums = 17;    // times H
+constexpr int64_t kScratch = 6;  // times H: dz (4H, gate LayerNorm), dy (H, cell LayerNorm), zoneout's carry of c (H)
+
+template <typename T>
+struct BwdStep {
+  int64_t H;
+  const T* acts;     // (n, 4H) i, f, g, o
+  const T* tc;       // (n, H)
+  const T* c_prev;   // (n, H)
+  const T* c_new;    // (n, H)
+  const T* c_hat;    // (n, H)
+  const T* a_hat;    // (n, 4H)
+  const T* r_hat;    // (n, 4H)
+  const T* rstd;     // (n, 3)
+  const T* gain_ih;  // (4H)
+  const T* gain_hh;  // (4H)
+  const T* peep;     // (3, H)
+  const T* gain_c;   // (H)
+  const T* zc;
+  const T* zh;
+  int64_t z_stride;
+  T* dh;  // (n, H): in, the gradient reaching h_t (the output's included); out, zoneout's carry to h_{t-1}
+  T* dc;  // (n, H): in, dc_t; out, dc_{t-1}
+  T* dA;  // (n, 4H): the gradient w.r.t. x W_ih^T (= w.r.t. the pre-activations without the gates' LayerNorm)
+  T* dR;  // (n, 4H): the gradient w.r.t. h_in W_hh^T (dA itself without the gates' LayerNorm)
+  double* acc;  // per-thread sums (kSums * H each)
+  T* scratch;   // per-thread scratch (kScratch * H each)
+};
+
+template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
+void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1) {
+  const int64_t H = s.H, H4 = 4 * H;
+  const int64_t tid = at::get_thread_num();
+  double* const acc = s.acc + tid * kSums * H;
+  T* const scratch = s.scratch + tid * kScratch * H;
+  double* __restrict acc_b = acc;
+  double* __restrict acc_bc = acc + 13 * H;
+  double* __restrict acc_pi = acc + 14 * H;
+  double* __restrict acc_pf = acc + 15 * H;
+  double* __restrict acc_po = acc + 16 * H;
+  T* __restrict dy = scratch + 4 * H;
+  T* __restrict carry_c = scratch + 5 * H;
+  const T* __restrict pi = PEEP ? s.peep : nullptr;
+  const T* __restrict pf = PEEP ? s.peep + H : nullptr;
+  const T* __restrict po = PEEP ? s.peep + 2 * H : nullptr;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict ai = s.acts + b * H4;
+    const T* __restrict af = ai + H;
+    const T* __restrict ag = ai + 2 * H;
+    const T* __restrict ao = ai + 3 * H;
+    const T* __restrict tcb = s.tc + b * H;
+    const T* __restrict cp = s.c_prev + b * H;
+    const T* __restrict cn = s.c_new + b * H;
+    T* __restrict dhb = s.dh + b * H;
+    T* __restrict dcb = s.dc + b * H;
+    T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
+    T* __restrict dzi = dz;
+    T* __restrict dzf = dz + H;
+    T* __restrict dzg = dz + 2 * H;
+    T* __restrict dzo = dz + 3 * H;
+    const T* __restrict zc = ZONE ? s.zc + b * s.z_stride : nullptr;
+    const T* __restrict zh = ZONE ? s.zh + b * s.z_stride : nullptr;
+    for (int64_t j = 0; j < H; ++j) {
+      T dh = dhb[j];
+      T dcj = dcb[j];
+      if constexpr (ZONE) {  // the kept share goes straight to the previous state
+        dhb[j] = dh * zh[j];
+        carry_c[j] = dcj * zc[j];
+        dh *= T(1) - zh[j];
+        dcj *= T(1) - zc[j];
+      }
+      const T t = tcb[j], o = ao[j];
+      const T dyj = dh * o * (T(1) - t * t);  // through h = o * tanh(y)
+      dzo[j] = dh * t * o * (T(1) - o);
+      if constexpr (LNC) {
+        dy[j] = dyj;
+        dcb[j] = dcj;
+      } else {
+        dcb[j] = dcj + dyj;
+      }
+    }
+    if constexpr (LNC) {  // y = γ_c LN(c') + β_c
+      normalize_backward_row<true>(dy, s.gain_c, s.c_hat + b * H, static_cast<double>(s.rstd[b * 3]), dcb, H,
+                                   acc + 12 * H);
+      for (int64_t j = 0; j < H; ++j) {
+        acc_bc[j] += static_cast<double>(dy[j]);
+      }
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = ai[j], f = af[j], g = ag[j];
+      T dcj = dcb[j];
+      if constexpr (PEEP) {  // o saw c'
+        dcj += dzo[j] * po[j];
+      }
+      const T di = dcj * g * i * (T(1) - i);
+      const T df = dcj * cp[j] * f * (T(1) - f);
+      dzi[j] = di;
+      dzf[j] = df;
+      dzg[j] = dcj * i * (T(1) - g * g);
+      T dcp = dcj * f;
+      if constexpr (PEEP) {  // i and f saw c_{t-1}
+        dcp += di * pi[j] + df * pf[j];
+        acc_pi[j] += static_cast<double>(di * cp[j]);
+        acc_pf[j] += static_cast<double>(df * cp[j]);
+        acc_po[j] += static_cast<double>(dzo[j] * cn[j]);
+      }
+      if constexpr (ZONE) {
+        dcp += carry_c[j];
+      }
+      dcb[j] = dcp;
+    }
+    for (int64_t k = 0; k < H4; ++k) {
+      acc_b[k] += static_cast<double>(dz[k]);
+    }
+    if constexpr (LNG) {  // z = γ_ih LN(A) + γ_hh LN(R) + b
+      normalize_backward_row<false>(dz, s.gain_ih, s.a_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 1]),
+                                    s.dA + b * H4, H4, acc + 4 * H);
+      normalize_backward_row<false>(dz, s.gain_hh, s.r_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 2]),
+                                    s.dR + b * H4, H4, acc + 8 * H);
+    }
+  }
+}
+
+template <typename T>
+using BackwardRowsFn = void (*)(const BwdStep<T>&, int64_t, int64_t);
+
+template <typename T>
+BackwardRowsFn<T> pick_backward(bool lng, bool lnc, bool peep, bool zone) {
+  BackwardRowsFn<T> fn = nullptr;
+  with_flag(lng, [&](auto LNG) {
+    with_flag(lnc, [&](auto LNC) {
+      with_flag(peep, [&](auto PEEP) {
+        with_flag(zone, [&](auto ZONE) {
+          fn = &backward_rows<T, decltype(LNG)::value, decltype(LNC)::value, decltype(PEEP)::value,
+                              decltype(ZONE)::value>;
+        });
+      });
+    });
+  });
+  return fn;
+}
+
+// Backpropagation through time of variant_forward. acts, cs, tcs, extra: what it saved; dh, dc (B, H): the
+// gradients reaching h_T, c_T on entry, h_0, c_0 on exit (dh only if need_dh0). d_out (T, B, H) or None. Writes
+// dA (T, B, 4H), the gradient w.r.t. x W_ih^T, and dR (T, B, 4H), w.r.t. h_in W_hh^T (pass dA itself as dR without
+// the gates' LayerNorm: both are then the pre-activations' gradient), zero in rows a packed step does not reach;
+// sums (17H) gets [db | dγ_ih | dγ_hh | dγ_c | dβ_c | dp_i | dp_f | dp_o] (the parts of absent terms are zero).
+void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at::Tensor dc, const at::Tensor& c0,
+                      const at::Tensor& w_hh, const at::Tensor& acts, const at::Tensor& cs, const at::Tensor& tcs,
+                      const at::Tensor& extra, const c10::optional<at::Tensor>& ln_gates,
+                      const c10::optional<at::Tensor>& ln_cell, const c10::optional<at::Tensor>& peephole,
+                      const c10::optional<at::Tensor>& recurrent_mask,
+                      const c10::optional<at::Tensor>& zoneout_mask, at::Tensor dA, at::Tensor dR, at::Tensor sums,
+                      bool need_dh0, const c10::optional<at::Tensor>& batch_sizes) {
+  const auto dtype = acts.scalar_type();
+  const int64_t T = acts.size(0), B = acts.size(1), H4 = acts.size(2), H = H4 / 4;
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&dh, "dh"}, {&dc, "dc"}, {&c0, "c0"},
+                                {&w_hh, "w_hh"}, {&acts, "acts"}, {&cs, "cs"}, {&tcs, "tcs"}, {&extra, "extra"},
+                                {&dA, "dA"}, {&dR, "dR"}, {&sums, "sums"}}) {
+    check(*t, dtype, name);
+  }
+  for (const auto& [t, name] : {std::pair<const c10::optional<at::Tensor>*, const char*>{&d_out, "d_out"},
+                                {&ln_gates, "ln_gates"}, {&ln_cell, "ln_cell"}, {&peephole, "peephole"},
+                                {&recurrent_mask, "recurrent_mask"}, {&zoneout_mask, "zoneout_mask"}}) {
+    if (given(*t)) {
+      check(**t, dtype, name);
+    }
+  }
+  check_numel(dh, B * H, "dh");
+  check_numel(dc, B * H, "dc");
+  check_numel(c0, B * H, "c0");
+  check_numel(w_hh, H4 * H, "w_hh");
+  check_numel(cs, T * B * H, "cs");
+  check_numel(tcs, T * B * H, "tcs");
+  check_numel(dA, T * B * H4, "dA");
+  check_numel(dR, T * B * H4, "dR");
+  check_numel(sums, kSums * H, "sums");
+  if (given(d_out)) check_numel(*d_out, T * B * H, "d_out");
+  if (given(ln_gates)) check_numel(*ln_gates, 2 * H4, "ln_gates");
+  if (given(ln_cell)) check_numel(*ln_cell, 2 * H, "ln_cell");
+  if (given(peephole)) check_numel(*peephole, 3 * H, "peephole");
+  if (given(recurrent_mask)) check_numel(*recurrent_mask, B * H, "recurrent_mask");
+  const bool lng = given(ln_gates), lnc = given(ln_cell), peep = given(peephole), zone = given(zoneout_mask);
+  const bool rmask = given(recurrent_mask);
+  TORCH_CHECK(lng || dA.data_ptr() == dR.data_ptr(),
+              "lstmlab_native.variant_backward: without the gates' LayerNorm, dR must be dA");
+  int64_t z_step = 0, z_row = 0;
+  if (zone) {
+    z_row = zoneout_layout(*zoneout_mask, T, B, H, &z_step);
+  }
+  const int64_t* const sizes = sizes_ptr(batch_sizes, T);
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> acc(static_cast<size_t>(threads * kSums * H), 0.0);
+  at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the matmul writes dh_next
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_backward", [&] {
+    using T_ = scalar_t;
+    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
+    std::vector<T_> scratch(static_cast<size_t>(threads * kScratch * H));
+    const BackwardRowsFn<T_> rows_fn = pick_backward<T_>(lng, lnc, peep, zone);
+    const T_* const ap = acts.data_ptr<T_>();
+    const T_* const cp = cs.data_ptr<T_>();
+    const T_* const tp = tcs.data_ptr<T_>();
+    const T_* const c0p = c0.data_ptr<T_>();
+    const T_* const dop = given(d_out) ? d_out->data_ptr<T_>() : nullptr;
+    const T_* const mp = rmask ? recurrent_mask->data_ptr<T_>() : nullptr;
+    const T_* const zp = zone ? zoneout_mask->data_ptr<T_>() : nullptr;
+    const int64_t z_half = zone ? zoneout_mask->numel() / 2 : 0;
+    const T_* const gates_gain = opt_ptr<T_>(ln_gates);
+    T_* const dAp = dA.data_ptr<T_>();
+    T_* const dRp = dR.data_ptr<T_>();
+    T_* const dcp = dc.data_ptr<T_>();
+    over_blocks(B, [&](int64_t r0, int64_t r1) {
+      const int64_t rows = r1 - r0;
+      at::Tensor cur = dh.narrow(0, r0, rows), next = dh_next.narrow(0, r0, rows);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t n = std::max<int64_t>(0, std::min(r1, live_rows(sizes, t, B)) - r0);
+        if (n < rows) {  // rows a packed step does not reach get no gradient
+          std::memset(dAp + (t * B + r0 + n) * H4, 0, sizeof(T_) * (rows - n) * H4);
+          if (lng) {
+            std::memset(dRp + (t * B + r0 + n) * H4, 0, sizeof(T_) * (rows - n) * H4);
+          }
+        }
+        if (n == 0) {
+          continue;  // going backwards, live rows only grow
+        }
+        const int64_t o1 = (t * B + r0) * H;
+        T_* const dh_t = cur.data_ptr<T_>();
+        if (dop != nullptr) {
+          const T_* __restrict d = dop + o1;
+          T_* __restrict dd = dh_t;
+          for (int64_t k = 0; k < n * H; ++k) {
+            dd[k] += d[k];
+          }
+        }
+        BwdStep<T_> s{};
+        s.H = H;
+        s.acts = ap + o1 * 4;
+        s.tc = tp + o1;
+        s.c_prev = t > 0 ? cp + o1 - B * H : c0p + r0 * H;
+        s.c_new = e.c_new + o1;
+        s.c_hat = lnc ? e.c_hat + o1 : nullptr;
+        s.a_hat = lng ? e.a_hat + o1 * 4 : nullptr;
+        s.r_hat = lng ? e.r_hat + o1 * 4 : nullptr;
+        s.rstd = (lng || lnc) ? e.rstd + (t * B + r0) * 3 : nullptr;
+        s.gain_ih = gates_gain;
+        s.gain_hh = lng ? gates_gain + H4 : nullptr;
+        s.peep = opt_ptr<T_>(peephole);
+        s.gain_c = opt_ptr<T_>(ln_cell);
+        if (zone) {
+          s.zc = zp + t * z_step + r0 * z_row;
+          s.zh = s.zc + z_half;
+          s.z_stride = z_row;
+        }
+        s.dh = dh_t;
+        s.dc = dcp + r0 * H;
+        s.dA = dAp + o1 * 4;
+        s.dR = dRp + o1 * 4;
+        s.acc = acc.data();
+        s.scratch = scratch.data();
+        over_rows(n, H, [&](int64_t b0, int64_t b1) { rows_fn(s, b0, b1); });
+        if (t > 0 || need_dh0) {
+          if (n < rows) {  // rows past this step keep their dh: carry them into the buffer that becomes cur
+            next.narrow(0, n, rows - n).copy_(cur.narrow(0, n, rows - n));
+          }
+          at::Tensor next_rows = next.narrow(0, 0, n);
+          at::mm_out(next_rows, dR.select(0, t).narrow(0, r0, n), w_hh);  // through h_in W_hh^T
+          if (mp != nullptr || zone) {  // dh_{t-1} = (dR_t W_hh) * mask + zoneout's carry
+            T_* __restrict nx = next_rows.data_ptr<T_>();
+            const T_* __restrict carry = dh_t;
+            const T_* __restrict m = mp != nullptr ? mp + r0 * H : nullptr;
+            if (m != nullptr && zone) {
+              for (int64_t k = 0; k < n * H; ++k) nx[k] = nx[k] * m[k] + carry[k];
+            } else if (m != nullptr) {
+              for (int64_t k = 0; k < n * H; ++k) nx[k] *= m[k];
+            } else {
+              for (int64_t k = 0; k < n * H; ++k) nx[k] += carry[k];
+            }
+          }
+          std::swap(cur, next);
+        }
+      }
+      if (cur.data_ptr() != dh.data_ptr<T_>() + r0 * H) {
+        dh.narrow(0, r0, rows).copy_(cur);
+      }
+    });
+    T_* const sp = sums.data_ptr<T_>();
+    for (int64_t k = 0; k < kSums * H; ++k) {
+      double total = 0.0;
+      for (int64_t th = 0; th < threads; ++th) {
+        total += acc[th * kSums * H + k];
+      }
+      sp[k] = static_cast<T_>(total);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lstmlab_native, m) {
+  m.def(
+      "variant_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? ln_gates, "
+      "Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, Tensor(a!) acts, "
+      "Tensor(b!) cs, Tensor(c!) tcs, Tensor(d!) out, Tensor(e!) extra, Tensor? batch_sizes) -> ()");
+  m.def(
+      "variant_backward(Tensor? d_out, Tensor(a!) dh, Tensor(b!) dc, Tensor c0, Tensor w_hh, Tensor acts, "
+      "Tensor cs, Tensor tcs, Tensor extra, Tensor? ln_gates, Tensor? ln_cell, Tensor? peephole, "
+      "Tensor? recurrent_mask, Tensor? zoneout_mask, Tensor(c!) dA, Tensor(d!) dR, Tensor(e!) sums, "
+      "bool need_dh0, Tensor? batch_sizes) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
+  m.impl("variant_forward", &variant_forward);
+  m.impl("variant_backward", &variant_backward);
+}
