@@ -2,4 +2,5 @@ import sys
 
 from lstmlab.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when imported, e.g. as the main module of a spawned worker process
+    sys.exit(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -61,6 +62,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
+        if os.environ.get("WORLD_SIZE") and os.environ.get("RANK", "0").strip() not in ("", "0"):
+            self.exit(2)  # one of torchrun's processes other than rank 0: rank 0 says it, once for the job
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -58,6 +58,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training: stop then, the schedule annealed by then
     seed: int = 125
     device: str = "auto"
+    world_size: int = 1  # processes that trained it (torchrun's WORLD_SIZE), each on a slice of every batch
 
 
 @dataclass
@@ -136,6 +137,8 @@ def validate_config(config: Config) -> None:
         (t.time_budget is None or (_finite(t.time_budget) and t.time_budget > 0),
          f"--time-budget must be a positive number of seconds, got {t.time_budget}"),
         (0 <= t.seed <= MAX_SEED, f"--seed must be in 0..2**64-1, got {t.seed}"),
+        (isinstance(t.world_size, int) and 1 <= t.world_size <= MAX_BATCH_SIZE,
+         f"the config's world_size must be in 1..{MAX_BATCH_SIZE}, got {t.world_size}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lstmlab import distributed
 from lstmlab.checkpoint import save_checkpoint
 from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig, validate_config
 from lstmlab.device import resolve_device
@@ -283,8 +284,8 @@ def _check_free(out: Path, overwrite: bool) -> None:
     if not contents or overwrite:
         return
     if RUN_JSON in contents and "summary.json" not in contents:
-        raise LstmlabError(f"{out} holds an unfinished run; continue it with `lstmlab train --resume {out}`, or "
-                           "pass --overwrite to start again")
+        raise LstmlabError(f"{out} holds an unfinished run; continue it with `{distributed.resume_command(out)}`, "
+                           "or pass --overwrite to start again")
     raise LstmlabError(f"{out} already holds files; pick another --out or pass --overwrite")
 
 
@@ -366,6 +367,7 @@ class _Trainer:
         self.config, self.data, self.out, self.run_id = config, data, out, run_id
         self.device, self.clock = device, clock
         self.model = SequenceClassifier(m).to(device)
+        self.forward = distributed.wrap(self.model)  # DDP under torchrun: a step's gradients averaged over ranks
         self.optimizer = _make_optimizer(self.model, t)
         self.generator = torch.Generator().manual_seed(t.seed)  # data order and shifts
         self.steps_per_epoch = math.ceil(len(data.train_y) / t.batch_size)
@@ -386,6 +388,7 @@ class _Trainer:
         self.running, self.running_n = 0.0, 0
         self.guard = _Guard()
         self.resumes: list[int] = []
+        self.saved_world_size = distributed.world().size  # processes of the job that wrote the resumed state
         self.finished = False
         self.elapsed_before = 0.0  # training seconds of the processes before this one
         self.start = clock()
@@ -415,22 +418,23 @@ class _Trainer:
 
         d, t = self.config.data, self.config.train
         batch = self.data.train_x[idx]  # (B, 28, 28) uint8
-        if d.augment_shift:
+        if d.augment_shift:  # the whole global batch, on every rank: the generator moves as in one process
             batch = random_shift(batch, d.augment_shift, self.generator)
-        x = to_sequence(batch, d.view, d.mean, d.std, self.data.permutation).to(self.device)  # (B, T, I)
-        y = self.data.train_y[idx].to(self.device)
+        part, weight = distributed.my_part(len(idx))  # this rank's slice of the global batch (all of it alone)
+        x = to_sequence(batch[part], d.view, d.mean, d.std, self.data.permutation).to(self.device)  # (b, T, I)
+        y = self.data.train_y[idx[part]].to(self.device)
         progress = self.iteration / self.total
-        if self.deadline is not None:  # the clock may be further along than the step count
-            progress = max(progress, self.deadline.progress())
+        if self.deadline is not None:  # the clock may be further along than the step count (rank 0's clock)
+            progress = max(progress, distributed.from_main(self.deadline.progress()))
         lr = _set_schedule(self.optimizer, t, progress)
-        loss = F.cross_entropy(self.model(x), y)
+        loss = F.cross_entropy(self.forward(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if weight != 1.0 else loss).backward()
         if t.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
         self.optimizer.step()
         self.iteration += 1
-        loss_value = loss.item()
+        loss_value = distributed.average(loss.item() * weight)  # the global batch's mean loss, on every rank
         problem = self.guard.check(loss_value, self.iteration)
         if problem:
             raise self.diverged(problem)
@@ -464,8 +468,8 @@ class _Trainer:
         d, m = self.config.data, self.config.model
         val = None
         if len(self.data.val_y):
-            val = evaluate_model(self.model, self.data.val_x, self.data.val_y, d, self.data.permutation,
-                                 num_classes=m.num_classes)
+            val = distributed.evaluate(self.model, self.data.val_x, self.data.val_y, d, self.data.permutation,
+                                       num_classes=m.num_classes)  # under torchrun: each rank a shard, summed
             if not math.isfinite(val.loss):
                 raise self.diverged(f"the validation loss became {val.loss} at iteration {self.iteration}")
         self.model.train()
@@ -485,12 +489,15 @@ class _Trainer:
         log(f"Iteration: {self.iteration}. Loss: {mean_loss:.4f}. Accuracy: {shown}")
         self.running, self.running_n = 0.0, 0
         meta = {"iteration": self.iteration, "val_accuracy": val.accuracy if val else None, "run_id": self.run_id}
+        writes = distributed.is_main()  # every rank keeps the books, rank 0 alone writes them
         if val is None or val.accuracy > self.best_acc:
             self.best_acc, self.best_iter = (val.accuracy if val else 0.0), self.iteration
-            save_checkpoint(self.out / "best.safetensors", self.model, self.config, self.data.permutation, meta)
-        save_checkpoint(self.out / "last.safetensors", self.model, self.config, self.data.permutation, meta)
-        atomic_write_text(self.out / "metrics.csv", _metrics_csv(self.rows))
-        atomic_write_text(self.out / "losses.csv", _metrics_csv(self.loss_rows, LOSS_FIELDS))
+            if writes:
+                save_checkpoint(self.out / "best.safetensors", self.model, self.config, self.data.permutation, meta)
+        if writes:
+            save_checkpoint(self.out / "last.safetensors", self.model, self.config, self.data.permutation, meta)
+            atomic_write_text(self.out / "metrics.csv", _metrics_csv(self.rows))
+            atomic_write_text(self.out / "losses.csv", _metrics_csv(self.loss_rows, LOSS_FIELDS))
         if self.tensorboard is not None:
             self.write_tensorboard(mean_loss, val)
         if self.deadline is not None:
@@ -521,8 +528,13 @@ class _Trainer:
         tb.flush()
 
     def save_state(self) -> None:
-        """Everything --resume needs, as one atomic file written after the others."""
+        """Everything --resume needs, as one atomic file written after the others (by rank 0, with every rank's
+        random stream)."""
+        ranks_rng = distributed.rank_rng_states()  # a collective: every rank calls it
+        if not distributed.is_main():
+            return
         tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        tensors.update(ranks_rng)
         optim_tensors, optim_info = optimizer_state(self.optimizer)
         rng_tensors, rng_info = rng_state()
         tensors.update(optim_tensors)
@@ -537,6 +549,7 @@ class _Trainer:
             "elapsed": self.elapsed(), "deadline": self.deadline.state() if self.deadline else None,
             "resumes": self.resumes, "rng": rng_info, "optimizer": optim_info, "threads": torch.get_num_threads(),
             "loss_rows": self.loss_rows, "fine": self.fine, "fine_n": self.fine_n,
+            "world_size": distributed.world().size,
         }
         save_state(self.out, tensors, info)
 
@@ -550,6 +563,7 @@ class _Trainer:
         set_optimizer_state(self.optimizer, tensors, info["optimizer"])
         self.generator.set_state(tensors["rng.data"])
         set_rng_state(tensors, info["rng"])
+        self.saved_world_size = info.get("world_size", 1)
         self.order = tensors.get("order")
         for name in ("iteration", "epoch", "batch", "finished", "rows", "best_acc", "best_iter", "running",
                      "running_n", "resumes"):
@@ -557,6 +571,7 @@ class _Trainer:
         vars(self.guard).update(info["guard"])
         self.loss_rows, self.fine, self.fine_n = info.get("loss_rows", []), info.get("fine", 0.0), info.get("fine_n", 0)
         self.saved_iter = self.iteration
+        distributed.restore_rank_rng(tensors, self.saved_world_size, self.config.train.seed, self.iteration)
         self.elapsed_before = info["elapsed"]
         self.resumes.append(self.iteration)
         if self.deadline is not None and info["deadline"] is not None:
@@ -577,8 +592,8 @@ class _Trainer:
                 lr = self.step(self.next_batch())
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.running / max(self.running_n, 1):.4f}", refresh=False)
-                self.finished = (self.deadline is not None and self.deadline.step_done()) or \
-                    self.iteration >= self.total
+                self.finished = (self.deadline is not None and distributed.any_rank(self.deadline.step_done())) \
+                    or self.iteration >= self.total
                 if self.iteration % t.eval_every == 0 or self.finished:
                     self.evaluate_and_save(lr, log)
         finally:
@@ -633,6 +648,7 @@ def _report(tr: _Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
         "backend": resolve_backend(config.model.backend, tr.device),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
+        "world_size": distributed.world().size,
         "dry_run": dry_run,
         "data_dir": tr.data_dir,
         "finished_at": datetime.now().isoformat(timespec="seconds"),
@@ -642,12 +658,25 @@ def _report(tr: _Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
     return summary
 
 
-def _interrupted(tr: _Trainer | None, out: Path, error: KeyboardInterrupt) -> Interrupted:
+def _how_it_stopped(error: BaseException) -> tuple[str, int]:
+    """What stopped a run, in a few words, and the exit status that says so."""
+    if isinstance(error, _Terminated):
+        if distributed.world().size > 1:
+            return "terminated (SIGTERM, which torchrun sends to every process when one of them fails)", 143
+        return "terminated (SIGTERM)", 143
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", 130
+    return "stopped because another process of the torchrun job ended", 1
+
+
+def _interrupted(tr: _Trainer | None, out: Path, error: BaseException) -> Interrupted:
     """The closing line of an interrupted run: where it stopped, what is kept, how to go on."""
-    how = "terminated (SIGTERM)" if isinstance(error, _Terminated) else "interrupted"
-    code = 143 if isinstance(error, _Terminated) else 130
+    how, code = _how_it_stopped(error)
+    command = f"`{distributed.resume_command(out)}`"
+    if distributed.restarts_left():  # torchrun --max-restarts: its next attempt continues the run (see ``run``)
+        command += " (torchrun, with restarts left, does that by itself)"
     if tr is None and (out / RUN_JSON).exists():
-        return Interrupted(f"{how} before training started; `lstmlab train --resume {out}` starts it", code)
+        return Interrupted(f"{how} before training started; {command} starts it", code)
     if tr is None:
         return Interrupted(f"{how} before training started; nothing was saved", code)
     if tr.saved_iter:
@@ -656,8 +685,7 @@ def _interrupted(tr: _Trainer | None, out: Path, error: KeyboardInterrupt) -> In
     else:
         kept = f"no checkpoint yet (the first comes at iteration {tr.config.train.eval_every}), so it starts again " \
                "from iteration 0"
-    return Interrupted(f"{how} at iteration {tr.iteration} of {tr.total}; {kept}: continue with "
-                       f"`lstmlab train --resume {out}`", code)
+    return Interrupted(f"{how} at iteration {tr.iteration} of {tr.total}; {kept}: continue with {command}", code)
 
 
 def native_build_note(backend: str, device: torch.device) -> str | None:
@@ -705,7 +733,8 @@ def _end_message(out: Path, tr: _Trainer, dry_run: bool, kept: bool) -> str:
 def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: bool, dry_run: bool,
               clock: Callable[[], float], run: dict[str, Any] | None, overwrite: bool,
               tensorboard: bool = False, keep: bool = True) -> dict[str, Any]:
-    """Train in the locked folder ``out``: a new run (``run`` None) or the one run.json describes."""
+    """Train in the locked folder ``out``: a new run (``run`` None) or the one run.json describes. Under torchrun
+    every rank runs this, and rank 0 alone holds and writes the folder."""
     from tqdm import tqdm
 
     from lstmlab.data import resolve_data_dir
@@ -714,25 +743,23 @@ def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: boo
     device = resolve_device(config.train.device)
     tr = None
     board = _tensorboard_class() if tensorboard else None  # before the data: a missing package fails at once
-    writer = None
+    writer, saved, fresh = None, None, run is None
     try:
         torch.manual_seed(config.train.seed)
         source = resolve_data_dir(config.data.dataset, data_dir, quiet=quiet)
         config, data = _load_data(config, source, dry_run)
-        if run is None:
-            if overwrite:
-                clear_run(out)
-            run = {"run_id": new_run_id(), "config": _user_config(config).to_dict(), "dry_run": dry_run,
-                   "data_dir": str(Path(source).resolve()), "tensorboard": tensorboard,
-                   "threads": torch.get_num_threads(), "started_at": datetime.now().isoformat(timespec="seconds")}
-            write_run_json(out, run)
-        remove_scratch(out)
-        if board is not None:  # after clear_run, which deletes a previous run's event files
-            writer = board(log_dir=str(out / TENSORBOARD_DIR))
+        config = replace(config, train=replace(config.train, world_size=distributed.world().size))
+        if distributed.is_main():
+            run = _new_run_info(config, source, dry_run, tensorboard) if fresh else run
+            saved = None if fresh else load_state(out)
+        # every rank has its data (else all stop here with the first error); the others get rank 0's run and state
+        run, saved, out = distributed.share((run, saved, out), last=True)
+        if distributed.is_main():
+            writer = _prepare_folder(out, run if fresh else None, overwrite, board)
         tr = _Trainer(config, data, out, run["run_id"], device, dry_run, clock)
+        distributed.seed_ranks(config.train.seed)
         tr.data_dir = str(Path(source).resolve())
         tr.tensorboard = writer
-        saved = load_state(out)
         if saved is not None:
             try:
                 tr.restore(*saved)
@@ -744,14 +771,39 @@ def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: boo
         if note is not None:
             log(note)
         tr.loop(log, quiet)
-        summary = _report(tr, quiet, dry_run)
-    except KeyboardInterrupt as e:
+        summary = _report(tr, quiet, dry_run) if distributed.is_main() else {}
+    except BaseException as e:
+        if not (isinstance(e, KeyboardInterrupt) or distributed.lost_peer(e)):
+            raise
         raise _interrupted(tr, out, e) from None
     finally:
         if writer is not None:
             writer.close()
     log(_end_message(out, tr, dry_run, keep))
     return summary
+
+
+def _new_run_info(config: Config, source: Path | str, dry_run: bool, tensorboard: bool) -> dict[str, Any]:
+    """run.json of a new run: its id, the config as the user gave it, and how it was set up."""
+    run = {"run_id": new_run_id(), "config": _user_config(config).to_dict(), "dry_run": dry_run,
+           "data_dir": str(Path(source).resolve()), "tensorboard": tensorboard,
+           "threads": torch.get_num_threads(), "started_at": datetime.now().isoformat(timespec="seconds")}
+    if distributed.job_id() is not None:  # torchrun's job: its restarts continue this run (see ``run``)
+        run["job"] = distributed.job_id()
+    return run
+
+
+def _prepare_folder(out: Path, new_run: dict[str, Any] | None, overwrite: bool, board: Any) -> Any:
+    """The writing part of the set-up: a new run's run.json (after clearing the previous run's files with
+    --overwrite), no temp files of a killed writer, and TensorBoard's writer (or None)."""
+    if new_run is not None:
+        if overwrite:
+            clear_run(out)
+        write_run_json(out, new_run)
+    remove_scratch(out)
+    if board is None:
+        return None
+    return board(log_dir=str(out / TENSORBOARD_DIR))  # after clear_run, which deletes a previous run's events
 
 
 def _tensorboard_class() -> Any:
@@ -782,8 +834,16 @@ def _log_start(tr: _Trainer, log: Callable[[str], None], run: dict[str, Any]) ->
         f"{tr.total} iterations{f' or {t.time_budget:g} s' if t.time_budget else ''} on {tr.device}, backend "
         f"{resolve_backend(m.backend, tr.device)}, run {tr.run_id}"
     )
+    size = distributed.world().size
+    if size > 1:
+        low, high, threads = t.batch_size // size, -(-t.batch_size // size), torch.get_num_threads()
+        log(f"{size} processes (torchrun, DistributedDataParallel), each with {threads} thread"
+            f"{'s' if threads > 1 else ''} and {low if low == high else f'{low}-{high}'} images of every batch")
     if tr.resumes:
         log(f"Resuming at iteration {tr.iteration} of {tr.total}")
+        if tr.saved_world_size != size:
+            log(f"warning: the run's last checkpoint was written by {tr.saved_world_size} processes, this job has "
+                f"{size}: the batches are the same, the result differs in the last bits from an uninterrupted run")
         if run.get("threads") != torch.get_num_threads():
             log(f"warning: the run started with {run.get('threads')} threads, this process has "
                 f"{torch.get_num_threads()}: the result will differ in the last bits from an uninterrupted run")
@@ -814,6 +874,8 @@ def train(
     validate_config(config)
     config = replace(config)  # the caller's object is left as given
     out = Path(out_dir)
+    if not distributed.is_main():  # under torchrun, rank 0 alone holds the folder
+        return _train_in(config, out, data_dir, True, dry_run, clock, None, overwrite)
     with _locked(out, create=True):  # before the data loads: an unwritable --out fails at once
         _check_free(out, overwrite)
         return _train_in(config, out, data_dir, quiet, dry_run, clock, None, overwrite, tensorboard, _keep)
@@ -832,21 +894,33 @@ def resume(
     A run with a time budget goes on with what is left of it (such runs depend on the machine's speed anyway).
     """
     out = Path(run_dir)
+    if not distributed.is_main():  # under torchrun: the run as rank 0 read it
+        run, finished = distributed.share()
+        if finished:
+            return {}
+        return _train_in(_saved_config(out, run), out, _run_data(run, data_dir), True, bool(run.get("dry_run")),
+                         clock, run, False)
     read_run_json(out)  # one-line errors for a folder that is not a run, before locking it
     with _locked(out, create=False):
         run = read_run_json(out)  # again, under the lock: another process may have changed it
         config = _saved_config(out, run)
         done = _finished_summary(out, run["run_id"])
+        distributed.share((run, done is not None))
         if done is not None:
             if not quiet:
                 print(f"lstmlab train: run {run['run_id']} in {out} already finished; nothing to resume",
                       file=sys.stderr)
             return done
-        remembered = run.get("data_dir")
-        if data_dir is None and isinstance(remembered, str) and Path(remembered).is_dir():
-            data_dir = remembered  # the run's own data, when it is still there
-        return _train_in(config, out, data_dir, quiet, bool(run.get("dry_run")), clock, run, False,
-                         bool(run.get("tensorboard")))
+        return _train_in(config, out, _run_data(run, data_dir), quiet, bool(run.get("dry_run")), clock, run,
+                         False, bool(run.get("tensorboard")))
+
+
+def _run_data(run: dict[str, Any], data_dir: Path | str | None) -> Path | str | None:
+    """--data-dir when given, else the run's own data when it is still there (on this machine), else None."""
+    remembered = run.get("data_dir")
+    if data_dir is None and isinstance(remembered, str) and Path(remembered).is_dir():
+        return remembered
+    return data_dir
 
 
 def _saved_config(out: Path, run: dict[str, Any]) -> Config:
@@ -945,33 +1019,89 @@ def _say_interrupted(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``lstmlab train``: a new run, or ``--resume`` of a stopped one."""
-    scratch = None
-    if args.resume:
-        _check_resume_flags(args)
-    else:
-        config = config_from_args(args)
-        if args.dry_run and args.iterations is None:
-            config.train.iterations = DRY_RUN_ITERATIONS
-        validate_config(config)
-        if args.out:
-            out = Path(args.out)
-        elif args.dry_run:  # nothing permanent: a temp folder, deleted at the end
-            scratch = Path(tempfile.mkdtemp(prefix="lstmlab-dry-run-"))
-            out = scratch / "run"
-        else:
-            out = Path("runs") / f"{config.data.dataset}-{config.data.view}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """``lstmlab train``: a new run, or ``--resume`` of a stopped one. Under torchrun, one process of the job:
+    rank 0 writes the run and prints, the others stay quiet (a user's mistake is one line, from rank 0)."""
     try:
-        with _sigterm_as_interrupt():
+        with distributed.started(getattr(args, "threads", None)):
+            return _run(args)
+    except LstmlabError:
+        if distributed.speaks():
+            raise
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    scratch = None
+    temporary = args.dry_run and not args.out and not args.resume
+    try:
+        with _sigterm_as_interrupt(), distributed.set_up_errors_shared():
+            if distributed.restart_count():
+                _continue_after_restart(args)
+            quiet = args.quiet or not distributed.is_main()
             if args.resume:
-                resume(args.resume, data_dir=args.data_dir, quiet=args.quiet)
+                if distributed.is_main():
+                    _check_resume_flags(args)
+                resume(args.resume, data_dir=args.data_dir, quiet=quiet)
             else:
-                train(config, out, data_dir=args.data_dir, quiet=args.quiet, dry_run=args.dry_run,
-                      overwrite=args.overwrite, tensorboard=args.tensorboard, _keep=scratch is None)
+                config, out, scratch = _new_run(args)
+                train(config, out, data_dir=args.data_dir, quiet=quiet, dry_run=args.dry_run,
+                      overwrite=args.overwrite, tensorboard=args.tensorboard, _keep=not temporary)
     except Interrupted as e:
-        _say_interrupted(e.message if scratch is None else "interrupted; a dry run keeps nothing")
-        return e.exit_code
+        return _closing_line("interrupted; a dry run keeps nothing" if temporary else e.message, e.exit_code)
+    except BaseException as e:  # under torchrun, before training started: another process ended, or a signal
+        if distributed.world().size == 1 or not (isinstance(e, KeyboardInterrupt) or distributed.lost_peer(e)):
+            raise
+        how, code = _how_it_stopped(e)
+        return _closing_line(f"{how} before training started", code)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def _new_run(args: argparse.Namespace) -> tuple[Config, Path, Path | None]:
+    """The config of a new run, its folder, and the temp folder to delete at the end (a dry run without --out)."""
+    config = config_from_args(args)
+    if args.dry_run and args.iterations is None:
+        config.train.iterations = DRY_RUN_ITERATIONS
+    validate_config(config)
+    if args.out:
+        return config, Path(args.out), None
+    if args.dry_run:  # nothing permanent: a temp folder, deleted at the end (rank 0's; the others write nothing)
+        if not distributed.is_main():
+            return config, Path("lstmlab-dry-run"), None
+        scratch = Path(tempfile.mkdtemp(prefix="lstmlab-dry-run-"))
+        return config, scratch / "run", scratch
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return config, Path("runs") / f"{config.data.dataset}-{config.data.view}-{stamp}", None
+
+
+def _continue_after_restart(args: argparse.Namespace) -> None:
+    """After torchrun restarted the job (--max-restarts), a new-run command whose --out holds the run this very
+    job started continues that run, as --resume would (a finished one is left as it is)."""
+    if args.resume or not args.out:
+        return
+    ours = distributed.share(_started_by_this_job(Path(args.out)) if distributed.is_main() else None)
+    if ours:
+        args.resume, args.overwrite = args.out, False
+
+
+def _started_by_this_job(out: Path) -> bool:
+    """Whether the run in ``out`` was started by this torchrun job (an earlier attempt of it)."""
+    job = distributed.job_id()
+    try:
+        run = read_run_json(out)
+    except LstmlabError:
+        return False
+    return job is not None and run.get("job") == job
+
+
+def _closing_line(message: str, code: int) -> int:
+    """Print the closing line of a stopped run, under torchrun once, by whichever process claims it first; returns
+    the exit status."""
+    if distributed.world().size > 1:
+        with contextlib.suppress(ValueError):  # torchrun's SIGTERM to the survivors must not cut the line short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if distributed.claim_closing_line():
+        _say_interrupted(message)
+    return code

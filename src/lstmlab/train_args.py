@@ -99,3 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_whole_number, help="seed of init, split, shuffling and permutation (default: 125)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda when available, else cpu (default: auto)")
+    g.add_argument("--threads", type=_whole_number, metavar="N",
+                   help="torch threads of this process (default: torch's choice; under torchrun, the machine's cores "
+                   "shared out among its processes unless OMP_NUM_THREADS is set to other than torchrun's 1)")
