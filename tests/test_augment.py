@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lstmlab.train import random_shift
+from lstmlab.train import random_flip, random_shift
 
 
 def shifted(image: torch.Tensor, dy: int, dx: int, s: int) -> torch.Tensor:
@@ -36,3 +36,13 @@ def test_same_generator_same_shifts() -> None:
     c = random_shift(images, 3, torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_random_flip_mirrors_about_half_reproducibly() -> None:
+    images = torch.randint(0, 256, (400, 28, 28), dtype=torch.uint8)
+    a = random_flip(images, torch.Generator().manual_seed(3))
+    b = random_flip(images, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    mirrored = torch.tensor([torch.equal(a[k], images[k].flip(1)) for k in range(400)])
+    kept = torch.tensor([torch.equal(a[k], images[k]) for k in range(400)])
+    assert (mirrored | kept).all() and 150 < int(mirrored.sum()) < 250

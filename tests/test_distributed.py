@@ -288,3 +288,20 @@ def test_a_set_up_error_of_rank_1_alone_reaches_rank_0(data_dir, tmp_path):
     assert len(lines) == 1 and "rank 1 of 2" in lines[0] and str(empty) in lines[0], done.stderr
     _assert_no_traceback_of_ours(done.stderr)
     assert not out.exists()
+
+
+def test_selective_backprop_under_two_processes_follows_one(data_dir, tmp_path):
+    """--select stale-loss: every rank records the whole global batch's losses (gathered), so every rank draws the
+    same selective epochs as one process would."""
+    argv = [*SMALL, "--iterations", "80", "--select", "stale-loss", "--select-beta", "2", "--data-dir", str(data_dir)]
+    outs = []
+    for procs in (1, 2):
+        out = tmp_path / f"out{procs}"
+        done = _run(procs, *argv, "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        outs.append(out)
+    w1, w2 = _weights(outs[0] / "last.safetensors"), _weights(outs[1] / "last.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, (w1[k] - w2[k]).abs().max())
+    s1, s2 = (json.loads((out / "summary.json").read_text()) for out in outs)
+    assert s1["data_epochs"] == s2["data_epochs"] > s1["epochs"]  # selective epochs, the same on both

@@ -444,3 +444,33 @@ def test_damaged_state_is_one_line_and_left_as_it_is(mnist_dir, tmp_path, capsys
     code, err = _run(capsys, "train", "--resume", str(run_dir))
     _one_line(code, err, str(state), "--overwrite")
     assert _snapshot(run_dir) == before
+
+
+def test_selective_backprop_resumes_bit_for_bit(tmp_path):
+    """--select stale-loss: the loss record is part of the run state, so kill -9 and --resume change nothing."""
+    from synthetic_idx import write_synthetic_mnist
+
+    data = write_synthetic_mnist(tmp_path / "data", n_train=600, n_test=200)
+    env = {**_env(), "LSTMLAB_VERIFY": "0"}  # synthetic files: not MNIST's checksums
+    argv = ["--quiet", "--batch-size", "16", "--hidden-size", "8", "--val-size", "200", "--device", "cpu",
+            "--iterations", "120", "--eval-every", "10", "--select", "stale-loss", "--select-beta", "2",
+            "--select-floor", "0.05", "--augment-flip", "--data-dir", str(data)]
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(*argv, "--out", str(whole)), env=env, check=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(*argv, "--out", str(killed)), env=env)
+    first = _wait_for_state(killed, proc, past=40)  # past the first (full) epoch of 25 batches
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(_train_cmd("--resume", str(killed), "--quiet"), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("last.safetensors", "best.safetensors"):
+        _assert_same_weights(whole / name, killed / name)
+    assert (whole / "metrics.csv").read_text().count(",") == (killed / "metrics.csv").read_text().count(",")
+    rows = [line.split(",") for line in (whole / "metrics.csv").read_text().splitlines()]
+    fractions = [float(r[rows[0].index("trained_fraction")]) for r in rows[1:]]
+    assert fractions[0] == 1.0 and min(fractions[3:]) < 0.8  # everything in the warm-up epoch, a selection after
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_at"] == [first] and summary["data_epochs"] > summary["epochs"]
+    assert summary["config"]["train"]["select"] == "stale-loss"

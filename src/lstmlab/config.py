@@ -37,6 +37,7 @@ class DataConfig:
     val_size: int = 5000
     normalize: str = "dataset"  # "dataset": training-set mean/std; "seed": the textbook's (x-0.5)/1
     augment_shift: int = 0  # training only: shift each image by up to this many pixels each way
+    augment_flip: bool = False  # training only: mirror half the images left-right (clothes, not digits)
     mean: float | None = None  # filled in from the training split when normalize == "dataset"
     std: float | None = None
 
@@ -59,6 +60,10 @@ class TrainConfig:
     seed: int = 125
     device: str = "auto"
     world_size: int = 1  # processes that trained it (torchrun's WORLD_SIZE), each on a slice of every batch
+    select: str = "none"  # "stale-loss": selective backprop on each sample's last trained loss (lstmlab.selection)
+    select_beta: float = 3.0  # keep a sample with probability percentile ** beta ...
+    select_floor: float = 0.0  # ... but at least this
+    select_warmup: int = 1  # epochs on every sample before selection starts
 
 
 @dataclass
@@ -96,6 +101,7 @@ MAX_EPOCHS = 10_000
 MAX_ITERATIONS = 10**9
 MAX_LR = 1e6
 MAX_SEED = 2**64 - 1  # torch's generators take a 64-bit seed
+SELECTIONS = ("none", "stale-loss")
 
 
 def _finite(x: object) -> bool:
@@ -137,6 +143,11 @@ def validate_config(config: Config) -> None:
         (t.time_budget is None or (_finite(t.time_budget) and t.time_budget > 0),
          f"--time-budget must be a positive number of seconds, got {t.time_budget}"),
         (0 <= t.seed <= MAX_SEED, f"--seed must be in 0..2**64-1, got {t.seed}"),
+        (t.select in SELECTIONS, f"--select must be one of {', '.join(SELECTIONS)}, got {t.select!r}"),
+        (_finite(t.select_beta) and 0 <= t.select_beta <= 100, f"--select-beta must be in 0..100, got {t.select_beta}"),
+        (_finite(t.select_floor) and 0 <= t.select_floor <= 1, f"--select-floor must be in 0..1, got {t.select_floor}"),
+        (0 <= t.select_warmup <= MAX_EPOCHS,
+         f"--select-warmup must be in 0..{MAX_EPOCHS} epochs, got {t.select_warmup}"),
         (isinstance(t.world_size, int) and 1 <= t.world_size <= MAX_BATCH_SIZE,
          f"the config's world_size must be in 1..{MAX_BATCH_SIZE}, got {t.world_size}"),
     ]

@@ -248,6 +248,18 @@ def my_part(n: int) -> tuple[slice, float]:
     return slice(lo, hi), (hi - lo) * w.size / n
 
 
+def whole_batch(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sample values of this rank's part of a global batch of ``n`` (see ``my_part``) -> the global batch's, in
+    its order, on every rank (``values`` itself in one process)."""
+    w = world()
+    if w.size == 1:
+        return values
+    _, weight = my_part(n)
+    parts: list[Any] = [None] * w.size
+    dist.all_gather_object(parts, values.detach().cpu() if weight else values.new_empty(0).cpu())
+    return torch.cat(parts)
+
+
 def average(value: float) -> float:
     """The mean of ``value`` over the ranks (``value`` itself in one process)."""
     w = world()

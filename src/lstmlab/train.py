@@ -62,12 +62,14 @@ from lstmlab.runs import (
     set_rng_state,
     write_run_json,
 )
+from lstmlab.selection import StaleLossSelection
 from lstmlab.train_args import DRY_RUN_ITERATIONS, add_arguments
 
 __all__ = ["METRIC_FIELDS", "Diverged", "Interrupted", "add_arguments", "recipe", "resume", "schedule", "random_shift",
            "train", "validate_config"]
 
-METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s", "run_id"]
+METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s", "run_id",
+                 "trained_fraction"]  # trained_fraction: of the training split, in the data epoch under way
 LOSS_FIELDS = ["iteration", "epoch", "train_loss", "lr"]  # losses.csv: the training loss between evaluations
 LOSS_POINTS = 20  # losses.csv gets about this many rows per evaluation interval (every step for short intervals)
 SCHEDULE_NAMES = {"none": "constant lr", "onecycle": "one-cycle schedule", "cosine": "cosine decay"}
@@ -170,6 +172,12 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     dx = torch.randint(0, 2 * max_shift + 1, (b, 1), generator=generator)
     window = (torch.arange(height).view(height, 1) * padded_width + torch.arange(width)).view(1, -1)  # (1, 784)
     return padded.gather(1, dy * padded_width + dx + window).view(b, height, width)  # (B, 28, 28)
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each uint8 image (B, 28, 28) left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1), images.flip(2), images)
 
 
 class _Deadline:
@@ -383,6 +391,9 @@ class _Trainer:
         self.data_dir: str | None = None  # where the data came from, for summary.json
         self.iteration, self.epoch, self.batch = 0, 0, 0
         self.order: Tensor | None = None  # this epoch's shuffled indices; ``batch`` of them are used
+        self.selection = None  # --select stale-loss: the loss record that picks each epoch's samples
+        if t.select == "stale-loss":
+            self.selection = StaleLossSelection(len(data.train_y), t.select_beta, t.select_floor, t.select_warmup)
         self.rows: list[dict[str, Any]] = []
         self.best_acc, self.best_iter, self.saved_iter = -1.0, 0, 0
         self.running, self.running_n = 0.0, 0
@@ -404,10 +415,14 @@ class _Trainer:
         """The next batch's indices: the epoch's order drawn from the generator when the epoch starts, as
         ``data.batch_indices`` does."""
         n, size = len(self.data.train_y), self.config.train.batch_size
-        if self.order is None or self.batch * size >= n:
+        while self.order is None or self.batch * size >= len(self.order):  # (a selective epoch may keep none)
             if self.order is not None:
                 self.epoch += 1
-            self.order, self.batch = torch.randperm(n, generator=self.generator), 0
+            if self.selection is None:
+                self.order = torch.randperm(n, generator=self.generator)
+            else:
+                self.order = self.selection.epoch_order(self.epoch, self.generator)
+            self.batch = 0
         idx = self.order[self.batch * size : (self.batch + 1) * size]
         self.batch += 1
         return idx
@@ -420,6 +435,8 @@ class _Trainer:
         batch = self.data.train_x[idx]  # (B, 28, 28) uint8
         if d.augment_shift:  # the whole global batch, on every rank: the generator moves as in one process
             batch = random_shift(batch, d.augment_shift, self.generator)
+        if d.augment_flip:
+            batch = random_flip(batch, self.generator)
         part, weight = distributed.my_part(len(idx))  # this rank's slice of the global batch (all of it alone)
         x = to_sequence(batch[part], d.view, d.mean, d.std, self.data.permutation).to(self.device)  # (b, T, I)
         y = self.data.train_y[idx[part]].to(self.device)
@@ -427,7 +444,10 @@ class _Trainer:
         if self.deadline is not None:  # the clock may be further along than the step count (rank 0's clock)
             progress = max(progress, distributed.from_main(self.deadline.progress()))
         lr = _set_schedule(self.optimizer, t, progress)
-        loss = F.cross_entropy(self.forward(x), y)
+        losses = F.cross_entropy(self.forward(x), y, reduction="none")  # (b,): selection keeps each one
+        loss = losses.mean()
+        if self.selection is not None:
+            self.selection.record(idx, distributed.whole_batch(losses.detach(), len(idx)))
         self.optimizer.zero_grad(set_to_none=True)
         (loss * weight if weight != 1.0 else loss).backward()
         if t.clip is not None:
@@ -483,6 +503,7 @@ class _Trainer:
             "lr": lr,
             "elapsed_s": round(self.elapsed(), 3),
             "run_id": self.run_id,
+            "trained_fraction": round(len(self.order) / len(self.data.train_y), 4) if self.order is not None else 1.0,
         })
         # The textbook's line: Loss is the mean training loss since the last line, Accuracy on validation.
         shown = f"{100 * val.accuracy:.2f}" if val else "n/a"
@@ -542,6 +563,8 @@ class _Trainer:
         tensors["rng.data"] = self.generator.get_state()
         if self.order is not None:
             tensors["order"] = self.order
+        if self.selection is not None:
+            tensors.update(self.selection.state())
         info = {
             "run_id": self.run_id, "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch,
             "finished": self.finished, "rows": self.rows, "best_acc": self.best_acc, "best_iter": self.best_iter,
@@ -565,6 +588,8 @@ class _Trainer:
         set_rng_state(tensors, info["rng"])
         self.saved_world_size = info.get("world_size", 1)
         self.order = tensors.get("order")
+        if self.selection is not None:
+            self.selection.load(tensors)
         for name in ("iteration", "epoch", "batch", "finished", "rows", "best_acc", "best_iter", "running",
                      "running_n", "resumes"):
             setattr(self, name, info[name])
@@ -641,6 +666,8 @@ def _report(tr: _Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
         "best_iteration": tr.best_iter,
         "iterations": tr.iteration,
         "epochs": round(tr.iteration / tr.steps_per_epoch, 4),
+        "data_epochs": tr.epoch + (tr.batch * config.train.batch_size / len(tr.order) if tr.order is not None
+                                   and len(tr.order) else 0.0),
         "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(tr.iteration * config.train.batch_size / max(train_seconds, 1e-9), 1),
         "resumed_at": tr.resumes,
@@ -949,9 +976,10 @@ def _finished_summary(out: Path, run_id: str) -> dict[str, Any] | None:
 _SECTIONS = {
     "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend", "cell", "zoneout",
               "recurrent_dropout"),
-    "data": ("dataset", "view", "val_size", "normalize", "augment_shift"),
+    "data": ("dataset", "view", "val_size", "normalize", "augment_shift", "augment_flip"),
     "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
-              "eval_every", "clip", "time_budget", "seed", "device"),
+              "eval_every", "clip", "time_budget", "seed", "device", "select", "select_beta", "select_floor",
+              "select_warmup"),
 }
 
 

@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="dataset (training-set mean/std) or seed ((x-0.5)/1) " + _both("dataset", "seed"))
     g.add_argument("--augment-shift", type=_whole_number, metavar="N",
                    help="shift training images randomly by up to N pixels each way, 0 = off " + _both(2, 0))
+    g.add_argument("--augment-flip", action="store_true", default=None,
+                   help="mirror half the training images left-right: for clothes, not digits (default: off)")
     g = parser.add_argument_group("model")
     g.add_argument("--hidden-size", type=_whole_number, metavar="H", help="hidden units per layer (default: 128)")
     g.add_argument("--layers", type=_whole_number, dest="num_layers", metavar="N",
@@ -96,6 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop after this much training time, the schedule following the clock, e.g. 30 "
                    "(default: off)")
+    g.add_argument("--select", choices=["none", "stale-loss"],
+                   help="which samples a step trains on: stale-loss = after --select-warmup epochs keep each "
+                   "sample with probability (percentile of its last loss) ** --select-beta; --epochs and "
+                   "--iterations then count trained batches (default: none)")
+    g.add_argument("--select-beta", type=float, metavar="BETA", help="selection's exponent (default: 3)")
+    g.add_argument("--select-floor", type=float, metavar="Q", help="selection's least keep probability (default: 0)")
+    g.add_argument("--select-warmup", type=_whole_number, metavar="E",
+                   help="epochs on every sample before selection starts (default: 1)")
     g.add_argument("--seed", type=_whole_number, help="seed of init, split, shuffling and permutation (default: 125)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda when available, else cpu (default: auto)")
