@@ -121,25 +121,44 @@ void with_flag(bool b, F&& f) {
 // --- LayerNorm of one row, accurate in float ---------------------------------------------------------------------
 
 // hat = (v - mean) / sqrt(var + eps) over N values (biased variance; hat may be v itself); returns 1/sqrt(var+eps).
-// Two passes in double: the mean, then the squared deviations from it.
+// One pass of sums in double of d = v - v[0] and d^2 (shifted by a value of the row, E[d^2] - E[d]^2 does not
+// cancel), in kLanes independent partial sums so that the additions do not wait on each other; then hat in T with
+// the mean split in two (v - hi is exact for v near the mean, which is where the digits matter).
+constexpr int64_t kLanes = 16;
+
 template <typename T>
 double normalize_row(const T* v, T* hat, int64_t N) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < N; ++k) {
-    s += static_cast<double>(v[k]);
-  }
-  const double mean = s / static_cast<double>(N);
-  double q = 0.0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t k = 0; k < N; ++k) {
-    const double d = static_cast<double>(v[k]) - mean;
-    q += d * d;
-  }
-  const double rstd = 1.0 / std::sqrt(q / static_cast<double>(N) + kLnEps);
+  const double K = static_cast<double>(v[0]);
+  double a[kLanes] = {}, q[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= N; k += kLanes) {
 #pragma omp simd
-  for (int64_t k = 0; k < N; ++k) {
-    hat[k] = static_cast<T>((static_cast<double>(v[k]) - mean) * rstd);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const double d = static_cast<double>(v[k + l]) - K;
+      a[l] += d;
+      q[l] += d * d;
+    }
+  }
+  double s1 = 0.0, s2 = 0.0;
+  for (; k < N; ++k) {
+    const double d = static_cast<double>(v[k]) - K;
+    s1 += d;
+    s2 += d * d;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    s1 += a[l];
+    s2 += q[l];
+  }
+  const double m = s1 / static_cast<double>(N);
+  const double var = std::max(0.0, s2 / static_cast<double>(N) - m * m);
+  const double mean = K + m;
+  const double rstd = 1.0 / std::sqrt(var + kLnEps);
+  const T hi = static_cast<T>(mean);
+  const T lo = static_cast<T>(mean - static_cast<double>(hi));
+  const T r = static_cast<T>(rstd);
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) {
+    hat[j] = ((v[j] - hi) - lo) * r;
   }
   return rstd;
 }
@@ -168,6 +187,55 @@ void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, c
       dv[k] = d;
     }
     acc_gamma[k] += static_cast<double>(dy[k]) * static_cast<double>(hat[k]);
+  }
+}
+
+// The gates' LayerNorm backward for one row: z = γ_ih LN(A) + γ_hh LN(R) + b, from dz to dA and dR (as
+// normalize_backward_row, both in one pass over dz), adding dz * â and dz * r̂ into the gains' sums.
+template <typename T>
+void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, const T* __restrict a_hat,
+                           double rstd_a, const T* __restrict gain_r, const T* __restrict r_hat, double rstd_r,
+                           T* __restrict dA, T* __restrict dR, int64_t N, double* __restrict acc_a,
+                           double* __restrict acc_r) {
+  constexpr int64_t L = 8;
+  double p[L] = {}, q[L] = {}, u[L] = {}, w[L] = {};
+  int64_t k = 0;
+  for (; k + L <= N; k += L) {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      const double d = static_cast<double>(dz[k + l]);
+      const double ga = d * static_cast<double>(gain_a[k + l]), gr = d * static_cast<double>(gain_r[k + l]);
+      p[l] += ga;
+      q[l] += ga * static_cast<double>(a_hat[k + l]);
+      u[l] += gr;
+      w[l] += gr * static_cast<double>(r_hat[k + l]);
+    }
+  }
+  double s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0;
+  for (; k < N; ++k) {
+    const double d = static_cast<double>(dz[k]);
+    const double ga = d * static_cast<double>(gain_a[k]), gr = d * static_cast<double>(gain_r[k]);
+    s1 += ga;
+    s2 += ga * static_cast<double>(a_hat[k]);
+    s3 += gr;
+    s4 += gr * static_cast<double>(r_hat[k]);
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    s1 += p[l];
+    s2 += q[l];
+    s3 += u[l];
+    s4 += w[l];
+  }
+  const double n = static_cast<double>(N);
+  const double m1 = s1 / n, m2 = s2 / n, m3 = s3 / n, m4 = s4 / n;
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) {
+    const double d = static_cast<double>(dz[j]);
+    const double av = static_cast<double>(a_hat[j]), rv = static_cast<double>(r_hat[j]);
+    dA[j] = static_cast<T>((d * static_cast<double>(gain_a[j]) - m1 - av * m2) * rstd_a);
+    dR[j] = static_cast<T>((d * static_cast<double>(gain_r[j]) - m3 - rv * m4) * rstd_r);
+    acc_a[j] += d * av;
+    acc_r[j] += d * rv;
   }
 }
 
@@ -207,88 +275,102 @@ struct FwdStep {
   int64_t z_stride;  // H, or 0 when one row of weights serves every row (eval: the probabilities)
 };
 
+// The gates of one row: z (pre-activations, i f g o blocks of H) -> activations in place, c' into cn and, without
+// the cell LayerNorm, tanh(c'), h and c after zoneout too. Pointers as restrict parameters, so that the compiler
+// knows the rows apart and vectorises the loop.
+template <typename T, bool PEEP, bool LNC, bool ZONE>
+inline void gates_row(T* __restrict zi, T* __restrict zf, T* __restrict zg, T* __restrict zo,
+                      const T* __restrict pi, const T* __restrict pf, const T* __restrict po,
+                      const T* __restrict cp, const T* __restrict hp, const T* __restrict zc,
+                      const T* __restrict zh, T* __restrict cn, T* __restrict tcb, T* __restrict hb,
+                      T* __restrict cb, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    T ai = zi[j], af = zf[j], ao = zo[j];
+    if constexpr (PEEP) {  // i and f see the previous cell
+      ai += pi[j] * cp[j];
+      af += pf[j] * cp[j];
+    }
+    const T i = sigmoid(ai);
+    const T f = sigmoid(af);
+    const T g = tanh_accurate(zg[j]);
+    const T c1 = f * cp[j] + i * g;
+    if constexpr (PEEP) {  // o sees the new one
+      ao += po[j] * c1;
+    }
+    const T o = sigmoid(ao);
+    zi[j] = i;
+    zf[j] = f;
+    zg[j] = g;
+    zo[j] = o;
+    cn[j] = c1;
+    if constexpr (!LNC) {
+      const T tcj = tanh_accurate(c1);
+      tcb[j] = tcj;
+      T hv = o * tcj;
+      if constexpr (ZONE) {  // keep the previous value with weight z (exactly, for z = 0 or 1: see zone())
+        cb[j] = zone(zc[j], cp[j], c1);
+        hv = zone(zh[j], hp[j], hv);
+      } else {
+        cb[j] = c1;
+      }
+      hb[j] = hv;
+    }
+  }
+}
+
+// The cell LayerNorm's way out of one row: h = o * tanh(γ_c ĉ + β_c), then zoneout of c and h.
+template <typename T, bool ZONE>
+inline void cell_out_row(const T* __restrict ch, const T* __restrict gc, const T* __restrict bc,
+                         const T* __restrict o, const T* __restrict cn, const T* __restrict cp,
+                         const T* __restrict hp, const T* __restrict zc, const T* __restrict zh,
+                         T* __restrict tcb, T* __restrict hb, T* __restrict cb, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T tcj = tanh_accurate(gc[j] * ch[j] + bc[j]);
+    tcb[j] = tcj;
+    T hv = o[j] * tcj;
+    const T c1 = cn[j];
+    if constexpr (ZONE) {
+      cb[j] = zone(zc[j], cp[j], c1);
+      hv = zone(zh[j], hp[j], hv);
+    } else {
+      cb[j] = c1;
+    }
+    hb[j] = hv;
+  }
+}
+
+// z = γ_ih â + γ_hh r̂ + b over one row of 4H.
+template <typename T>
+inline void ln_gates_row(const T* __restrict a, const T* __restrict ga, const T* __restrict r,
+                         const T* __restrict gr, const T* __restrict bias, T* __restrict z, int64_t H4) {
+  for (int64_t k = 0; k < H4; ++k) {
+    z[k] = a[k] * ga[k] + r[k] * gr[k] + bias[k];
+  }
+}
+
 template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
 void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, H4 = 4 * H;
   for (int64_t b = b0; b < b1; ++b) {
-    T* __restrict z = s.acts + b * H4;
+    T* const z = s.acts + b * H4;
     if constexpr (LNG) {
-      T* r = s.r_hat + b * H4;
+      T* const r = s.r_hat + b * H4;
       s.rstd[b * 3 + 2] = static_cast<T>(normalize_row(r, r, H4));
-      const T* __restrict a = s.a_hat + b * H4;
-      const T* __restrict ga = s.gain_ih;
-      const T* __restrict gr = s.gain_hh;
-      const T* __restrict bb = s.bias;
-      const T* __restrict rr = r;
-      for (int64_t k = 0; k < H4; ++k) {
-        z[k] = a[k] * ga[k] + rr[k] * gr[k] + bb[k];
-      }
+      ln_gates_row(s.a_hat + b * H4, s.gain_ih, r, s.gain_hh, s.bias, z, H4);
     }
-    const T* __restrict cp = s.c_prev + b * H;
-    const T* __restrict hp = s.h_prev + b * H;
-    T* __restrict cn = s.c_new + b * H;
-    T* __restrict tcb = s.tc + b * H;
-    T* __restrict hb = s.h + b * H;
-    T* __restrict cb = s.c + b * H;
-    const T* __restrict zc = ZONE ? s.zc + b * s.z_stride : nullptr;
-    const T* __restrict zh = ZONE ? s.zh + b * s.z_stride : nullptr;
-    const T* __restrict pi = PEEP ? s.peep : nullptr;
-    const T* __restrict pf = PEEP ? s.peep + H : nullptr;
-    const T* __restrict po = PEEP ? s.peep + 2 * H : nullptr;
-    T* __restrict zi = z;
-    T* __restrict zf = z + H;
-    T* __restrict zg = z + 2 * H;
-    T* __restrict zo = z + 3 * H;
-    for (int64_t j = 0; j < H; ++j) {
-      T ai = zi[j], af = zf[j], ao = zo[j];
-      if constexpr (PEEP) {  // i and f see the previous cell
-        ai += pi[j] * cp[j];
-        af += pf[j] * cp[j];
-      }
-      const T i = sigmoid(ai);
-      const T f = sigmoid(af);
-      const T g = tanh_accurate(zg[j]);
-      const T c1 = f * cp[j] + i * g;
-      if constexpr (PEEP) {  // o sees the new one
-        ao += po[j] * c1;
-      }
-      const T o = sigmoid(ao);
-      zi[j] = i;
-      zf[j] = f;
-      zg[j] = g;
-      zo[j] = o;
-      cn[j] = c1;
-      if constexpr (!LNC) {
-        const T tcj = tanh_accurate(c1);
-        tcb[j] = tcj;
-        T hv = o * tcj;
-        if constexpr (ZONE) {  // keep the previous value with weight z (exactly, for z = 0 or 1: see zone())
-          cb[j] = zone(zc[j], cp[j], c1);
-          hv = zone(zh[j], hp[j], hv);
-        } else {
-          cb[j] = c1;
-        }
-        hb[j] = hv;
-      }
-    }
+    const T* const cp = s.c_prev + b * H;
+    const T* const hp = s.h_prev + b * H;
+    const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
+    const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
+    T* const cn = s.c_new + b * H;
+    gates_row<T, PEEP, LNC, ZONE>(z, z + H, z + 2 * H, z + 3 * H, s.peep, PEEP ? s.peep + H : nullptr,
+                                  PEEP ? s.peep + 2 * H : nullptr, cp, hp, zc, zh, cn, s.tc + b * H, s.h + b * H,
+                                  s.c + b * H, H);
     if constexpr (LNC) {  // h = o * tanh(γ_c LN(c') + β_c); c' itself keeps its scale
-      T* __restrict ch = s.c_hat + b * H;
+      T* const ch = s.c_hat + b * H;
       s.rstd[b * 3] = static_cast<T>(normalize_row(cn, ch, H));
-      const T* __restrict gc = s.gain_c;
-      const T* __restrict bc = s.bias_c;
-      for (int64_t j = 0; j < H; ++j) {
-        const T tcj = tanh_accurate(gc[j] * ch[j] + bc[j]);
-        tcb[j] = tcj;
-        T hv = zo[j] * tcj;
-        const T c1 = cn[j];
-        if constexpr (ZONE) {
-          cb[j] = zone(zc[j], cp[j], c1);
-          hv = zone(zh[j], hp[j], hv);
-        } else {
-          cb[j] = c1;
-        }
-        hb[j] = hv;
-      }
+      cell_out_row<T, ZONE>(ch, s.gain_c, s.bias_c, z + 3 * H, cn, cp, hp, zc, zh, s.tc + b * H, s.h + b * H,
+                            s.c + b * H, H);
     }
   }
 }
@@ -546,96 +628,101 @@ struct BwdStep {
   T* scratch;   // per-thread scratch (kScratch * H each)
 };
 
+// Backward through h = o * tanh(y) and zoneout, for one row: dzo, the gradient w.r.t. y (into dy with the cell
+// LayerNorm, else added to dc), zoneout's kept shares (dh's into dh itself, dc's into carry_c).
+template <typename T, bool LNC, bool ZONE>
+inline void out_back_row(T* __restrict dh, T* __restrict dc, const T* __restrict o, const T* __restrict tc,
+                         const T* __restrict zc, const T* __restrict zh, T* __restrict carry_c, T* __restrict dy,
+                         T* __restrict dzo, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    T dhj = dh[j];
+    T dcj = dc[j];
+    if constexpr (ZONE) {  // the kept share goes straight to the previous state
+      dh[j] = dhj * zh[j];
+      carry_c[j] = dcj * zc[j];
+      dhj *= T(1) - zh[j];
+      dcj *= T(1) - zc[j];
+    }
+    const T t = tc[j], oj = o[j];
+    const T dyj = dhj * oj * (T(1) - t * t);  // through h = o * tanh(y)
+    dzo[j] = dhj * t * oj * (T(1) - oj);
+    if constexpr (LNC) {
+      dy[j] = dyj;
+      dc[j] = dcj;
+    } else {
+      dc[j] = dcj + dyj;
+    }
+  }
+}
+
+// Backward through c' = f c + i g and the peepholes, for one row: dzi, dzf, dzg and dc_{t-1} (into dc).
+template <typename T, bool PEEP, bool ZONE>
+inline void cell_back_row(const T* __restrict ai, const T* __restrict af, const T* __restrict ag,
+                          const T* __restrict cp, const T* __restrict cn, const T* __restrict pi,
+                          const T* __restrict pf, const T* __restrict po, const T* __restrict carry_c,
+                          T* __restrict dc, T* __restrict dzi, T* __restrict dzf, T* __restrict dzg,
+                          const T* __restrict dzo, double* __restrict acc_pi, double* __restrict acc_pf,
+                          double* __restrict acc_po, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = ai[j], f = af[j], g = ag[j];
+    T dcj = dc[j];
+    if constexpr (PEEP) {  // o saw c'
+      dcj += dzo[j] * po[j];
+    }
+    const T di = dcj * g * i * (T(1) - i);
+    const T df = dcj * cp[j] * f * (T(1) - f);
+    dzi[j] = di;
+    dzf[j] = df;
+    dzg[j] = dcj * i * (T(1) - g * g);
+    T dcp = dcj * f;
+    if constexpr (PEEP) {  // i and f saw c_{t-1}
+      dcp += di * pi[j] + df * pf[j];
+      acc_pi[j] += static_cast<double>(di * cp[j]);
+      acc_pf[j] += static_cast<double>(df * cp[j]);
+      acc_po[j] += static_cast<double>(dzo[j] * cn[j]);
+    }
+    if constexpr (ZONE) {
+      dcp += carry_c[j];
+    }
+    dc[j] = dcp;
+  }
+}
+
+template <typename T>
+inline void accumulate(const T* __restrict v, double* __restrict acc, int64_t N) {
+  for (int64_t k = 0; k < N; ++k) {
+    acc[k] += static_cast<double>(v[k]);
+  }
+}
+
 template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
 void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, H4 = 4 * H;
   const int64_t tid = at::get_thread_num();
   double* const acc = s.acc + tid * kSums * H;
   T* const scratch = s.scratch + tid * kScratch * H;
-  double* __restrict acc_b = acc;
-  double* __restrict acc_bc = acc + 13 * H;
-  double* __restrict acc_pi = acc + 14 * H;
-  double* __restrict acc_pf = acc + 15 * H;
-  double* __restrict acc_po = acc + 16 * H;
-  T* __restrict dy = scratch + 4 * H;
-  T* __restrict carry_c = scratch + 5 * H;
-  const T* __restrict pi = PEEP ? s.peep : nullptr;
-  const T* __restrict pf = PEEP ? s.peep + H : nullptr;
-  const T* __restrict po = PEEP ? s.peep + 2 * H : nullptr;
+  T* const dy = scratch + 4 * H;
+  T* const carry_c = scratch + 5 * H;
   for (int64_t b = b0; b < b1; ++b) {
-    const T* __restrict ai = s.acts + b * H4;
-    const T* __restrict af = ai + H;
-    const T* __restrict ag = ai + 2 * H;
-    const T* __restrict ao = ai + 3 * H;
-    const T* __restrict tcb = s.tc + b * H;
-    const T* __restrict cp = s.c_prev + b * H;
-    const T* __restrict cn = s.c_new + b * H;
-    T* __restrict dhb = s.dh + b * H;
-    T* __restrict dcb = s.dc + b * H;
+    const T* const a = s.acts + b * H4;
+    T* const dc = s.dc + b * H;
     T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
-    T* __restrict dzi = dz;
-    T* __restrict dzf = dz + H;
-    T* __restrict dzg = dz + 2 * H;
-    T* __restrict dzo = dz + 3 * H;
-    const T* __restrict zc = ZONE ? s.zc + b * s.z_stride : nullptr;
-    const T* __restrict zh = ZONE ? s.zh + b * s.z_stride : nullptr;
-    for (int64_t j = 0; j < H; ++j) {
-      T dh = dhb[j];
-      T dcj = dcb[j];
-      if constexpr (ZONE) {  // the kept share goes straight to the previous state
-        dhb[j] = dh * zh[j];
-        carry_c[j] = dcj * zc[j];
-        dh *= T(1) - zh[j];
-        dcj *= T(1) - zc[j];
-      }
-      const T t = tcb[j], o = ao[j];
-      const T dyj = dh * o * (T(1) - t * t);  // through h = o * tanh(y)
-      dzo[j] = dh * t * o * (T(1) - o);
-      if constexpr (LNC) {
-        dy[j] = dyj;
-        dcb[j] = dcj;
-      } else {
-        dcb[j] = dcj + dyj;
-      }
-    }
+    const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
+    const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
+    out_back_row<T, LNC, ZONE>(s.dh + b * H, dc, a + 3 * H, s.tc + b * H, zc, zh, carry_c, dy, dz + 3 * H, H);
     if constexpr (LNC) {  // y = γ_c LN(c') + β_c
-      normalize_backward_row<true>(dy, s.gain_c, s.c_hat + b * H, static_cast<double>(s.rstd[b * 3]), dcb, H,
+      normalize_backward_row<true>(dy, s.gain_c, s.c_hat + b * H, static_cast<double>(s.rstd[b * 3]), dc, H,
                                    acc + 12 * H);
-      for (int64_t j = 0; j < H; ++j) {
-        acc_bc[j] += static_cast<double>(dy[j]);
-      }
+      accumulate(dy, acc + 13 * H, H);
     }
-    for (int64_t j = 0; j < H; ++j) {
-      const T i = ai[j], f = af[j], g = ag[j];
-      T dcj = dcb[j];
-      if constexpr (PEEP) {  // o saw c'
-        dcj += dzo[j] * po[j];
-      }
-      const T di = dcj * g * i * (T(1) - i);
-      const T df = dcj * cp[j] * f * (T(1) - f);
-      dzi[j] = di;
-      dzf[j] = df;
-      dzg[j] = dcj * i * (T(1) - g * g);
-      T dcp = dcj * f;
-      if constexpr (PEEP) {  // i and f saw c_{t-1}
-        dcp += di * pi[j] + df * pf[j];
-        acc_pi[j] += static_cast<double>(di * cp[j]);
-        acc_pf[j] += static_cast<double>(df * cp[j]);
-        acc_po[j] += static_cast<double>(dzo[j] * cn[j]);
-      }
-      if constexpr (ZONE) {
-        dcp += carry_c[j];
-      }
-      dcb[j] = dcp;
-    }
-    for (int64_t k = 0; k < H4; ++k) {
-      acc_b[k] += static_cast<double>(dz[k]);
-    }
+    cell_back_row<T, PEEP, ZONE>(a, a + H, a + 2 * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
+                                 PEEP ? s.peep + H : nullptr, PEEP ? s.peep + 2 * H : nullptr, carry_c, dc, dz,
+                                 dz + H, dz + 2 * H, dz + 3 * H, acc + 14 * H, acc + 15 * H, acc + 16 * H, H);
+    accumulate(dz, acc, H4);  // db
     if constexpr (LNG) {  // z = γ_ih LN(A) + γ_hh LN(R) + b
-      normalize_backward_row<false>(dz, s.gain_ih, s.a_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 1]),
-                                    s.dA + b * H4, H4, acc + 4 * H);
-      normalize_backward_row<false>(dz, s.gain_hh, s.r_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 2]),
-                                    s.dR + b * H4, H4, acc + 8 * H);
+      ln_gates_backward_row(dz, s.gain_ih, s.a_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 1]), s.gain_hh,
+                            s.r_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 2]), s.dA + b * H4, s.dR + b * H4,
+                            H4, acc + 4 * H, acc + 8 * H);
     }
   }
 }
