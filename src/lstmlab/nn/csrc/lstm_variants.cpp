@@ -61,21 +61,28 @@ int64_t row_blocks(int64_t B) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinBlockRows));
 }
 
+// f(r0, r1, k) for row block k. Inside a block, at::get_thread_num() is 0 on every thread (a parallel_for that runs
+// inline, as over_rows does in a block, sets it so): per-thread state is indexed by slot(k), not by it alone.
 template <typename F>
 void over_blocks(int64_t B, const F& f) {
   const int64_t blocks = row_blocks(B);
   if (blocks == 1) {
-    f(int64_t{0}, B);
+    f(int64_t{0}, B, int64_t{0});
     return;
   }
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::NoGradGuard no_grad;
     for (int64_t k = k0; k < k1; ++k) {
-      f(B * k / blocks, B * (k + 1) / blocks);
+      f(B * k / blocks, B * (k + 1) / blocks, k);
     }
   });
 }
+
+// A slot of per-thread state that no other thread uses at the same time: one per (row block, thread of over_rows),
+// `threads` being at::get_num_threads() outside the parallel region. Blocks run in parallel only with over_rows
+// inline (thread number 0); over_rows runs in parallel only when there is one block.
+int64_t slot(int64_t block, int64_t threads) { return block * threads + at::get_thread_num(); }
 
 int64_t live_rows(const int64_t* batch_sizes, int64_t t, int64_t B) {
   return batch_sizes == nullptr ? B : std::min<int64_t>(B, batch_sizes[t]);
@@ -537,7 +544,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     const T_* const gates_gain = opt_ptr<T_>(ln_gates);
     const T_* const cell_ln = opt_ptr<T_>(ln_cell);
     const T_* const bias_p = lng ? (given(bias) ? bias->data_ptr<T_>() : zeros4.data_ptr<T_>()) : nullptr;
-    over_blocks(B, [&](int64_t r0, int64_t r1) {
+    over_blocks(B, [&](int64_t r0, int64_t r1, int64_t) {
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = std::min(r1, live_rows(sizes, t, B)) - r0;
         if (n <= 0) {
@@ -624,8 +631,8 @@ struct BwdStep {
   T* dc;  // (n, H): in, dc_t; out, dc_{t-1}
   T* dA;  // (n, 4H): the gradient w.r.t. x W_ih^T (= w.r.t. the pre-activations without the gates' LayerNorm)
   T* dR;  // (n, 4H): the gradient w.r.t. h_in W_hh^T (dA itself without the gates' LayerNorm)
-  double* acc;  // per-thread sums (kSums * H each)
-  T* scratch;   // per-thread scratch (kScratch * H each)
+  double* acc;  // sums per slot (kSums * H each)
+  T* scratch;   // scratch per slot (kScratch * H each)
 };
 
 // Backward through h = o * tanh(y) and zoneout, for one row: dzo, the gradient w.r.t. y (into dy with the cell
@@ -696,11 +703,10 @@ inline void accumulate(const T* __restrict v, double* __restrict acc, int64_t N)
 }
 
 template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
-void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1) {
+void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
   const int64_t H = s.H, H4 = 4 * H;
-  const int64_t tid = at::get_thread_num();
-  double* const acc = s.acc + tid * kSums * H;
-  T* const scratch = s.scratch + tid * kScratch * H;
+  double* const acc = s.acc + slot * kSums * H;
+  T* const scratch = s.scratch + slot * kScratch * H;
   T* const dy = scratch + 4 * H;
   T* const carry_c = scratch + 5 * H;
   for (int64_t b = b0; b < b1; ++b) {
@@ -728,7 +734,7 @@ void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1) {
 }
 
 template <typename T>
-using BackwardRowsFn = void (*)(const BwdStep<T>&, int64_t, int64_t);
+using BackwardRowsFn = void (*)(const BwdStep<T>&, int64_t, int64_t, int64_t);
 
 template <typename T>
 BackwardRowsFn<T> pick_backward(bool lng, bool lnc, bool peep, bool zone) {
@@ -796,12 +802,13 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
   }
   const int64_t* const sizes = sizes_ptr(batch_sizes, T);
   const int64_t threads = at::get_num_threads();
-  std::vector<double> acc(static_cast<size_t>(threads * kSums * H), 0.0);
+  const int64_t n_slots = threads * threads;
+  std::vector<double> acc(static_cast<size_t>(n_slots * kSums * H), 0.0);
   at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the matmul writes dh_next
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_backward", [&] {
     using T_ = scalar_t;
     const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
-    std::vector<T_> scratch(static_cast<size_t>(threads * kScratch * H));
+    std::vector<T_> scratch(static_cast<size_t>(n_slots * kScratch * H));
     const BackwardRowsFn<T_> rows_fn = pick_backward<T_>(lng, lnc, peep, zone);
     const T_* const ap = acts.data_ptr<T_>();
     const T_* const cp = cs.data_ptr<T_>();
@@ -815,7 +822,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
     T_* const dAp = dA.data_ptr<T_>();
     T_* const dRp = dR.data_ptr<T_>();
     T_* const dcp = dc.data_ptr<T_>();
-    over_blocks(B, [&](int64_t r0, int64_t r1) {
+    over_blocks(B, [&](int64_t r0, int64_t r1, int64_t block) {
       const int64_t rows = r1 - r0;
       at::Tensor cur = dh.narrow(0, r0, rows), next = dh_next.narrow(0, r0, rows);
       for (int64_t t = T - 1; t >= 0; --t) {
@@ -863,7 +870,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         s.dR = dRp + o1 * 4;
         s.acc = acc.data();
         s.scratch = scratch.data();
-        over_rows(n, H, [&](int64_t b0, int64_t b1) { rows_fn(s, b0, b1); });
+        over_rows(n, H, [&](int64_t b0, int64_t b1) { rows_fn(s, b0, b1, slot(block, threads)); });
         if (t > 0 || need_dh0) {
           if (n < rows) {  // rows past this step keep their dh: carry them into the buffer that becomes cur
             next.narrow(0, n, rows - n).copy_(cur.narrow(0, n, rows - n));
@@ -892,8 +899,8 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
     T_* const sp = sums.data_ptr<T_>();
     for (int64_t k = 0; k < kSums * H; ++k) {
       double total = 0.0;
-      for (int64_t th = 0; th < threads; ++th) {
-        total += acc[th * kSums * H + k];
+      for (int64_t q = 0; q < n_slots; ++q) {
+        total += acc[q * kSums * H + k];
       }
       sp[k] = static_cast<T_>(total);
     }
