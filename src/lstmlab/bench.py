@@ -5,6 +5,11 @@ first) + linear head on the last hidden state + cross-entropy + backward + SGD s
 backend gets its own copy of the same initial weights. The backends are timed in turns (A B C, B C A, ...)
 so that a burst of load from other processes hits them all alike; the table gives the median of the
 repeats and its ratio to ``torch`` (PyTorch's own LSTM kernel, oneDNN on CPU, cuDNN on GPU).
+
+A variant (``--cell``, ``--zoneout``, ``--recurrent-dropout``, or ``--variants`` for each of :data:`VARIANTS`) runs
+on the reference and fused backends; its ``torch`` row is plain ``nn.LSTM`` (which has no variants), timed in
+turns with them, so "x torch" is always the ratio to plain nn.LSTM, and "x ref" the ratio to the same variant
+on the reference backend.
 """
 
 from __future__ import annotations
@@ -24,6 +29,17 @@ from lstmlab.fileio import atomic_write_text
 
 BACKENDS = ("reference", "fused", "torch")
 MODES = ("train", "forward")
+CELLS = ("lstm", "peephole", "layernorm")  # lstmlab.nn.cell.CELLS, without importing torch for --help
+# --variants: (cell, zoneout, recurrent_dropout) of each variant alone, then two combinations of them
+VARIANTS: tuple[tuple[str, float | tuple[float, float], float], ...] = (
+    ("layernorm", 0.0, 0.0),
+    ("peephole", 0.0, 0.0),
+    ("lstm", (0.1, 0.05), 0.0),
+    ("lstm", 0.0, 0.25),
+    ("layernorm", (0.1, 0.05), 0.25),
+    ("peephole", (0.1, 0.05), 0.25),
+)
+PLAIN = ("lstm", 0.0, 0.0)
 
 
 def _device_name(name: str) -> str:
@@ -33,6 +49,29 @@ def _device_name(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _zoneout_arg(text: str) -> float | tuple[float, float]:
+    """--zoneout: one probability for both states, or Z_C,Z_H."""
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected a probability or two as Z_C,Z_H, got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def variant_label(cell: str, zoneout: float | Sequence[float], recurrent_dropout: float) -> str:
+    """A variant's name in the table (no spaces): ``lstm``, ``layernorm``, ``zoneout=0.1,0.05``,
+    ``peephole+zoneout=0.1+rdrop=0.25``..."""
+    parts = [] if cell == "lstm" else [cell]
+    pair = tuple(zoneout) if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+    if any(pair):
+        parts.append(f"zoneout={pair[0]:g}" if pair[0] == pair[1] else f"zoneout={pair[0]:g},{pair[1]:g}")
+    if recurrent_dropout:
+        parts.append(f"rdrop={recurrent_dropout:g}")
+    return "+".join(parts) or "lstm"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the rows as JSON to PATH (or stdout instead of the table without PATH) "
                         "(default: the table only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    g = parser.add_argument_group("LSTM variants (reference and fused backends; the torch rows stay plain nn.LSTM)")
+    g.add_argument("--cell", choices=CELLS, default="lstm",
+                   help="the cell: lstm, peephole or layernorm (default: lstm)")
+    g.add_argument("--zoneout", type=_zoneout_arg, default=0.0, metavar="Z",
+                   help="zoneout probability, or Z_C,Z_H for the cell and the hidden state (default: 0)")
+    g.add_argument("--recurrent-dropout", type=float, default=0.0, metavar="P",
+                   help="recurrent dropout, one mask per sequence (default: 0)")
+    g.add_argument("--variants", action="store_true",
+                   help="time each of: " + ", ".join(variant_label(*v) for v in VARIANTS)
+                   + " (instead of the one --cell/--zoneout/--recurrent-dropout give)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json not in (None, "-"):
         check_writable(args.json, "--json")  # before the minutes of timing, not after
+    if args.variants and (args.cell != "lstm" or args.zoneout or args.recurrent_dropout):
+        raise LstmlabError("--variants times its own list; leave out --cell, --zoneout and --recurrent-dropout")
+    variants = list(VARIANTS) if args.variants else [(args.cell, args.zoneout, args.recurrent_dropout)]
     rows = benchmark(
         batch_sizes=args.batch_sizes,
         seq_len=args.seq_len,
@@ -85,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         device=_device_name(args.device),
         seed=args.seed,
         clock=args.clock,
+        variants=variants,
     )
     if args.json == "-":
         print(json.dumps(rows, indent=2))
@@ -120,12 +173,16 @@ def benchmark(
     device: str = "cpu",
     seed: int = 0,
     clock: str = "wall",
+    variants: Sequence[tuple[str, float | Sequence[float], float]] = (PLAIN,),
 ) -> list[dict[str, Any]]:
-    """Time each backend; one row per (mode, batch size, backend) with samples/s, ratio and peak memory.
+    """Time each backend; one row per (mode, variant, batch size, backend) with samples/s, ratios and peak memory.
+    ``variants`` are (cell, zoneout, recurrent_dropout) triples; the torch backend always runs plain nn.LSTM.
 
-    Raises ``LstmlabError`` on bad arguments (non-positive sizes, unknown backend, missing CUDA).
+    Raises ``LstmlabError`` on bad arguments (non-positive sizes, unknown backend, missing CUDA, bad variant).
     """
     import torch
+
+    from lstmlab.nn.cell import check_variant
 
     _check(len(batch_sizes) > 0 and all(b > 0 for b in batch_sizes),
            f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
@@ -140,6 +197,12 @@ def benchmark(
     _check(mode in (*MODES, "both"), f"--mode must be train, forward or both, got {mode!r}")
     _check(clock in ("wall", "cpu"), f"--clock must be wall or cpu, got {clock!r}")
     _check(clock == "wall" or device == "cpu", "--clock cpu measures CPU work; use it with --device cpu")
+    _check(len(variants) > 0, "no variant to time")
+    for cell, zoneout, recurrent_dropout in variants:
+        try:
+            check_variant(cell, tuple(zoneout) if isinstance(zoneout, list) else zoneout, recurrent_dropout)
+        except ValueError as e:  # worded for the module's keywords; the flags carry the same names
+            raise LstmlabError(f"--cell/--zoneout/--recurrent-dropout: {e}") from None
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -158,9 +221,10 @@ def benchmark(
     modes = list(MODES) if mode == "both" else [mode]
     rows: list[dict[str, Any]] = []
     for m in modes:
-        for batch in batch_sizes:
-            rows.extend(_bench_one(m, batch, seq_len, input_size, hidden_size, layers, backends, repeats, warmup,
-                                   min_samples, dev, seed, clock))
+        for variant in variants:
+            for batch in batch_sizes:
+                rows.extend(_bench_one(m, batch, seq_len, input_size, hidden_size, layers, backends, repeats,
+                                       warmup, min_samples, dev, seed, clock, variant))
     for row in rows:
         row["fused_loops"] = loops
     return rows
@@ -190,11 +254,12 @@ def _prepare_native() -> str:
 
 def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size: int, layers: int,
                backends: list[str], repeats: int, warmup: int, min_samples: int, device: Any,
-               seed: int, clock: str = "wall") -> list[dict[str, Any]]:
-    """One batch size and mode: every backend, interleaved."""
+               seed: int, clock: str = "wall", variant: tuple[str, Any, float] = PLAIN) -> list[dict[str, Any]]:
+    """One batch size, mode and variant: every backend, interleaved (torch runs plain nn.LSTM)."""
     import torch
 
-    steps = {name: _make_step(mode, name, batch, seq_len, input_size, hidden_size, layers, device, seed)
+    steps = {name: _make_step(mode, name, batch, seq_len, input_size, hidden_size, layers, device, seed,
+                              PLAIN if name == "torch" else variant)
              for name in backends}
     per_round = max(1, math.ceil(min_samples / batch))
     for step in steps.values():
@@ -214,15 +279,22 @@ def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size
             rates[name].append(per_round * batch / (now() - start))
     medians = {name: statistics.median(v) for name, v in rates.items()}
     base = medians.get("torch")
+    ref = medians.get("reference")
+    cell, zoneout, recurrent_dropout = variant
     del steps
     return [
         {
             "backend": name,
             "batch_size": batch,
             "mode": mode,
+            "variant": variant_label(cell, zoneout, recurrent_dropout),
+            "cell": "lstm" if name == "torch" else cell,
+            "zoneout": 0.0 if name == "torch" else (list(zoneout) if isinstance(zoneout, tuple) else zoneout),
+            "recurrent_dropout": 0.0 if name == "torch" else recurrent_dropout,
             "samples_per_s": medians[name],
             "samples_per_s_all": rates[name],
             "ratio_vs_torch": (medians[name] / base) if base else None,
+            "ratio_vs_reference": (medians[name] / ref) if ref else None,
             "peak_memory_mib": memory[name],
             "memory_measure": _memory_label(device),
             "seq_len": seq_len,
@@ -238,8 +310,9 @@ def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size
 
 
 def _make_step(mode: str, backend: str, batch: int, seq_len: int, input_size: int, hidden_size: int,
-               layers: int, device: Any, seed: int) -> Callable[[], None]:
-    """A closure running one step of `mode` on its own model (same initial weights for every backend)."""
+               layers: int, device: Any, seed: int, variant: tuple[str, Any, float] = PLAIN) -> Callable[[], None]:
+    """A closure running one step of `mode` on its own model (same initial weights for every backend; a variant's
+    extra parameters start at their init: LayerNorm gains 1, peepholes 0)."""
     import torch
     import torch.nn.functional as F
 
@@ -248,7 +321,10 @@ def _make_step(mode: str, backend: str, batch: int, seq_len: int, input_size: in
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    config = ModelConfig(input_size=input_size, hidden_size=hidden_size, num_layers=layers, backend=backend)
+    cell, zoneout, recurrent_dropout = variant
+    config = ModelConfig(input_size=input_size, hidden_size=hidden_size, num_layers=layers, backend=backend,
+                         cell=cell, zoneout=list(zoneout) if isinstance(zoneout, tuple) else zoneout,
+                         recurrent_dropout=recurrent_dropout)
     model = SequenceClassifier(config).to(device)
     x = torch.randn(batch, seq_len, input_size, generator=gen).to(device)  # (B, T, I)
     y = torch.randint(0, config.num_classes, (batch,), generator=gen).to(device)
@@ -345,13 +421,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f"LSTM T={first['seq_len']} I={first['input_size']} H={first['hidden_size']} layers={first['layers']} "
         f"device={first['device']} threads={first['threads']} clock={first.get('clock', 'wall')}; "
         "samples/s = median of repeats; "
-        f"x torch = ratio to nn.LSTM in this run; memory = {first['memory_measure']}"
+        f"x torch = ratio to plain nn.LSTM in this run; x ref = ratio to the same variant on the reference backend; "
+        f"memory = {first['memory_measure']}"
         + (f"; fused step loops: {first['fused_loops']}" if first.get("fused_loops") else ""),
-        f"{'backend':<10} {'B':>6} {'mode':<8} {'samples/s':>11} {'x torch':>8} {'peak MiB':>9}",
+        f"{'backend':<10} {'B':>6} {'mode':<8} {'samples/s':>11} {'x torch':>8} {'x ref':>8} {'peak MiB':>9}  variant",
     ]
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
     for row in rows:
-        ratio = "-" if row["ratio_vs_torch"] is None else f"{row['ratio_vs_torch']:.2f}x"
         mem = "n/a" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.1f}"
+        variant = "nn.LSTM" if row["backend"] == "torch" else row.get("variant", "lstm")
         lines.append(f"{row['backend']:<10} {row['batch_size']:>6} {row['mode']:<8} "
-                     f"{row['samples_per_s']:>11.0f} {ratio:>8} {mem:>9}")
+                     f"{row['samples_per_s']:>11.0f} {ratio(row['ratio_vs_torch']):>8} "
+                     f"{ratio(row.get('ratio_vs_reference')):>8} {mem:>9}  {variant}")
     return "\n".join(lines)
