@@ -73,3 +73,20 @@ def test_state_round_trip_and_refuses_another_split() -> None:
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         StaleLossSelection(**kwargs)
+
+
+def _config(*argv: str):  # noqa: ANN202
+    from lstmlab.cli import build_parser
+    from lstmlab.train import config_from_args
+
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_the_fast_and_fashion_recipes() -> None:
+    fast = _config("--recipe", "fast")
+    assert (fast.train.select, fast.train.select_beta, fast.train.time_budget) == ("stale-loss", 3.0, 30.0)
+    assert fast.model == _config().model  # the default's model, trained for 30 s with selection
+    fashion = _config("--dataset", "fashion-mnist")  # the dataset picks its recipe
+    assert fashion.recipe == "fashion+flags" and fashion.model.bidirectional and fashion.data.dataset == "fashion-mnist"
+    assert not _config("--dataset", "fashion-mnist", "--recipe", "default").model.bidirectional
+    assert _config("--select", "stale-loss", "--select-beta", "2").train.select_beta == 2.0

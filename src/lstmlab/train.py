@@ -95,8 +95,12 @@ class _Terminated(KeyboardInterrupt):
 
 
 
+RECIPES = ("default", "seed", "fast", "fashion")
+
+
 def recipe(name: str) -> Config:
-    """A fresh copy of a named recipe: ``seed`` (the textbook's) or ``default`` (our best)."""
+    """A fresh copy of a named recipe: ``seed`` (the textbook's), ``default`` (our best on MNIST), ``fast`` (the
+    most accuracy in 30 s of training) or ``fashion`` (Fashion-MNIST's, which ``--dataset fashion-mnist`` picks)."""
     if name == "seed":  # the notebooks: H=128, SGD lr 0.1, batch 100, 6 000 iterations, (x - 0.5) / 1
         return Config(
             model=ModelConfig(hidden_size=128),
@@ -115,7 +119,23 @@ def recipe(name: str) -> Config:
                               iterations=None, eval_every=500, clip=1.0, seed=125),
             recipe="default",
         )
-    raise LstmlabError(f"unknown recipe {name!r}; choose seed or default")
+    if name == "fast":
+        # The default's model and optimizer, 30 s of training by the clock, and after the first epoch only the
+        # samples whose last loss ranks high (selective backprop): the backward passes go where the loss is.
+        config = recipe("default")
+        config.train = replace(config.train, time_budget=30.0, select="stale-loss", select_beta=3.0)
+        config.recipe = "fast"
+        return config
+    if name == "fashion":
+        # Fashion-MNIST rows: both directions (a garment's lower rows tell a shirt from a dress), 1-px shifts,
+        # 20 epochs; the plain default gives 88.4 % test, H=256 for 15 epochs 90.6 %.
+        config = recipe("default")
+        config.model = replace(config.model, bidirectional=True)
+        config.data = replace(config.data, dataset="fashion-mnist", augment_shift=1)
+        config.train = replace(config.train, epochs=20)
+        config.recipe = "fashion"
+        return config
+    raise LstmlabError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
 def _make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -989,7 +1009,7 @@ def _flag(name: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The recipe, with every flag the user gave laid over it."""
-    name = args.recipe or "default"
+    name = args.recipe or ("fashion" if getattr(args, "dataset", None) == "fashion-mnist" else "default")
     config = recipe(name)
     for section, names in _SECTIONS.items():
         given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
