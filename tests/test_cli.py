@@ -42,8 +42,8 @@ def test_dry_run_writes_everything(dry_run_dir):
                  "state.safetensors"):
         assert (dry_run_dir / name).stat().st_size > 0, name
     rows = list(csv.DictReader((dry_run_dir / "metrics.csv").open()))
-    assert list(rows[0]) == ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s",
-                             "run_id", "trained_fraction"]
+    assert list(rows[0]) == ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr",
+                             "trained_fraction", "elapsed_s", "run_id"]
     assert {r["run_id"] for r in rows} == {json.loads((dry_run_dir / "run.json").read_text())["run_id"]}
     assert rows[-1]["iteration"] == "3"
     summary = json.loads((dry_run_dir / "summary.json").read_text())

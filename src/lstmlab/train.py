@@ -68,8 +68,9 @@ from lstmlab.train_args import DRY_RUN_ITERATIONS, add_arguments
 __all__ = ["METRIC_FIELDS", "Diverged", "Interrupted", "add_arguments", "recipe", "resume", "schedule", "random_shift",
            "train", "validate_config"]
 
-METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "elapsed_s", "run_id",
-                 "trained_fraction"]  # trained_fraction: of the training split, in the data epoch under way
+# trained_fraction: of the training split, in the data epoch under way (below 1 with --select); run_id stays last
+METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "trained_fraction",
+                 "elapsed_s", "run_id"]
 LOSS_FIELDS = ["iteration", "epoch", "train_loss", "lr"]  # losses.csv: the training loss between evaluations
 LOSS_POINTS = 20  # losses.csv gets about this many rows per evaluation interval (every step for short intervals)
 SCHEDULE_NAMES = {"none": "constant lr", "onecycle": "one-cycle schedule", "cosine": "cosine decay"}
