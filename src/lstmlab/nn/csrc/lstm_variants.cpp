@@ -2,22 +2,23 @@
 // peepholes (Gers et al.), zoneout (a weight per unit and step) and variational recurrent dropout (a mask per
 // sequence on the h entering the recurrent product), in any combination, with packed batch_sizes, float and double.
 // The equations are lstmlab.nn.cell.lstm_step's; fused.py's variant section holds the same loops in Python (the
-// fallback) and documents the buffers.
+// fallback) and documents the buffers, which both kinds of loops fill alike.
 //
-// forward:  A = x W_ih^T for all steps in ONE matmul before the loop (with the bias unless LayerNorm; with
-//           LayerNorm each row of A is normalised there too, rows never depend on the recurrence). Per step:
-//           h_in = h_{t-1} * mask, ONE matmul h_in W_hh^T (added onto A in place, or into r_hat to be normalised),
-//           then ONE pass per row over the gates (LayerNorm of R, peepholes, activations, c', cell LayerNorm,
-//           zoneout).
+// forward:  without the gates' LayerNorm, A = x W_ih^T + b for all steps in ONE matmul before the loop; per step
+//           h_in = h_{t-1} * mask and ONE matmul adding h_in W_hh^T onto A in place. With it, per step and row
+//           block x_t W_ih^T and h_in W_hh^T, each normalised in the row pass while in the cache. Then ONE pass
+//           per row over the gates (LayerNorms, peepholes, activations, c', the cell's LayerNorm, zoneout).
 // backward: per step (last to first) ONE pass per row that turns dh, dc into the gradient of the pre-activations
 //           (through zoneout, the cell LayerNorm, peepholes, the gates' LayerNorm) and dc_{t-1}, accumulating the
-//           column sums of the bias, LayerNorm and peephole gradients on the way; then ONE matmul
+//           column sums of the bias, LayerNorm and peephole gradients on the way (in double); then ONE matmul
 //           dh_{t-1} = dR_t W_hh (times the mask, plus zoneout's carry). dx, dW_ih and dW_hh are matmuls over all
 //           steps, done in Python after the loop.
 //
-// LayerNorm statistics (mean, variance, and the two means of its backward) are accumulated in double for both
-// dtypes, and the normalised value computed in double before rounding: in float, 1/std reaches 1/sqrt(eps) ~ 316
-// on rows of nearly equal values, and float sums lose the digits that this factor then amplifies.
+// LayerNorm in float stays as accurate as the reference's: its statistics (mean and variance, and the two means of
+// its backward) are sums in double, the backward's result is computed in double before rounding, and the normalised
+// value subtracts the mean split in two floats. In float, 1/std reaches 1/sqrt(eps) ~ 316 on rows of nearly equal
+// values, and digits lost in float sums would be scaled up by it. For the same reason tanh is lstm_math.h's
+// tanh_accurate (small relative error near 0), and zoneout keeps z = 0 or 1 exact (see zone()).
 //
 // As in lstm_native.cpp: a batch is cut into row blocks that run the whole sequence on separate threads
 // (over_blocks), pointwise loops are plain loops the compiler vectorises, exp is lstm_math.h's branch-free one.
@@ -171,9 +172,8 @@ double normalize_row(const T* v, T* hat, int64_t N) {
 }
 
 // The gradient w.r.t. v of y = gamma * LN(v), from dy: rstd * (g - mean(g) - hat * mean(g * hat)), g = dy * gamma,
-// in double; written into dv, or added to it (ADD). Also adds dy * hat into acc_gamma (the gain's gradient). dv may
-// not alias dy.
-template <bool ADD, typename T>
+// in double, ADDED to dv (which may not alias dy). Also adds dy * hat into acc_gamma (the gain's gradient).
+template <typename T>
 void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, const T* __restrict hat, double rstd,
                             T* __restrict dv, int64_t N, double* __restrict acc_gamma) {
   double s1 = 0.0, s2 = 0.0;
@@ -187,12 +187,7 @@ void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, c
 #pragma omp simd
   for (int64_t k = 0; k < N; ++k) {
     const double g = static_cast<double>(dy[k]) * static_cast<double>(gamma[k]);
-    const T d = static_cast<T>((g - m1 - static_cast<double>(hat[k]) * m2) * rstd);
-    if constexpr (ADD) {
-      dv[k] += d;
-    } else {
-      dv[k] = d;
-    }
+    dv[k] += static_cast<T>((g - m1 - static_cast<double>(hat[k]) * m2) * rstd);
     acc_gamma[k] += static_cast<double>(dy[k]) * static_cast<double>(hat[k]);
   }
 }
@@ -710,7 +705,7 @@ void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
     const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
     out_back_row<T, LNC, ZONE>(s.dh + b * H, dc, a + 3 * H, s.tc + b * H, zc, zh, carry_c, dy, dz + 3 * H, H);
     if constexpr (LNC) {  // y = γ_c LN(c') + β_c
-      normalize_backward_row<true>(dy, s.gain_c, s.c_hat + b * H, static_cast<double>(s.rstd[b * 3]), dc, H,
+      normalize_backward_row(dy, s.gain_c, s.c_hat + b * H, static_cast<double>(s.rstd[b * 3]), dc, H,
                                    acc + 12 * H);
       accumulate(dy, acc + 13 * H, H);
     }
