@@ -821,6 +821,7 @@ def _train_in(config: Config, out: Path, data_dir: Path | str | None, quiet: boo
         tr.loop(log, quiet)
         summary = _report(tr, quiet, dry_run) if distributed.is_main() else {}
     except BaseException as e:
+        _ignore_sigterm_under_torchrun()
         if not (isinstance(e, KeyboardInterrupt) or distributed.lost_peer(e)):
             raise
         raise _interrupted(tr, out, e) from None
@@ -1047,6 +1048,7 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM ends a run as Ctrl-C does: checkpoints kept, a closing line saying how to resume."""
     def handler(signum: int, frame: object) -> None:
+        _ignore_sigterm_under_torchrun()  # torchrun's next SIGTERMs find the process already stopping
         raise _Terminated()
 
     try:
@@ -1057,7 +1059,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is handler:  # not when a torchrun process is stopping
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_sigterm_under_torchrun() -> None:
+    """Once a process of a torchrun job is stopping, the SIGTERM torchrun sends to every survivor must not cut its
+    closing line short (one process alone keeps the usual handling)."""
+    if distributed.world().size > 1:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _say_interrupted(message: str) -> None:
@@ -1072,7 +1083,10 @@ def run(args: argparse.Namespace) -> int:
     rank 0 writes the run and prints, the others stay quiet (a user's mistake is one line, from rank 0)."""
     try:
         with distributed.started(getattr(args, "threads", None)):
-            return _run(args)
+            code = _run(args)
+            if code == 0:
+                distributed.leave_together()
+            return code
     except LstmlabError:
         if distributed.speaks():
             raise
@@ -1098,6 +1112,7 @@ def _run(args: argparse.Namespace) -> int:
     except Interrupted as e:
         return _closing_line("interrupted; a dry run keeps nothing" if temporary else e.message, e.exit_code)
     except BaseException as e:  # under torchrun, before training started: another process ended, or a signal
+        _ignore_sigterm_under_torchrun()
         if distributed.world().size == 1 or not (isinstance(e, KeyboardInterrupt) or distributed.lost_peer(e)):
             raise
         how, code = _how_it_stopped(e)
@@ -1148,9 +1163,7 @@ def _started_by_this_job(out: Path) -> bool:
 def _closing_line(message: str, code: int) -> int:
     """Print the closing line of a stopped run, under torchrun once, by whichever process claims it first; returns
     the exit status."""
-    if distributed.world().size > 1:
-        with contextlib.suppress(ValueError):  # torchrun's SIGTERM to the survivors must not cut the line short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ignore_sigterm_under_torchrun()
     if distributed.claim_closing_line():
         _say_interrupted(message)
     return code
