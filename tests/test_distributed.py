@@ -207,15 +207,15 @@ def _kill_a_rank(run_dir: Path, rank: int, argv: list[str], torchrun: tuple[str,
     """Start a 2-process job, SIGKILL rank ``rank`` after the first checkpoint; (exit status, stderr, the
     iteration checkpointed)."""
     proc = subprocess.Popen(_command(2, *argv, "--out", str(run_dir), torchrun=torchrun), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         pid = _worker_pid(proc, rank)
         saved = _wait_for_state(run_dir, proc)
         os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed test leaves no worker behind: torchrun and its workers, all at once
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, err, saved
 
