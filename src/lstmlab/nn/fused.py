@@ -755,11 +755,24 @@ def _variant_backward_native(
     dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, -1) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
-        h_in = _extra_views(extra, H, layer_norm or ln_cell is not None)["h_in"]
-        dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, -1))
-        dw_hh = torch.mm(dR.view(flat, H4).t(), h_in.reshape(flat, H))
-        if has_bias:
-            db = sums[:H4].clone()
+        h_in = _extra_views(extra, H, layer_norm or ln_cell is not None)["h_in"].reshape(flat, H)
+        if layer_norm:  # the two products have gradients of their own
+            dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, -1))
+            dw_hh = torch.mm(dR.view(flat, H4).t(), h_in)
+            if has_bias:
+                db = sums[:H4].clone()
+        else:  # dA is dR: [dW_hh | dW_ih | db] = dA^T [h_in | x | 1] in ONE matmul, as the plain cell's backward
+            n_in = x.shape[2]  # (a thin matmul of its own, N = I, runs at a fraction of the wide one's speed)
+            xh = _cache().empty((flat, _width(H, n_in, has_bias)), acts)
+            xh[:, :H] = h_in
+            xh[:, H : H + n_in] = x.reshape(flat, n_in)
+            xh[:, H + n_in :] = 0.0
+            if has_bias:
+                xh[:, H + n_in] = 1.0
+            dw = torch.mm(dA.view(flat, H4).t(), xh)
+            dw_hh, dw_ih = dw[:, :H].clone(), dw[:, H : H + n_in].clone()
+            if has_bias:
+                db = dw[:, H + n_in].clone()
         if layer_norm:
             d_ln_gates = sums[H4 : 3 * H4].view(2, H4).clone()
         if ln_cell is not None:
