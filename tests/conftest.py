@@ -76,3 +76,26 @@ def broken_idx(tmp_path: Path) -> Callable[[str, str], Path]:
         return corrupt_idx(tmp_path / name, kind)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def native_ops():  # noqa: ANN201 - torch.ops namespace
+    """The compiled loops, built into the user's cache if needed (once per machine, ~20-60 s)."""
+    from lstmlab.nn import _native
+
+    try:
+        _native.build()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"cannot build the native loops here: {e}")
+    ops = _native.get()
+    if ops is None:
+        pytest.skip("native loops built but not loadable")
+    return ops
+
+
+@pytest.fixture(params=["python", "native"])
+def loops(request: pytest.FixtureRequest):  # noqa: ANN201 - None or the torch.ops namespace
+    """Which step loops the fused backend runs: None = Python, else the compiled ops (with ``loops.using``)."""
+    if request.param == "python":
+        return None
+    return request.getfixturevalue("native_ops")

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_files import assert_same_weights, wait_for_state, weights
 from synthetic_idx import write_synthetic_mnist
 
 from lstmlab import distributed
-from lstmlab.runs import load_state
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch has no gloo backend")
@@ -70,15 +69,8 @@ def _assert_no_traceback_of_ours(stderr: str) -> None:
     assert not re.search(r'File ".*[/\\]lstmlab[/\\]', stderr), stderr
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +125,7 @@ def one_and_two(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 def test_two_processes_follow_one_within_1e4_after_40_steps(one_and_two):
     one, two = one_and_two["out1"], one_and_two["out2"]
     for name in ("last.safetensors", "best.safetensors"):
-        w1, w2 = _weights(one / name), _weights(two / name)
+        w1, w2 = weights(one / name), weights(two / name)
         assert w1.keys() == w2.keys()
         for k in w1:
             assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (name, k, (w1[k] - w2[k]).abs().max())
@@ -188,19 +180,6 @@ def _worker_pid(torchrun: subprocess.Popen, rank: int, timeout: float = 60.0) ->
     raise AssertionError(f"no worker of rank {rank} found")
 
 
-def _wait_for_state(run_dir: Path, proc: subprocess.Popen, timeout: float = 300.0) -> int:
-    """Poll until the run's state file records an iteration; returns it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before a rank could be killed"
-        try:
-            saved = load_state(run_dir)
-        except Exception:  # the file may be replaced while it is read
-            saved = None
-        if saved is not None:
-            return saved[1]["iteration"]
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
 
 
 def _kill_a_rank(run_dir: Path, rank: int, argv: list[str], torchrun: tuple[str, ...] = ()) -> tuple[int, str, int]:
@@ -210,7 +189,7 @@ def _kill_a_rank(run_dir: Path, rank: int, argv: list[str], torchrun: tuple[str,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         pid = _worker_pid(proc, rank)
-        saved = _wait_for_state(run_dir, proc)
+        saved = wait_for_state(run_dir, proc)
         os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -244,7 +223,7 @@ def test_a_rank_that_dies_ends_the_job_with_one_line_and_resume_ends_equal(data_
     done = _run(2, "--resume", str(run_dir), "--quiet")
     assert done.returncode == 0, done.stderr
     for name in ("last.safetensors", "best.safetensors"):
-        _assert_same_weights(uninterrupted / name, run_dir / name)
+        assert_same_weights(uninterrupted / name, run_dir / name)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == 200 and summary["resumed_at"] == [saved]
     assert (uninterrupted / "metrics.csv").read_text().count("\n") == (run_dir / "metrics.csv").read_text().count("\n")
@@ -258,7 +237,7 @@ def test_torchrun_restarts_continue_the_run(data_dir, tmp_path, uninterrupted):
                                     torchrun=("--max-restarts", "1"))
     assert code == 0, err
     assert "with restarts left, does that by itself" in _ours(err)[0]
-    _assert_same_weights(uninterrupted / "last.safetensors", run_dir / "last.safetensors")
+    assert_same_weights(uninterrupted / "last.safetensors", run_dir / "last.safetensors")
     assert json.loads((run_dir / "summary.json").read_text())["resumed_at"] == [saved]
 
 
@@ -309,7 +288,7 @@ def test_selective_backprop_under_two_processes_follows_one(data_dir, tmp_path):
         done = _run(procs, *argv, "--out", str(out))
         assert done.returncode == 0, done.stderr
         outs.append(out)
-    w1, w2 = _weights(outs[0] / "last.safetensors"), _weights(outs[1] / "last.safetensors")
+    w1, w2 = weights(outs[0] / "last.safetensors"), weights(outs[1] / "last.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, (w1[k] - w2[k]).abs().max())
     s1, s2 = (json.loads((out / "summary.json").read_text()) for out in outs)

@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_files import assert_same_weights, wait_for_state, weights
 
 from lstmlab.cli import main
 from lstmlab.runs import STATE_FILE, RunLock, load_state
@@ -55,30 +54,10 @@ def _train_cmd(*argv: str) -> list[str]:
     return [sys.executable, "-m", "lstmlab", "train", *argv]
 
 
-def _wait_for_state(run_dir: Path, proc: subprocess.Popen, past: int = 0, timeout: float = 300.0) -> int:
-    """Poll until the run's state file records an iteration beyond ``past``; returns that iteration."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be stopped"
-        try:
-            saved = load_state(run_dir)
-        except Exception:  # the file may be replaced while it is read
-            saved = None
-        if saved is not None and saved[1]["iteration"] > past:
-            return saved[1]["iteration"]
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 def _metrics_without_time(path: Path) -> list[list[str]]:
@@ -102,13 +81,13 @@ def test_kill9_twice_then_resume_gives_the_same_weights_bit_for_bit(mnist_dir, t
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(*argv, "--out", str(killed)), env=_env())
-    first = _wait_for_state(killed, proc)
+    first = wait_for_state(killed, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "summary.json").exists()
     # the second attempt is resumed, then killed again later on
     proc = subprocess.Popen(_train_cmd("--resume", str(killed), "--quiet"), env=_env())
-    second = _wait_for_state(killed, proc, past=first)
+    second = wait_for_state(killed, proc, past=first)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert first < second < 120
@@ -117,7 +96,7 @@ def test_kill9_twice_then_resume_gives_the_same_weights_bit_for_bit(mnist_dir, t
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     for name in ("last.safetensors", "best.safetensors"):
-        _assert_same_weights(whole / name, killed / name)
+        assert_same_weights(whole / name, killed / name)
     assert _metrics_without_time(whole / "metrics.csv") == _metrics_without_time(killed / "metrics.csv")
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["iterations"] == 120 and summary["resumed_at"] == [first, second]
@@ -131,7 +110,7 @@ def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(mnist_dir,
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(*RESUMABLE, "--data-dir", str(mnist_dir), "--out", str(run_dir)),
                             env=_env(), stderr=subprocess.PIPE, text=True)
-    _wait_for_state(run_dir, proc)
+    wait_for_state(run_dir, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     line = _one_line(proc.returncode, err, word, f"lstmlab train --resume {run_dir}", status=status)
@@ -154,7 +133,7 @@ def test_resume_before_the_first_checkpoint_starts_over(mnist_dir, tmp_path, cap
         (tmp_path / "cut" / name).unlink()  # as if killed right after run.json was written
     (tmp_path / "cut" / ".last.safetensors.x1y2.tmp").write_bytes(b"half a file")
     assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
-    _assert_same_weights(tmp_path / "whole" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
+    assert_same_weights(tmp_path / "whole" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
     assert not list((tmp_path / "cut").glob(".*.tmp"))
 
 
@@ -303,7 +282,7 @@ def test_divergence_stops_with_one_line(mnist_dir, tmp_path, capsys, flags, kept
         assert load_checkpoint(run_dir / "last.safetensors").meta["iteration"] == kept
     for name in ("best.safetensors", "last.safetensors"):  # what was kept is finite
         if (run_dir / name).exists():
-            assert all(torch.isfinite(t).all() for t in _weights(run_dir / name).values())
+            assert all(torch.isfinite(t).all() for t in weights(run_dir / name).values())
     if (run_dir / "metrics.csv").exists():
         vals = [line.split(",")[3] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
         assert all(v and float(v) == float(v) and abs(float(v)) != float("inf") for v in vals)
@@ -459,14 +438,14 @@ def test_selective_backprop_resumes_bit_for_bit(tmp_path):
     subprocess.run(_train_cmd(*argv, "--out", str(whole)), env=env, check=True, timeout=600)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(*argv, "--out", str(killed)), env=env)
-    first = _wait_for_state(killed, proc, past=40)  # past the first (full) epoch of 25 batches
+    first = wait_for_state(killed, proc, past=40)  # past the first (full) epoch of 25 batches
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = subprocess.run(_train_cmd("--resume", str(killed), "--quiet"), env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     for name in ("last.safetensors", "best.safetensors"):
-        _assert_same_weights(whole / name, killed / name)
+        assert_same_weights(whole / name, killed / name)
     assert (whole / "metrics.csv").read_text().count(",") == (killed / "metrics.csv").read_text().count(",")
     rows = [line.split(",") for line in (whole / "metrics.csv").read_text().splitlines()]
     fractions = [float(r[rows[0].index("trained_fraction")]) for r in rows[1:]]

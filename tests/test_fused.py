@@ -3,49 +3,16 @@ through both its Python step loops and (when a compiler is at hand) its compiled
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loops import using
 
 from lstmlab.nn import fused
 from lstmlab.nn.lstm import LSTM
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-@pytest.fixture(scope="session")
-def native_ops():  # noqa: ANN201 - torch.ops namespace
-    """The compiled loops, built into the user's cache if needed (once per machine, ~20-60 s)."""
-    from lstmlab.nn import _native
-
-    try:
-        _native.build()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"cannot build the native loops here: {e}")
-    ops = _native.get()
-    if ops is None:
-        pytest.skip("native loops built but not loadable")
-    return ops
-
-
-@pytest.fixture(params=["python", "native"])
-def loops(request: pytest.FixtureRequest):  # noqa: ANN201 - None or the torch.ops namespace
-    """Which step loops the fused backend runs: None = Python, else the compiled ops."""
-    if request.param == "python":
-        return None
-    return request.getfixturevalue("native_ops")
-
-
-@contextlib.contextmanager
-def using(ops) -> Iterator[None]:  # noqa: ANN001
-    """Force the fused backend onto the given step loops (None = Python)."""
-    with mock.patch.object(fused, "_native_for", lambda x: ops):
-        yield
 
 
 def run_lstm(model: LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,

@@ -5,16 +5,14 @@ the seed."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loops import using
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -25,36 +23,6 @@ from lstmlab.nn.cell import lstm_step, recurrent_dropout_mask, zoneout_masks
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 STANDARD = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 VARIANT_OPS = ("variant_forward", "variant_backward")
-
-
-@pytest.fixture(scope="session")
-def native_ops():  # noqa: ANN201 - torch.ops namespace
-    """The compiled loops, built into the user's cache if needed (once per machine, ~20-60 s)."""
-    from lstmlab.nn import _native
-
-    try:
-        _native.build()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"cannot build the native loops here: {e}")
-    ops = _native.get()
-    if ops is None:
-        pytest.skip("native loops built but not loadable")
-    return ops
-
-
-@pytest.fixture(params=["python", "native"])
-def loops(request: pytest.FixtureRequest):  # noqa: ANN201 - None or the torch.ops namespace
-    """Which step loops the fused backend runs: None = Python, else the compiled ops."""
-    if request.param == "python":
-        return None
-    return request.getfixturevalue("native_ops")
-
-
-@contextlib.contextmanager
-def using(ops) -> Iterator[None]:  # noqa: ANN001
-    """Force the fused backend onto the given step loops (None = Python), forward and backward."""
-    with mock.patch.object(fused, "_native_for", lambda x: ops):
-        yield
 
 
 class Counting:

@@ -26,6 +26,7 @@ from typing import Any
 
 from lstmlab.errors import LstmlabError
 from lstmlab.fileio import atomic_write_text
+from lstmlab.train_args import zoneout_arg
 
 BACKENDS = ("reference", "fused", "torch")
 MODES = ("train", "forward")
@@ -50,16 +51,6 @@ def _device_name(name: str) -> str:
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _zoneout_arg(text: str) -> float | tuple[float, float]:
-    """--zoneout: one probability for both states, or Z_C,Z_H."""
-    try:
-        parts = [float(p) for p in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected a probability or two as Z_C,Z_H, got {text!r}")
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
 def variant_label(cell: str, zoneout: float | Sequence[float], recurrent_dropout: float) -> str:
@@ -104,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("LSTM variants (reference and fused backends; the torch rows stay plain nn.LSTM)")
     g.add_argument("--cell", choices=CELLS, default="lstm",
                    help="the cell: lstm, peephole or layernorm (default: lstm)")
-    g.add_argument("--zoneout", type=_zoneout_arg, default=0.0, metavar="Z",
+    g.add_argument("--zoneout", type=zoneout_arg, default=0.0, metavar="Z",
                    help="zoneout probability, or Z_C,Z_H for the cell and the hidden state (default: 0)")
     g.add_argument("--recurrent-dropout", type=float, default=0.0, metavar="P",
                    help="recurrent dropout, one mask per sequence (default: 0)")

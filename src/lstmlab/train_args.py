@@ -15,8 +15,8 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
-def _zoneout(text: str) -> float | list[float]:
-    """One probability for both states, or Z_C,Z_H."""
+def zoneout_arg(text: str) -> float | list[float]:
+    """--zoneout (of train and bench): one probability for both states, or Z_C,Z_H."""
     try:
         parts = [float(p) for p in text.split(",")]
     except ValueError:
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the LSTM's implementation: auto = fused on the CPU, torch (cuDNN) on CUDA (default: auto)")
     g.add_argument("--cell", choices=["lstm", "peephole", "layernorm"],
                    help="the LSTM cell: lstm, peephole (Gers et al.) or layernorm (Ba et al.) (default: lstm)")
-    g.add_argument("--zoneout", type=_zoneout, metavar="Z",
+    g.add_argument("--zoneout", type=zoneout_arg, metavar="Z",
                    help="in training each unit keeps its previous c and h with probability Z at each step; "
                    "Z_C,Z_H for two (default: 0)")
     g.add_argument("--recurrent-dropout", type=float, metavar="P",

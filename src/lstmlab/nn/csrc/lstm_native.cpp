@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lstm_blocks.h"
 #include "lstm_math.h"
 
 #include <algorithm>
@@ -27,6 +28,10 @@
 namespace {
 
 using lstmlab::exp_f;
+using lstmlab::live_rows;
+using lstmlab::over_blocks;
+using lstmlab::over_rows;
+using lstmlab::sizes_ptr;
 using lstmlab::sigmoid;
 using lstmlab::tanh_;
 
@@ -105,67 +110,9 @@ void backward_pointwise(const T* acts, T* dgates, const T* __restrict c_prev,
   }
 }
 
-// Rows [b0, b1) of one step, split over torch's own intra-op threads (the same OpenMP runtime as torch's
-// kernels) only when a step is big enough to pay for waking them: at least kParallelElems per thread.
-constexpr int64_t kParallelElems = 16384;
-
-template <typename F>
-void over_rows(int64_t B, int64_t H, const F& f) {
-  at::parallel_for(0, B, std::max<int64_t>(1, kParallelElems / H), f);
-}
-
 void check_inputs(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "lstmlab_native: ", name, " must be on the CPU");
   TORCH_CHECK(t.is_contiguous(), "lstmlab_native: ", name, " must be contiguous");
-}
-
-// Rows (samples) never interact in an LSTM, so a batch can be cut into row blocks that run the whole sequence
-// independently, one block per thread, with single-threaded matmuls inside: no fork/join per step, and each
-// core keeps W_hh and its own rows in its cache. Worth it once a block has kMinBlockRows rows (measured on a
-// 2-core AMD EPYC: below that a matmul split over the threads wins).
-constexpr int64_t kMinBlockRows = 16;
-
-int64_t row_blocks(int64_t B) {
-  if (at::in_parallel_region()) {
-    return 1;
-  }
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinBlockRows));
-}
-
-// Runs f(r0, r1) for each row block: in parallel with one thread per block, or directly (matmuls then use every
-// thread) when there is one block.
-template <typename F>
-void over_blocks(int64_t B, const F& f) {
-  const int64_t blocks = row_blocks(B);
-  if (blocks == 1) {
-    f(int64_t{0}, B);
-    return;
-  }
-  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-    // Autograd and grad mode are thread-local: a worker thread must be told, like the calling one, that these
-    // tensors are plain buffers.
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const at::NoGradGuard no_grad;
-    for (int64_t k = k0; k < k1; ++k) {
-      f(B * k / blocks, B * (k + 1) / blocks);
-    }
-  });
-}
-
-// Rows of step t that are live: all B, or batch_sizes[t] for a packed batch (sorted longest first, so the live rows
-// of a step are its first ones). A block [r0, r1) then runs rows [r0, min(r1, live)).
-int64_t live_rows(const int64_t* batch_sizes, int64_t t, int64_t B) {
-  return batch_sizes == nullptr ? B : std::min<int64_t>(B, batch_sizes[t]);
-}
-
-const int64_t* sizes_ptr(const c10::optional<at::Tensor>& batch_sizes, int64_t T) {
-  if (!batch_sizes.has_value() || !batch_sizes->defined()) {
-    return nullptr;
-  }
-  TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->scalar_type() == at::kLong &&
-                  batch_sizes->is_contiguous() && batch_sizes->numel() == T,
-              "lstmlab_native: batch_sizes must be a contiguous CPU int64 tensor of T entries");
-  return batch_sizes->data_ptr<int64_t>();
 }
 
 // The forward pass over all steps. xh (T, B, K) holds row t = [h_{t-1} | x_t | 1 | 0...] with h_0 in place and
@@ -192,7 +139,7 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
     scalar_t* const cp = cs.data_ptr<scalar_t>();
     scalar_t* const tp = tcs.data_ptr<scalar_t>();
     const scalar_t* const c0p = c0.data_ptr<scalar_t>();
-    over_blocks(B, [&](int64_t r0, int64_t r1) {
+    over_blocks(B, [&](int64_t r0, int64_t r1, int64_t) {
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = std::min(r1, live_rows(sizes, t, B)) - r0;
         if (n <= 0) {
@@ -239,7 +186,7 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
     const scalar_t* const c0p = c0.data_ptr<scalar_t>();
     const scalar_t* const dop = has_out ? d_out->data_ptr<scalar_t>() : nullptr;
     scalar_t* const dcp = dc.data_ptr<scalar_t>();
-    over_blocks(B, [&](int64_t r0, int64_t r1) {
+    over_blocks(B, [&](int64_t r0, int64_t r1, int64_t) {
       const int64_t rows = r1 - r0;
       // cur holds dh for this block's rows; rows a packed step does not reach keep theirs until their last step.
       at::Tensor cur = dh.narrow(0, r0, rows), next = dh_next.narrow(0, r0, rows);

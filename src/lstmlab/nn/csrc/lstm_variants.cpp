@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lstm_blocks.h"
 #include "lstm_math.h"
 
 #include <algorithm>
@@ -45,59 +46,17 @@ using lstmlab::tanh_accurate;
 
 constexpr double kLnEps = 1e-5;  // lstmlab.nn.cell.LN_EPS
 
-// --- the row-block machinery (as lstm_native.cpp's, which keeps its own in its translation unit) ---------------
+// --- the row-block machinery: lstm_blocks.h, shared with lstm_native.cpp ------------------------------------
 
-constexpr int64_t kParallelElems = 16384;
-constexpr int64_t kMinBlockRows = 16;
-
-template <typename F>
-void over_rows(int64_t n, int64_t H, const F& f) {
-  at::parallel_for(0, n, std::max<int64_t>(1, kParallelElems / H), f);
-}
-
-int64_t row_blocks(int64_t B) {
-  if (at::in_parallel_region()) {
-    return 1;
-  }
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinBlockRows));
-}
-
-// f(r0, r1, k) for row block k. Inside a block, at::get_thread_num() is 0 on every thread (a parallel_for that runs
-// inline, as over_rows does in a block, sets it so): per-thread state is indexed by slot(k), not by it alone.
-template <typename F>
-void over_blocks(int64_t B, const F& f) {
-  const int64_t blocks = row_blocks(B);
-  if (blocks == 1) {
-    f(int64_t{0}, B, int64_t{0});
-    return;
-  }
-  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const at::NoGradGuard no_grad;
-    for (int64_t k = k0; k < k1; ++k) {
-      f(B * k / blocks, B * (k + 1) / blocks, k);
-    }
-  });
-}
+using lstmlab::live_rows;
+using lstmlab::over_blocks;
+using lstmlab::over_rows;
+using lstmlab::sizes_ptr;
 
 // A slot of per-thread state that no other thread uses at the same time: one per (row block, thread of over_rows),
 // `threads` being at::get_num_threads() outside the parallel region. Blocks run in parallel only with over_rows
 // inline (thread number 0); over_rows runs in parallel only when there is one block.
 int64_t slot(int64_t block, int64_t threads) { return block * threads + at::get_thread_num(); }
-
-int64_t live_rows(const int64_t* batch_sizes, int64_t t, int64_t B) {
-  return batch_sizes == nullptr ? B : std::min<int64_t>(B, batch_sizes[t]);
-}
-
-const int64_t* sizes_ptr(const c10::optional<at::Tensor>& batch_sizes, int64_t T) {
-  if (!batch_sizes.has_value() || !batch_sizes->defined()) {
-    return nullptr;
-  }
-  TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->scalar_type() == at::kLong &&
-                  batch_sizes->is_contiguous() && batch_sizes->numel() == T,
-              "lstmlab_native: batch_sizes must be a contiguous CPU int64 tensor of T entries");
-  return batch_sizes->data_ptr<int64_t>();
-}
 
 bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
