@@ -195,6 +195,23 @@ def test_time_budget_ends_training_on_the_clock(mnist_dir, tmp_path):
     assert float(last["lr"]) < 3e-3 / 100  # one-cycle annealed by the deadline, not cut off mid-way
 
 
+def test_a_scheduled_validation_that_uses_up_the_budget_is_the_closing_one():
+    """After a validation the deadline is asked again: one more step and another validation would overrun."""
+    from lstmlab.train import _Deadline
+
+    now = [0.0]
+    deadline = _Deadline(10.0, val_fraction=1.0, start=0.0, clock=lambda: now[0])
+    for _ in range(7):  # 1 s steps
+        now[0] += 1.0
+        assert not deadline.step_done()
+    deadline.eval_done(1.0)  # a scheduled validation (and its checkpoint) took 1 s: reserved with a margin
+    assert deadline.eval_s == 1.5
+    now[0] += 1.0  # 8 s used
+    assert deadline.out_of_time()  # 8 + a 1-s step + 1.5 s of closing validation > 10
+    deadline.eval_done(0.5)  # a faster one later does not shrink the reserve
+    assert deadline.eval_s == 1.5
+
+
 def test_console_script_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lstmlab", "evaluate", str(tmp_path / "x.safetensors")],
                           capture_output=True, text=True, timeout=120)

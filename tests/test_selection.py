@@ -84,7 +84,8 @@ def _config(*argv: str):  # noqa: ANN202
 
 def test_the_fast_and_fashion_recipes() -> None:
     fast = _config("--recipe", "fast")
-    assert (fast.train.select, fast.train.select_beta, fast.train.time_budget) == ("stale-loss", 3.0, 30.0)
+    t = fast.train
+    assert (t.select, t.select_beta, t.time_budget, t.lr) == ("stale-loss", 4.0, 30.0, 6e-3)
     assert fast.model == _config().model  # the default's model, trained for 30 s with selection
     fashion = _config("--dataset", "fashion-mnist")  # the dataset picks its recipe
     assert fashion.recipe == "fashion+flags" and fashion.model.bidirectional and fashion.data.dataset == "fashion-mnist"
