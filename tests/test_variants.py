@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -17,8 +18,15 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmlab import LSTM, LSTMCell
-from lstmlab.nn import fused
-from lstmlab.nn.cell import lstm_step, recurrent_dropout_mask, zoneout_masks
+from lstmlab.nn import _native, fused
+from lstmlab.nn.cell import (
+    lstm_step,
+    recurrent_dropout_mask,
+    zoneout_mask_op,
+    zoneout_mask_torch,
+    zoneout_masks,
+    zoneout_thresholds,
+)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 STANDARD = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -292,6 +300,7 @@ def test_zoneout_masks_are_drawn_per_step_from_the_seed() -> None:
     x = torch.randn(9, 6, 3, dtype=torch.float64)
     torch.manual_seed(5)
     z = zoneout_masks(torch.zeros(6, 4, dtype=torch.float64), (0.4, 0.3), 9, True)
+    assert z.shape == (2, 9, 6, 4) and z.dtype == torch.float64
     assert set(z.unique().tolist()) == {0.0, 1.0}
     assert not all(torch.equal(z[:, 0], z[:, t]) for t in range(1, 9))  # a new draw at each step
     want = plain_loop(m, x, z=z)
@@ -302,8 +311,105 @@ def test_zoneout_masks_are_drawn_per_step_from_the_seed() -> None:
         torch.testing.assert_close(first, want, atol=1e-12, rtol=1e-12)
         torch.manual_seed(5)
         torch.testing.assert_close(m(x)[0], first, atol=0, rtol=0)  # reproducible from the seed, bit for bit
-    big = zoneout_masks(torch.zeros(1000, 100), (0.4, 0.3), 2, True)
-    assert abs(big[0].mean().item() - 0.4) < 0.01 and abs(big[1].mean().item() - 0.3) < 0.01
+    like = torch.zeros(6, 4, dtype=torch.float64)
+    torch.manual_seed(5)
+    assert torch.equal(zoneout_masks(like, (0.4, 0.3), 9, True), z)  # the same seed, the same masks
+    assert not torch.equal(zoneout_masks(like, (0.4, 0.3), 9, True), z)  # the next call, other masks
+    gen = torch.Generator().manual_seed(8)
+    mine = zoneout_masks(like, (0.4, 0.3), 9, True, generator=gen)
+    assert torch.equal(zoneout_masks(like, (0.4, 0.3), 9, True, generator=gen.manual_seed(8)), mine)
+    assert not torch.equal(mine, z)
+    both = zoneout_masks(like, (1.0, 0.0), 9, True)  # z = 0 and 1 are exact
+    assert bool((both[0] == 1).all()) and bool((both[1] == 0).all())
+    assert torch.equal(zoneout_masks(like, (0.4, 0.3), 9, False), torch.tensor([0.4, 0.3], dtype=torch.float64)
+                       .view(2, 1, 1, 1).expand(2, 9, 6, 4))  # eval: the expectation
+
+
+@pytest.mark.parametrize("z", [(0.4, 0.3), (0.01, 0.99)])
+def test_zoneout_masks_keep_units_with_probability_z(z: tuple[float, float]) -> None:
+    """The kept fraction is z within 6 standard errors: per plane, per step and per unit; steps and rows differ;
+    the two planes and neighbouring elements are independent."""
+    torch.manual_seed(0)
+    T, B, H = 20, 500, 100  # noqa: N806
+    m = zoneout_masks(torch.zeros(B, H), z, T, True)
+
+    def within(kept: torch.Tensor, p: float, n: int) -> bool:
+        return bool(((kept - p).abs() <= 6 * math.sqrt(p * (1 - p) / n)).all())
+
+    for k in range(2):
+        assert within(m[k].mean(), z[k], T * B * H)
+        assert within(m[k].mean((1, 2)), z[k], B * H)  # each step
+        assert within(m[k].mean((0, 1)), z[k], T * B)  # each unit
+        assert within(m[k].mean((0, 2)), z[k], T * H)  # each row
+        if 0.2 < z[k] < 0.8:  # no two (step, row) draws alike (at z near 0 or 1 most rows are all 0 or all 1)
+            assert len(torch.unique(m[k].reshape(T * B, H), dim=0)) == T * B
+    assert within((m[0] * m[1]).mean(), z[0] * z[1], T * B * H)
+    flat = m.reshape(-1)
+    assert within((flat[:-1] * flat[1:]).mean(), (z[0] ** 2 + z[1] ** 2) / 2, flat.numel() // 2)
+
+
+def _splitmix64_mask(seed: int, z: tuple[float, float], n: int) -> list[float]:
+    """The flat (2, n) mask written out with Python integers: SplitMix64 (Steele et al. 2014) from seed."""
+    out = []
+    for k in range(2 * n):
+        x = (seed + (k + 1) * 0x9E3779B97F4A7C15) % 2**64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB % 2**64
+        x ^= x >> 31
+        out.append(float((x >> 32) < round(z[k // n] * 2**32)))
+    return out
+
+
+SEEDS = (0, 1, -1, 123456789, 2**63 - 1, -(2**63))
+SIZES = [((1, 1, 1), (0.5, 0.5)), ((3, 5, 7), (0.4, 0.3)), ((28, 13, 129), (0.01, 0.99)), ((2, 3, 4), (0.0, 1.0)),
+         ((0, 3, 4), (0.2, 0.2))]
+
+
+def test_zoneout_mask_torch_is_splitmix64() -> None:
+    n = 2 * 3 * 5
+    for seed in SEEDS:
+        assert zoneout_mask_torch(seed, 0.4, 0.3, 2, 3, 5).flatten().tolist() == _splitmix64_mask(seed, (0.4, 0.3), n)
+    # SplitMix64's first output from seed 0 is 0xE220A8397B1DCDAF: its high 32 bits sit between these thresholds
+    assert zoneout_mask_torch(0, 0xE220A83A / 2**32, 0, 1, 1, 1)[0].item() == 1.0
+    assert zoneout_mask_torch(0, 0xE220A839 / 2**32, 0, 1, 1, 1)[0].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zoneout_masks_native_equal_torch_bit_for_bit(native_ops, dtype: torch.dtype) -> None:  # noqa: ANN001
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):  # every thread draws the same bits
+            torch.set_num_threads(n_threads)
+            for seed in SEEDS:
+                for shape, z in SIZES:
+                    got = torch.empty((2, *shape), dtype=dtype)
+                    native_ops.zoneout_mask(seed, *zoneout_thresholds(*z), got)
+                    assert torch.equal(got, zoneout_mask_torch(seed, *z, *shape, dtype=dtype)), (seed, shape)
+    finally:
+        torch.set_num_threads(threads)
+    like = torch.zeros(13, 129, dtype=dtype)
+    torch.manual_seed(2)
+    native = zoneout_masks(like, (0.4, 0.3), 28, True)
+    with mock.patch.object(_native, "get", lambda: None):  # as without a compiler
+        torch.manual_seed(2)
+        assert torch.equal(zoneout_masks(like, (0.4, 0.3), 28, True), native)
+
+
+def test_zoneout_training_masks_under_compile_and_export() -> None:
+    """The mask op (a custom op with a fake kernel) traces: compiled and exported models draw eager's masks."""
+    torch.manual_seed(0)
+    m = LSTM(2, 3, zoneout=(0.4, 0.3), batch_first=True).train()
+    x = torch.randn(4, 5, 2)
+    torch.manual_seed(1)
+    want = m(x)[0]
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")  # inductor's C++ build adds minutes in CI
+    torch.manual_seed(1)
+    assert torch.equal(compiled(x)[0], want)
+    exported = torch.export.export(m, (x,))
+    assert "lstmlab.zoneout_mask.default" in {str(n.target) for n in exported.graph.nodes}
+    torch.manual_seed(1)
+    assert torch.equal(exported.module()(x)[0], want)
+    torch.library.opcheck(zoneout_mask_op, (torch.tensor(7), 0.4, 0.3, 2, 3, 4, torch.float32, torch.device("cpu")))
 
 
 # --- API --------------------------------------------------------------------------------------------------------

@@ -277,7 +277,7 @@ class LSTM(nn.RNNBase):
 
     def _masks(self, c0: Tensor, steps: int) -> dict[str, Tensor]:
         """One layer and direction's random masks, drawn here (outside the step loops) from torch's generator, in
-        a fixed order: the recurrent-dropout mask, then the zoneout masks of every step."""
+        a fixed order: the recurrent-dropout mask, then the seed of the zoneout masks of every step."""
         masks = {}
         if self.recurrent_dropout and self.training:
             masks["recurrent_mask"] = recurrent_dropout_mask(c0, self.recurrent_dropout)
