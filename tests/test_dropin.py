@@ -181,6 +181,35 @@ def test_empty_batch(backend: str):
     assert ref(x)[0].shape == out.shape
 
 
+VARIANTS_FOR_EMPTY = [dict(cell="layernorm"), dict(cell="peephole"), dict(zoneout=0.1), dict(recurrent_dropout=0.2),
+                      dict(cell="layernorm", zoneout=(0.1, 0.05), recurrent_dropout=0.2)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("variant", VARIANTS_FOR_EMPTY, ids=lambda v: "+".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_of_every_variant(backend: str, variant: dict, training: bool):
+    torch.manual_seed(0)
+    m = LSTM(3, 4, num_layers=2, bidirectional=True, backend=backend, dtype=torch.float64, **variant).train(training)
+    x = torch.randn(6, 0, 3, dtype=torch.float64, requires_grad=True)
+    out, (h, c) = m(x)
+    assert out.shape == (6, 0, 8) and h.shape == c.shape == (4, 0, 4)
+    (out.sum() + h.sum() + c.sum()).backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_an_empty_sequence_raises_as_nn_lstm(backend: str, batch_first: bool):
+    x = torch.randn(5, 0, 3) if batch_first else torch.randn(0, 5, 3)
+    for model in (torch.nn.LSTM(3, 4, batch_first=batch_first), LSTM(3, 4, batch_first=batch_first, backend=backend),
+                  LSTM(3, 4, batch_first=batch_first, backend=backend, cell="peephole")):
+        for inp in (x, torch.randn(0, 3)):
+            with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0"):
+                model(inp)
+
+
 def test_inference_mode_then_no_grad_then_training_in_a_fresh_process():
     code = textwrap.dedent("""
         import torch

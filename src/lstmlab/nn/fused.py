@@ -538,7 +538,7 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
     extra = x.new_zeros(T, B, _extra_width(H, norm_any))
     v = _extra_views(extra, H, norm_any)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
-    A = torch.mm(x.reshape(T * B, -1), weight_ih.t()).view(T, B, 4 * H)  # every step's x2h in one matmul
+    A = torch.mm(x.reshape(T * B, x.shape[2]), weight_ih.t()).view(T, B, 4 * H)  # every step's x2h in one matmul
     if bias is not None and not layer_norm:
         A += bias
     h, c = h0, c0
@@ -664,10 +664,10 @@ def _variant_backward_impl(
         return acts.new_empty(0)
 
     flat = T * B
-    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, -1) if need_x else empty()
+    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
-        dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, -1))
+        dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, x.shape[-1]))
         dw_hh = torch.mm(dR.view(flat, H4).t(), v["h_in"].reshape(flat, H))
         if has_bias:
             db = dZ.sum((0, 1))
@@ -752,12 +752,12 @@ def _variant_backward_native(
         return acts.new_empty(0)
 
     flat = T * B
-    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, -1) if need_x else empty()
+    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
         h_in = _extra_views(extra, H, layer_norm or ln_cell is not None)["h_in"].reshape(flat, H)
         if layer_norm:  # the two products have gradients of their own
-            dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, -1))
+            dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, x.shape[-1]))
             dw_hh = torch.mm(dR.view(flat, H4).t(), h_in)
             if has_bias:
                 db = sums[:H4].clone()

@@ -221,6 +221,8 @@ class LSTM(nn.RNNBase):
             if unbatched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(x, hx, batch_sizes)
+        if batch_sizes is None and x.size(1 if self.batch_first else 0) == 0:  # nn.LSTM's check, in its words
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if batch_sizes is None and self.batch_first:
             x = x.transpose(0, 1)  # (T, B, I) from here on
         hx = self.permute_hidden(hx, sorted_indices)
