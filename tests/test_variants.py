@@ -19,8 +19,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmlab import LSTM, LSTMCell
 from lstmlab.nn import _native, fused
-from lstmlab.nn.cell import (
-    lstm_step,
+from lstmlab.nn.cell import lstm_step
+from lstmlab.nn.masks import (
     recurrent_dropout_mask,
     zoneout_mask_op,
     zoneout_mask_torch,

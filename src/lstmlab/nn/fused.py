@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lstmlab.nn.cell import LN_EPS, reference_layer
+from lstmlab.nn.masks import nothing_traces
 
 
 def fused_layer(
@@ -96,8 +97,7 @@ def _plain_eager(*args: Any) -> bool:
     straight from Python, skipping torch.library's Python wrappers around a registered op (~1 ms per training step,
     4% of a B=256 step). Anything that traces or intercepts ops (torch.compile, export, jit.trace, dispatch and
     function modes, tensor subclasses such as FakeTensor) gets the registered op itself."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() \
-            or torch._C._len_torch_function_stack():
+    if not nothing_traces():
         return False
     return all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))
 

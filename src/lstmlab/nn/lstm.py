@@ -25,14 +25,13 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmlab.nn.cell import (
     check_variant,
-    recurrent_dropout_mask,
     reference_layer,
     reset_variant_parameters,
     variant_parameter_shapes,
     variant_repr,
     variant_tensors,
-    zoneout_masks,
 )
+from lstmlab.nn.masks import recurrent_dropout_mask, zoneout_masks
 
 # (x (T, B, I), h0 (B, P), c0 (B, H), w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> (out (T, B, P), h_T, c_T)
 LayerFn = Callable[..., tuple[Tensor, Tensor, Tensor]]

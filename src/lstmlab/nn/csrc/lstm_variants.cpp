@@ -858,7 +858,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
 
 // --- zoneout masks: element k of the flat (2, T, B, H) mask is 1 iff the high 32 bits of SplitMix64's k-th output
 // from `seed` (Steele et al. 2014; a pure function of seed + (k + 1) * gamma, so any thread draws any element) are
-// below the plane's threshold round(z * 2^32). lstmlab.nn.cell.zoneout_mask_torch computes the same bits in torch.
+// below the plane's threshold round(z * 2^32). lstmlab.nn.masks.zoneout_mask_torch computes the same bits in torch.
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 
