@@ -272,3 +272,22 @@ def test_eager_shortcut_equals_the_registered_op(loops, variant: bool) -> None: 
     assert any(name.startswith("lstmlab.lstm_layer.") for name in seen)
     assert any(name.startswith(("lstmlab.lstm_layer_backward", "lstmlab.lstm_variant_layer_backward"))
                for name in seen)
+
+
+def test_buffer_cache_over_its_budget_drops_free_buffers_of_any_size() -> None:
+    """Past max_bytes the cache lets go of its least recently used free buffers (it used to crash comparing
+    buffers of different sizes with ==, in a permuted-pixel training run at T=784), never one still in use."""
+    cache = fused._BufferCache(max_bytes=1 << 20, min_bytes=0)
+    like = torch.empty(0)
+    held = cache.empty((64, 1024), like)  # 256 KiB, kept alive by the caller
+    for n in (96, 128, 160, 200):  # free buffers of other sizes, together past the 1 MiB budget
+        buf = cache.empty((n, 1024), like)
+        buf.fill_(1.0)
+        del buf
+    sizes = [b.numel() for b in cache._bufs]
+    assert sum(sizes) * 4 <= (1 << 20) + 200 * 1024 * 4  # back within the budget, bar the newest
+    assert 64 * 1024 in sizes  # the one in use stayed
+    held.fill_(2.0)
+    again = cache.empty((200, 1024), like)  # a free buffer of that size is handed out again
+    assert again.untyped_storage().data_ptr() in [b.untyped_storage().data_ptr() for b in cache._bufs]
+    assert again.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()

@@ -160,7 +160,8 @@ class _BufferCache:
                 if total <= self._max_bytes:
                     break
                 if self._free(old):
-                    self._bufs.remove(old)
+                    # by identity: list.remove compares tensors with ==, elementwise (and raises across sizes)
+                    self._bufs = [b for b in self._bufs if b is not old]
                     total -= old.numel() * old.element_size()
             return like.new_empty(0).set_(buf.untyped_storage(), 0, shape)
 
