@@ -94,9 +94,10 @@ def test_each_rank_takes_its_slice_and_the_weights_make_the_global_mean(monkeypa
 
 def test_torchrun_environment(monkeypatch):
     assert distributed.from_env({}) == distributed.World()
-    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    store = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", **store}
     assert distributed.from_env(env) == distributed.World(4, 3, 1, 2)
-    for bad in ({"WORLD_SIZE": "two"}, {"WORLD_SIZE": "2", "RANK": "2"}):
+    for bad in ({"WORLD_SIZE": "two"}, {"WORLD_SIZE": "2", "RANK": "2", **store}, {"WORLD_SIZE": "2", "RANK": "0"}):
         with pytest.raises(distributed.LstmlabError):
             distributed.from_env(bad)
 
@@ -120,6 +121,21 @@ def one_and_two(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         assert done.returncode == 0, done.stderr
         results[f"out{procs}"], results[f"cwd{procs}"], results[f"proc{procs}"] = out, cwd, done
     return results
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_torchrun_process_exits_with_its_status_and_its_output_flushed(world_size):
+    """Under torchrun (WORLD_SIZE > 1) the entry point leaves by os._exit, skipping the interpreter's shutdown that
+    a gloo thread can abort: the status and every line printed must still come out, to a pipe (block-buffered)."""
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    ok = subprocess.run([sys.executable, "-m", "lstmlab", "--version"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("lstmlab "), (ok.stdout, ok.stderr)
+    bad = subprocess.run([sys.executable, "-m", "lstmlab", "train", "--epochs", "-1"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    # one process: the bad flag; WORLD_SIZE=2 without the rest of torchrun's environment: that, not a traceback
+    assert ("--epochs" if world_size == "1" else "RANK, MASTER_ADDR, MASTER_PORT not set") in bad.stderr, bad.stderr
 
 
 def test_two_processes_follow_one_within_1e4_after_40_steps(one_and_two):

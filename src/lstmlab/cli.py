@@ -136,5 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script and ``python -m lstmlab``: :func:`main`, then exit with its status. A process of a
+    torchrun job (WORLD_SIZE > 1) leaves with ``os._exit`` once its output is flushed: its process group is gone by
+    then, but a gloo worker thread can still drop Python tensors a moment later, and if the interpreter is shutting
+    down it aborts the process (SIGABRT, "terminate called without an active exception"; seen in CI)."""
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -75,6 +75,10 @@ def from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> World:
     if "WORLD_SIZE" not in env:
         return World()
     size = _env_int(env, "WORLD_SIZE", 1)
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if size > 1 and not env.get(k)]
+    if missing:  # torch's env:// rendezvous would fail with a traceback
+        raise LstmlabError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: start the job with torchrun "
+                           "(see README, More than one machine), or unset WORLD_SIZE for one process")
     rank = _env_int(env, "RANK", 0)
     local_rank = _env_int(env, "LOCAL_RANK", rank)
     local_size = _env_int(env, "LOCAL_WORLD_SIZE", size)
@@ -90,7 +94,10 @@ def world() -> World:
     if _world is not None:
         return _world
     if dist.is_available() and dist.is_initialized():
-        env = from_env()
+        try:
+            env = from_env()
+        except LstmlabError:  # a group joined some other way (tcp://, file://): its size and rank are what count
+            env = World()
         return World(dist.get_world_size(), dist.get_rank(), env.local_rank, env.local_size)
     return World()
 
@@ -175,7 +182,8 @@ def leave_together() -> None:
     completes; a process that exits at once can be shutting its interpreter down by then, and the thread's
     attempt to take the GIL for those tensors aborts it (SIGABRT, "terminate called without an active
     exception"; seen here about once in 60 jobs). A barrier's own tensor is not Python's. A peer that failed has
-    said so itself: an error here is dropped."""
+    said so itself: an error here is dropped. The barrier alone did not end it (a worker still aborted in a CI
+    run), so the process also leaves without shutting its interpreter down (``lstmlab.cli.entry``)."""
     if world().size > 1:
         with contextlib.suppress(Exception):
             dist.barrier()
