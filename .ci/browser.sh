@@ -11,16 +11,6 @@ if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&
   echo "browser.sh: $(chromium --version 2>/dev/null | head -n1) and chromedriver already installed"
   exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "browser.sh: no apt-get here; install chromium and chromedriver yourself" >&2
-  exit 1
-fi
-sudo=""
-if [ "$(id -u)" != "0" ]; then
-  sudo="sudo"  # CI runners that are not root have passwordless sudo
-fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update
-$sudo apt-get install -y chromium chromium-driver
+bash "$(dirname "$0")/apt-install.sh" browser.sh chromium chromium-driver
 chromium --version 2>/dev/null | head -n1
 chromedriver --version

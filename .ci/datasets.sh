@@ -12,15 +12,5 @@ if [ -f "$dir/t10k-labels-idx1-ubyte.gz" ]; then
   echo "datasets.sh: Fashion-MNIST already in $dir"
   exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "datasets.sh: no apt-get here; install Debian's dataset-fashion-mnist (or its four files in $dir)" >&2
-  exit 1
-fi
-sudo=""
-if [ "$(id -u)" != "0" ]; then
-  sudo="sudo"  # CI runners that are not root have passwordless sudo
-fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update
-$sudo apt-get install -y dataset-fashion-mnist
+bash "$(dirname "$0")/apt-install.sh" datasets.sh dataset-fashion-mnist
 ls "$dir"
