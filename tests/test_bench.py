@@ -56,6 +56,7 @@ def test_bench_table_and_json_file(capsys: pytest.CaptureFixture[str], tmp_path)
         (["--threads", "0"], "--threads"),
         (["--backends", "fast"], "unknown backend"),
         (["--device", "nonsense"], "--device"),
+        (["--allocator", "jemalloc"], "--allocator"),
     ],
 )
 def test_bench_bad_flags_are_user_errors(capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
@@ -145,3 +146,18 @@ def test_bench_bad_variant_flags_are_user_errors(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.startswith("lstmlab bench: error:") and message in err
     assert "Traceback" not in err
+
+
+def test_bench_with_a_warm_allocator_says_so(tmp_path) -> None:  # noqa: ANN001
+    """--allocator warm changes glibc's thresholds for the whole process: run it in a process of its own."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "lstmlab", "bench", "--batch-sizes", "2", "--seq-len", "2", "--input-size", "2",
+            "--hidden-size", "3", "--repeats", "1", "--warmup", "0", "--min-samples", "1", "--threads", "1",
+            "--backends", "fused", "torch", "--allocator", "warm", "--json", str(tmp_path / "b.json")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "allocator=warm" in done.stdout.splitlines()[0]
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["allocator"] for r in rows] == ["warm", "warm"]

@@ -41,6 +41,7 @@ VARIANTS: tuple[tuple[str, float | tuple[float, float], float], ...] = (
     ("peephole", (0.1, 0.05), 0.25),
 )
 PLAIN = ("lstm", 0.0, 0.0)
+ALLOCATORS = ("default", "warm")
 
 
 def _device_name(name: str) -> str:
@@ -92,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the rows as JSON to PATH (or stdout instead of the table without PATH) "
                         "(default: the table only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="default",
+                        help="default: glibc malloc as it comes; warm: keep freed big blocks in the heap "
+                             "(mallopt), as jemalloc or tcmalloc would, so that no backend pays fresh "
+                             "page faults for its large temporaries every step (default: default)")
     g = parser.add_argument_group("LSTM variants (reference and fused backends; the torch rows stay plain nn.LSTM)")
     g.add_argument("--cell", choices=CELLS, default="lstm",
                    help="the cell: lstm, peephole or layernorm (default: lstm)")
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         clock=args.clock,
         variants=variants,
+        allocator=args.allocator,
     )
     if args.json == "-":
         print(json.dumps(rows, indent=2))
@@ -165,6 +171,7 @@ def benchmark(
     seed: int = 0,
     clock: str = "wall",
     variants: Sequence[tuple[str, float | Sequence[float], float]] = (PLAIN,),
+    allocator: str = "default",
 ) -> list[dict[str, Any]]:
     """Time each backend; one row per (mode, variant, batch size, backend) with samples/s, ratios and peak memory.
     ``variants`` are (cell, zoneout, recurrent_dropout) triples; the torch backend always runs plain nn.LSTM.
@@ -205,6 +212,9 @@ def benchmark(
 
         _check("fused" in _layer_backends(), "the fused backend is not available in this installation")
         loops = _prepare_native() if dev.type == "cpu" else "python"
+    _check(allocator in ALLOCATORS, f"--allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+    if allocator == "warm":
+        _warm_allocator()
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -218,6 +228,7 @@ def benchmark(
                                        warmup, min_samples, dev, seed, clock, variant))
     for row in rows:
         row["fused_loops"] = loops
+        row["allocator"] = allocator
     return rows
 
 
@@ -386,6 +397,21 @@ def _peak_memory(step: Callable[[], None], device: Any) -> float | None:
     return max(0.0, (peak - rss) / 1024)
 
 
+def _warm_allocator() -> None:
+    """Make glibc keep freed blocks of any size in its heap for reuse. By default it returns blocks above a
+    dynamic threshold (at most 32 MiB) to the OS, so a backend whose step allocates such temporaries anew (nn.LSTM
+    at B=256 and up) page-faults them in again every step: up to a third of its time here."""
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        ok = False
+    _check(bool(ok), "--allocator warm needs glibc's mallopt (Linux with glibc); use --allocator default")
+
+
 def _malloc_trim() -> None:
     try:
         import ctypes
@@ -410,7 +436,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [
         f"LSTM T={first['seq_len']} I={first['input_size']} H={first['hidden_size']} layers={first['layers']} "
-        f"device={first['device']} threads={first['threads']} clock={first.get('clock', 'wall')}; "
+        f"device={first['device']} threads={first['threads']} clock={first.get('clock', 'wall')} "
+        f"allocator={first.get('allocator', 'default')}; "
         "samples/s = median of repeats; "
         f"x torch = ratio to plain nn.LSTM in this run; x ref = ratio to the same variant on the reference backend; "
         f"memory = {first['memory_measure']}"
