@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lstmlab.train import random_flip, random_shift
+from lstmlab.train import random_erase, random_flip, random_shift
 
 
 def shifted(image: torch.Tensor, dy: int, dx: int, s: int) -> torch.Tensor:
@@ -46,3 +46,31 @@ def test_random_flip_mirrors_about_half_reproducibly() -> None:
     mirrored = torch.tensor([torch.equal(a[k], images[k].flip(1)) for k in range(400)])
     kept = torch.tensor([torch.equal(a[k], images[k]) for k in range(400)])
     assert (mirrored | kept).all() and 150 < int(mirrored.sum()) < 250
+
+
+def test_random_erase_blacks_out_one_rectangle_of_the_allowed_size() -> None:
+    images = torch.full((400, 28, 28), 200, dtype=torch.uint8)
+    out = random_erase(images, 1.0, torch.Generator().manual_seed(3))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert set(out.unique().tolist()) <= {0, 200}
+    areas = []
+    for got in out:
+        black = (got == 0).nonzero()
+        assert len(black) > 0, "p=1 erases every image"
+        top, left = black.min(0).values.tolist()
+        bottom, right = black.max(0).values.tolist()
+        box = got[top : bottom + 1, left : right + 1]
+        assert (box == 0).all(), "the black pixels form one filled rectangle"
+        areas.append(len(black) / 784)
+    assert min(areas) >= 0.01 and max(areas) <= 0.45  # 2-40% of the image, give or take rounding
+    assert max(areas) - min(areas) > 0.2  # sizes vary
+
+
+def test_random_erase_probability_and_seed() -> None:
+    images = torch.full((1000, 28, 28), 9, dtype=torch.uint8)
+    assert torch.equal(random_erase(images, 0.0, torch.Generator().manual_seed(1)), images)
+    a = random_erase(images, 0.5, torch.Generator().manual_seed(1))
+    erased = (a == 0).flatten(1).any(1).float().mean().item()
+    assert 0.42 < erased < 0.58
+    assert torch.equal(a, random_erase(images, 0.5, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, random_erase(images, 0.5, torch.Generator().manual_seed(2)))

@@ -38,6 +38,7 @@ class DataConfig:
     normalize: str = "dataset"  # "dataset": training-set mean/std; "seed": the textbook's (x-0.5)/1
     augment_shift: int = 0  # training only: shift each image by up to this many pixels each way
     augment_flip: bool = False  # training only: mirror half the images left-right (clothes, not digits)
+    augment_erase: float = 0.0  # training only: black out a random rectangle in this fraction of the images
     mean: float | None = None  # filled in from the training split when normalize == "dataset"
     std: float | None = None
 
@@ -121,6 +122,8 @@ def validate_config(config: Config) -> None:
         (d.normalize in ("dataset", "seed"), f"--normalize must be dataset or seed, got {d.normalize!r}"),
         (0 <= d.val_size <= 10**7, f"--val-size must be in 0..10000000, got {d.val_size}"),
         (0 <= d.augment_shift <= 8, f"--augment-shift must be in 0..8 pixels, got {d.augment_shift}"),
+        (_finite(d.augment_erase) and 0 <= d.augment_erase <= 1,
+         f"--augment-erase must be a probability in 0..1, got {d.augment_erase}"),
         (0 < m.hidden_size <= MAX_HIDDEN_SIZE, f"--hidden-size must be in 1..{MAX_HIDDEN_SIZE}, got {m.hidden_size}"),
         (0 < m.num_layers <= MAX_LAYERS, f"--layers must be in 1..{MAX_LAYERS}, got {m.num_layers}"),
         (_finite(m.dropout) and 0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),

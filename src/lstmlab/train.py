@@ -65,8 +65,8 @@ from lstmlab.runs import (
 from lstmlab.selection import StaleLossSelection
 from lstmlab.train_args import DRY_RUN_ITERATIONS, add_arguments
 
-__all__ = ["METRIC_FIELDS", "Diverged", "Interrupted", "add_arguments", "recipe", "resume", "schedule", "random_shift",
-           "train", "validate_config"]
+__all__ = ["METRIC_FIELDS", "Diverged", "Interrupted", "add_arguments", "recipe", "resume", "schedule",
+           "random_erase", "random_shift", "train", "validate_config"]
 
 # trained_fraction: of the training split, in the data epoch under way (below 1 with --select); run_id stays last
 METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "trained_fraction",
@@ -201,6 +201,27 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """Mirror each uint8 image (B, 28, 28) left-right with probability 1/2."""
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
     return torch.where(flip.view(-1, 1, 1), images.flip(2), images)
+
+
+def random_erase(images: torch.Tensor, p: float, generator: torch.Generator,
+                 area: tuple[float, float] = (0.02, 0.4), log_ratio: float = math.log(3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017): with probability p, black out one rectangle of each uint8 image
+    (B, H, W), its area a uniform fraction ``area`` of the image and its aspect ratio log-uniform in 1/3.3..3.3,
+    clipped to the image."""
+    b, height, width = images.shape
+    u = torch.rand(b, 5, generator=generator)  # (B, 5): apply?, area, ratio, top, left
+    size = (area[0] + (area[1] - area[0]) * u[:, 1]) * height * width
+    ratio = torch.exp((2 * u[:, 2] - 1) * log_ratio)  # height / width
+    h = (size * ratio).sqrt().round().clamp(1, height)
+    w = (size / ratio).sqrt().round().clamp(1, width)
+    top = (u[:, 3] * (height - h + 1)).floor()
+    left = (u[:, 4] * (width - w + 1)).floor()
+    rows = torch.arange(height).view(1, -1)
+    cols = torch.arange(width).view(1, -1)
+    inside_rows = (rows >= top.view(-1, 1)) & (rows < (top + h).view(-1, 1))  # (B, H)
+    inside_cols = (cols >= left.view(-1, 1)) & (cols < (left + w).view(-1, 1))  # (B, W)
+    erase = inside_rows.unsqueeze(2) & inside_cols.unsqueeze(1) & (u[:, 0] < p).view(-1, 1, 1)  # (B, H, W)
+    return images.masked_fill(erase, 0)
 
 
 class _Deadline:
@@ -465,6 +486,8 @@ class _Trainer:
             batch = random_shift(batch, d.augment_shift, self.generator)
         if d.augment_flip:
             batch = random_flip(batch, self.generator)
+        if d.augment_erase:
+            batch = random_erase(batch, d.augment_erase, self.generator)
         part, weight = distributed.my_part(len(idx))  # this rank's slice of the global batch (all of it alone)
         x = to_sequence(batch[part], d.view, d.mean, d.std, self.data.permutation).to(self.device)  # (b, T, I)
         y = self.data.train_y[idx[part]].to(self.device)
@@ -1008,7 +1031,7 @@ def _finished_summary(out: Path, run_id: str) -> dict[str, Any] | None:
 _SECTIONS = {
     "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend", "cell", "zoneout",
               "recurrent_dropout"),
-    "data": ("dataset", "view", "val_size", "normalize", "augment_shift", "augment_flip"),
+    "data": ("dataset", "view", "val_size", "normalize", "augment_shift", "augment_flip", "augment_erase"),
     "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
               "eval_every", "clip", "time_budget", "seed", "device", "select", "select_beta", "select_floor",
               "select_warmup"),

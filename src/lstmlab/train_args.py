@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="shift training images randomly by up to N pixels each way, 0 = off " + _both(2, 0))
     g.add_argument("--augment-flip", action="store_true", default=None,
                    help="mirror half the training images left-right: for clothes, not digits (default: off)")
+    g.add_argument("--augment-erase", type=float, metavar="P",
+                   help="black out one random rectangle (2-40%% of the image) in a fraction P of the training "
+                   "images, random erasing (default: 0)")
     g = parser.add_argument_group("model")
     g.add_argument("--hidden-size", type=_whole_number, metavar="H", help="hidden units per layer (default: 128)")
     g.add_argument("--layers", type=_whole_number, dest="num_layers", metavar="N",
