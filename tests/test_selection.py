@@ -91,3 +91,18 @@ def test_the_fast_and_fashion_recipes() -> None:
     assert fashion.recipe == "fashion+flags" and fashion.model.bidirectional and fashion.data.dataset == "fashion-mnist"
     assert not _config("--dataset", "fashion-mnist", "--recipe", "default").model.bidirectional
     assert _config("--select", "stale-loss", "--select-beta", "2").train.select_beta == 2.0
+
+
+def test_the_pixel_recipes_and_the_view_picks_them() -> None:
+    from lstmlab.train import PIXEL_LR
+
+    for view in ("pixels", "permuted"):
+        config = _config("--view", view)
+        assert config.recipe == f"{view}+flags" and config.data.view == view
+        t, m, d = config.train, config.model, config.data
+        assert (t.time_budget, t.batch_size, t.lr, m.forget_bias, d.augment_shift) == (1800.0, 128, PIXEL_LR[view],
+                                                                                       1.0, 0)
+        assert _config("--recipe", view).recipe == view
+        assert m.cell == ("layernorm" if view == "pixels" else "lstm")
+    assert _config("--view", "pixels", "--recipe", "default").train.time_budget is None
+    assert _config("--view", "permuted", "--time-budget", "60").train.time_budget == 60.0

@@ -34,10 +34,11 @@ def _both(default: object, seed: object) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``lstmlab train``; every config flag defaults to None, meaning "as the recipe says"."""
     g = parser.add_argument_group("recipe and output")
-    g.add_argument("--recipe", choices=["default", "seed", "fast", "fashion"],
+    g.add_argument("--recipe", choices=["default", "seed", "fast", "fashion", "pixels", "permuted"],
                    help="preset to start from; any flag below overrides it: default (MNIST, ~99.1%%), seed (the "
                    "textbook's), fast (30 s of training, selective backprop), fashion (Fashion-MNIST; chosen by "
-                   "--dataset fashion-mnist) (default: default)")
+                   "--dataset fashion-mnist), pixels and permuted (30 minutes, one pixel per step; chosen by --view) "
+                   "(default: default)")
     g.add_argument("--out", metavar="DIR",
                    help="output folder; must be new or empty (default: runs/<dataset>-<view>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="clear the run already in --out and start a new one")
