@@ -89,6 +89,7 @@ def test_the_fast_and_fashion_recipes() -> None:
     assert fast.model == _config().model  # the default's model, trained for 30 s with selection
     fashion = _config("--dataset", "fashion-mnist")  # the dataset picks its recipe
     assert fashion.recipe == "fashion+flags" and fashion.model.bidirectional and fashion.data.dataset == "fashion-mnist"
+    assert (fashion.model.zoneout, fashion.model.recurrent_dropout, fashion.train.epochs) == ([0.1, 0.05], 0.25, 30)
     assert not _config("--dataset", "fashion-mnist", "--recipe", "default").model.bidirectional
     assert _config("--select", "stale-loss", "--select-beta", "2").train.select_beta == 2.0
 
