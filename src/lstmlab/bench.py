@@ -196,6 +196,7 @@ def benchmark(
     _check(clock in ("wall", "cpu"), f"--clock must be wall or cpu, got {clock!r}")
     _check(clock == "wall" or device == "cpu", "--clock cpu measures CPU work; use it with --device cpu")
     _check(len(variants) > 0, "no variant to time")
+    _check(allocator in ALLOCATORS, f"--allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     for cell, zoneout, recurrent_dropout in variants:
         try:
             check_variant(cell, tuple(zoneout) if isinstance(zoneout, list) else zoneout, recurrent_dropout)
@@ -212,7 +213,6 @@ def benchmark(
 
         _check("fused" in _layer_backends(), "the fused backend is not available in this installation")
         loops = _prepare_native() if dev.type == "cpu" else "python"
-    _check(allocator in ALLOCATORS, f"--allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     if allocator == "warm":
         _warm_allocator()
     if threads is not None:
@@ -401,24 +401,28 @@ def _warm_allocator() -> None:
     """Make glibc keep freed blocks of any size in its heap for reuse. By default it returns blocks above a
     dynamic threshold (at most 32 MiB) to the OS, so a backend whose step allocates such temporaries anew (nn.LSTM
     at B=256 and up) page-faults them in again every step: up to a third of its time here."""
-    import ctypes
-
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-    except (OSError, AttributeError):
-        ok = False
+    libc = _glibc()
+    ok = libc is not None and libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
     _check(bool(ok), "--allocator warm needs glibc's mallopt (Linux with glibc); use --allocator default")
 
 
-def _malloc_trim() -> None:
-    try:
-        import ctypes
+def _glibc() -> Any:
+    """glibc through ctypes, or None where the C library is another one."""
+    import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure may then undercount reused memory
-        pass
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both are glibc's own
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _malloc_trim() -> None:
+    libc = _glibc()
+    if libc is not None:  # not glibc: the figure may then undercount reused memory
+        libc.malloc_trim(0)
 
 
 def _proc_status_kib(field: str) -> int:

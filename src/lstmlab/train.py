@@ -63,7 +63,7 @@ from lstmlab.runs import (
     write_run_json,
 )
 from lstmlab.selection import StaleLossSelection
-from lstmlab.train_args import DRY_RUN_ITERATIONS, add_arguments
+from lstmlab.train_args import DRY_RUN_ITERATIONS, RECIPES, add_arguments
 
 __all__ = ["METRIC_FIELDS", "Diverged", "Interrupted", "add_arguments", "recipe", "resume", "schedule",
            "random_erase", "random_shift", "train", "validate_config"]
@@ -96,7 +96,6 @@ class _Terminated(KeyboardInterrupt):
 
 
 
-RECIPES = ("default", "seed", "fast", "fashion", "pixels", "permuted")
 
 
 # Peak learning rates of the pixel recipes (Adam, one-cycle), measured at seed 125 (README, Results).

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+RECIPES = ("default", "seed", "fast", "fashion", "pixels", "permuted")  # lstmlab.train.recipe's names
+
 DRY_RUN_ITERATIONS = 3  # a dry run's length unless --iterations says otherwise
 
 
@@ -34,7 +36,7 @@ def _both(default: object, seed: object) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``lstmlab train``; every config flag defaults to None, meaning "as the recipe says"."""
     g = parser.add_argument_group("recipe and output")
-    g.add_argument("--recipe", choices=["default", "seed", "fast", "fashion", "pixels", "permuted"],
+    g.add_argument("--recipe", choices=RECIPES,
                    help="preset to start from; any flag below overrides it: default (MNIST, ~99.1%%), seed (the "
                    "textbook's), fast (30 s of training, selective backprop), fashion (Fashion-MNIST; chosen by "
                    "--dataset fashion-mnist), pixels and permuted (30 minutes, one pixel per step; chosen by --view) "
