@@ -109,6 +109,11 @@ def _under_functorch(*tensors: Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _mm(native: Any, a: Tensor, b: Tensor) -> Tensor:
+    """a @ b on the compiled loops' GEMM when they are loaded (oneDNN's in float32: csrc/lstm_gemm.h), else torch.mm."""
+    return torch.mm(a, b) if native is None else native.mm(a, b)
+
+
 def _native_for(x: Tensor) -> Any:
     """The compiled step loops when they are built and support x's device and dtype, else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
@@ -398,13 +403,13 @@ def _backward_impl(
         else:
             dH = _backward_steps(acts, cs, tcs, c0, weight_hh, weight_hr, d_out, dh, dc, dG, batch_sizes)
     dG2 = dG.view(T * B, H4)  # (T*B, 4H)
-    dx = torch.mm(dG2, weight_ih).view(T, B, n_in) if need_x else empty()
+    dx = _mm(native, dG2, weight_ih).view(T, B, n_in) if need_x else empty()
     dw_ih, dw_hh, db, dw_hr = empty(), empty(), empty(), empty()
     if need_weights:
         # Every parameter gradient in ONE matmul over all steps: dG^T @ [h_{t-1} | x_t | 1] = [dW_hh | dW_ih | db].
         # Thin matmuls of their own (N = I, or a sum for db) run at a fraction of the wide one's speed on a
         # CPU, and dG is read once instead of three times.
-        dw = torch.mm(dG2.t(), xh.view(T * B, xh.shape[2]))  # (4H, K)
+        dw = _mm(native, dG2.t(), xh.view(T * B, xh.shape[2]))  # (4H, K)
         dw_hh, dw_ih = dw[:, :P].clone(), dw[:, P : P + n_in].clone()
         if has_bias:
             db = dw[:, P + n_in].clone()
@@ -753,13 +758,13 @@ def _variant_backward_native(
         return acts.new_empty(0)
 
     flat = T * B
-    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
+    dx = _mm(native, dA.view(flat, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
         h_in = _extra_views(extra, H, layer_norm or ln_cell is not None)["h_in"].reshape(flat, H)
         if layer_norm:  # the two products have gradients of their own
-            dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, x.shape[-1]))
-            dw_hh = torch.mm(dR.view(flat, H4).t(), h_in)
+            dw_ih = _mm(native, dA.view(flat, H4).t(), x.reshape(flat, x.shape[-1]))
+            dw_hh = _mm(native, dR.view(flat, H4).t(), h_in)
             if has_bias:
                 db = sums[:H4].clone()
         else:  # dA is dR: [dW_hh | dW_ih | db] = dA^T [h_in | x | 1] in ONE matmul, as the plain cell's backward
@@ -770,7 +775,7 @@ def _variant_backward_native(
             xh[:, H + n_in :] = 0.0
             if has_bias:
                 xh[:, H + n_in] = 1.0
-            dw = torch.mm(dA.view(flat, H4).t(), xh)
+            dw = _mm(native, dA.view(flat, H4).t(), xh)
             dw_hh, dw_ih = dw[:, :H].clone(), dw[:, H : H + n_in].clone()
             if has_bias:
                 db = dw[:, H + n_in].clone()

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "lstm_blocks.h"
+#include "lstm_gemm.h"
 #include "lstm_math.h"
 
 #include <algorithm>
@@ -146,7 +147,7 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
           break;  // live rows only shrink with t
         }
         at::Tensor g_rows = gates.select(0, t).narrow(0, r0, n);
-        at::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t);  // (n, 4H) = [h_{t-1} | x_t | 1] @ w^T
+        lstmlab::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t);  // (n, 4H) = [h_{t-1} | x_t | 1] @ w^T
         scalar_t* const g_t = gp + (t * B + r0) * 4 * H;
         const scalar_t* const c_prev = t == 0 ? c0p + r0 * H : cp + ((t - 1) * B + r0) * H;
         const int64_t o_t = (t * B + r0) * H;
@@ -216,7 +217,7 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
             next.narrow(0, n, rows - n).copy_(cur.narrow(0, n, rows - n));
           }
           at::Tensor next_rows = next.narrow(0, 0, n);
-          at::mm_out(next_rows, dgates.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
+          lstmlab::mm_out(next_rows, dgates.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
           std::swap(cur, next);
         }
       }
@@ -225,6 +226,16 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
       }
     });
   });
+}
+
+// a @ b for the matmuls over all steps that fused.py runs after a loop (dx, the weight gradients), on the same
+// GEMM as the loops (lstm_gemm.h).
+at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && a.scalar_type() == b.scalar_type(),
+              "lstmlab_native.mm: expected (M, K) @ (K, N) of one dtype");
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  lstmlab::mm_out(out, a, b);
+  return out;
 }
 
 }  // namespace
@@ -236,9 +247,11 @@ TORCH_LIBRARY(lstmlab_native, m) {
   m.def(
       "backward(Tensor acts, Tensor(a!) dgates, Tensor cs, Tensor tcs, Tensor c0, Tensor w_hh, Tensor? d_out, "
       "Tensor(b!) dh, Tensor(c!) dc, bool need_dh0, Tensor? batch_sizes) -> ()");
+  m.def("mm(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
   m.impl("forward", &lstm_forward);
   m.impl("backward", &lstm_backward);
+  m.impl("mm", &matmul);
 }

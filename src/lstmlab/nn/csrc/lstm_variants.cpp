@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "lstm_blocks.h"
+#include "lstm_gemm.h"
 #include "lstm_math.h"
 
 #include <algorithm>
@@ -465,10 +466,9 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     // computed per step and row block in the loop, and normalised while it is in the cache).
     if (!lng) {
       at::Tensor a = acts.view({T * B, H4});
+      lstmlab::mm_out(a, x2, w_ih.t());
       if (given(bias)) {
-        at::addmm_out(a, *bias, x2, w_ih.t());
-      } else {
-        at::mm_out(a, x2, w_ih.t());
+        a.add_(*bias);
       }
       if (sizes != nullptr) {  // rows a packed step does not reach read as zeros, as the Python loop leaves them
         for (int64_t t = 0; t < T; ++t) {
@@ -514,12 +514,12 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         const at::Tensor h_rows = flat.narrow(0, tbh + o1, n * H).view({n, H});
         if (lng) {
           at::Tensor a_rows = flat.narrow(0, 3 * tbh + o1 * 4, n * H4).view({n, H4});
-          at::mm_out(a_rows, x.select(0, t).narrow(0, r0, n), w_ih_t);  // A = x_t W_ih^T, normalised in the pass
+          lstmlab::mm_out(a_rows, x.select(0, t).narrow(0, r0, n), w_ih_t);  // A = x_t W_ih^T, normalised in the pass
           at::Tensor r_rows = flat.narrow(0, 7 * tbh + o1 * 4, n * H4).view({n, H4});
-          at::mm_out(r_rows, h_rows, w_hh_t);  // R = h_in W_hh^T, normalised in the pass
+          lstmlab::mm_out(r_rows, h_rows, w_hh_t);  // R = h_in W_hh^T, normalised in the pass
         } else {
           at::Tensor g_rows = acts.select(0, t).narrow(0, r0, n);
-          g_rows.addmm_(h_rows, w_hh_t);  // A + h_in W_hh^T
+          lstmlab::addmm_(g_rows, h_rows, w_hh_t);  // A + h_in W_hh^T
         }
         FwdStep<T_> s{};
         s.H = H;
@@ -825,7 +825,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
             next.narrow(0, n, rows - n).copy_(cur.narrow(0, n, rows - n));
           }
           at::Tensor next_rows = next.narrow(0, 0, n);
-          at::mm_out(next_rows, dR.select(0, t).narrow(0, r0, n), w_hh);  // through h_in W_hh^T
+          lstmlab::mm_out(next_rows, dR.select(0, t).narrow(0, r0, n), w_hh);  // through h_in W_hh^T
           if (mp != nullptr || zone) {  // dh_{t-1} = (dR_t W_hh) * mask + zoneout's carry
             T_* __restrict nx = next_rows.data_ptr<T_>();
             const T_* __restrict carry = dh_t;

@@ -1,0 +1,51 @@
+// The step loops' matmuls. In float32 they go to oneDNN's GEMM (the library nn.LSTM's own CPU kernel runs on),
+// where this torch has it: on CPUs that MKL does not dispatch its best kernels for (AMD's AVX-512 ones among them)
+// oneDNN's is about twice as fast, and on the others no slower. Float64, and a torch without oneDNN, use at::mm.
+// LSTMLAB_ONEDNN=0 turns it off (for measuring one against the other).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+
+namespace at {
+namespace native {
+// ATen's own entry point (ATen/native/mkldnn/Matmul.cpp; its header is not installed with torch): result =
+// beta * result + alpha * mat1 @ mat2, float32 included. Weak, so that a torch without it still loads this library.
+__attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta,
+                                         float alpha);
+}  // namespace native
+}  // namespace at
+
+namespace lstmlab {
+
+inline bool onednn_gemm(const at::Tensor& a, const at::Tensor& b) {
+  if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN() || a.scalar_type() != at::kFloat ||
+      a.numel() == 0 || b.numel() == 0) {
+    return false;
+  }
+  const char* env = std::getenv("LSTMLAB_ONEDNN");
+  return env == nullptr || env[0] != '0';
+}
+
+// out = a @ b
+inline void mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (onednn_gemm(a, b)) {
+    at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
+  } else {
+    at::Tensor o = out;
+    at::mm_out(o, a, b);
+  }
+}
+
+// out += a @ b
+inline void addmm_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (onednn_gemm(a, b)) {
+    at::native::mkldnn_matmul(a, b, out, 1.0f, 1.0f);
+  } else {
+    at::Tensor o = out;
+    o.addmm_(a, b);
+  }
+}
+
+}  // namespace lstmlab
