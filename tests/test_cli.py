@@ -232,3 +232,18 @@ def test_real_data_training_reaches_floor(mnist_dir, real_mnist, tmp_path):
     floor = 0.93 if real_mnist else 0.80  # synthetic fallback data are easier but far fewer
     assert summary["test_accuracy"] >= floor, summary["test_accuracy"]
     assert summary["iterations"] == 400
+
+
+def test_label_smoothing_trains_a_smoothed_loss_and_is_saved(mnist_dir, tmp_path):
+    """--label-smoothing changes the training loss (same seed, same batches, same init) and lands in the
+    checkpoint's config (a checkpoint without it reads as 0)."""
+    from lstmlab.checkpoint import load_checkpoint
+
+    rows = {}
+    for s in ("0", "0.3"):
+        out = tmp_path / f"ls{s}"
+        assert main([*DRY, "--data-dir", str(mnist_dir), "--out", str(out), "--label-smoothing", s]) == 0
+        rows[s] = list(csv.DictReader((out / "metrics.csv").open()))[-1]
+    assert float(rows["0.3"]["train_loss"]) != float(rows["0"]["train_loss"])
+    assert load_checkpoint(tmp_path / "ls0.3" / "last.safetensors").config.train.label_smoothing == 0.3
+    assert load_checkpoint(tmp_path / "ls0" / "last.safetensors").config.train.label_smoothing == 0.0

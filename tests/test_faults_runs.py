@@ -305,6 +305,8 @@ def test_divergence_stops_with_one_line(mnist_dir, tmp_path, capsys, flags, kept
         (["--clip", "inf"], "--clip"),
         (["--forget-bias", "nan"], "--forget-bias"),
         (["--weight-decay", "inf"], "--weight-decay"),
+        (["--label-smoothing", "1"], "--label-smoothing"),
+        (["--label-smoothing", "nan"], "--label-smoothing"),
     ],
 )
 def test_overflowing_flags(capsys, tmp_path, flags, needle):

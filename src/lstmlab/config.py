@@ -51,6 +51,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 3e-3
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0  # the training loss's target: 1 - s on the label, s spread over all classes
     schedule: str = "onecycle"
     batch_size: int = 128
     epochs: float = 6.0
@@ -136,6 +137,8 @@ def validate_config(config: Config) -> None:
         (_finite(t.lr) and 0 < t.lr <= MAX_LR, f"--lr must be a positive number up to {MAX_LR:g}, got {t.lr}"),
         (_finite(t.weight_decay) and 0 <= t.weight_decay <= MAX_LR,
          f"--weight-decay must be a number in 0..{MAX_LR:g}, got {t.weight_decay}"),
+        (_finite(t.label_smoothing) and 0 <= t.label_smoothing < 1,
+         f"--label-smoothing must be in [0, 1), got {t.label_smoothing}"),
         (0 < t.batch_size <= MAX_BATCH_SIZE, f"--batch-size must be in 1..{MAX_BATCH_SIZE}, got {t.batch_size}"),
         (t.iterations is None or 0 < t.iterations <= MAX_ITERATIONS,
          f"--iterations must be in 1..{MAX_ITERATIONS}, got {t.iterations}"),

@@ -513,7 +513,8 @@ class _Trainer:
         if self.deadline is not None:  # the clock may be further along than the step count (rank 0's clock)
             progress = max(progress, distributed.from_main(self.deadline.progress()))
         lr = _set_schedule(self.optimizer, t, progress)
-        losses = F.cross_entropy(self.forward(x), y, reduction="none")  # (b,): selection keeps each one
+        losses = F.cross_entropy(self.forward(x), y, reduction="none",  # (b,): selection keeps each one
+                                 label_smoothing=t.label_smoothing)
         loss = losses.mean()
         if self.selection is not None:
             self.selection.record(idx, distributed.whole_batch(losses.detach(), len(idx)))
@@ -1050,7 +1051,7 @@ _SECTIONS = {
     "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend", "cell", "zoneout",
               "recurrent_dropout"),
     "data": ("dataset", "view", "val_size", "normalize", "augment_shift", "augment_flip", "augment_erase"),
-    "train": ("optimizer", "lr", "weight_decay", "schedule", "batch_size", "epochs", "iterations",
+    "train": ("optimizer", "lr", "weight_decay", "label_smoothing", "schedule", "batch_size", "epochs", "iterations",
               "eval_every", "clip", "time_budget", "seed", "device", "select", "select_beta", "select_floor",
               "select_warmup"),
 }

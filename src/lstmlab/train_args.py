@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="the optimizer " + _both("adam", "sgd"))
     g.add_argument("--lr", type=float, help="peak learning rate " + _both(4e-3, 0.1))
     g.add_argument("--weight-decay", type=float, metavar="WD", help="weight decay (default: 0)")
+    g.add_argument("--label-smoothing", type=float, metavar="S",
+                   help="train towards 1-S on the label and S spread over the classes; validation and test "
+                   "losses stay plain cross-entropy (default: 0)")
     g.add_argument("--schedule", choices=["none", "onecycle", "cosine"],
                    help="learning-rate schedule " + _both("onecycle", "none"))
     g.add_argument("--batch-size", type=_whole_number, metavar="B", help="images per step " + _both(256, 100))

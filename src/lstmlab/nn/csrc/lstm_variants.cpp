@@ -4,10 +4,10 @@
 // The equations are lstmlab.nn.cell.lstm_step's; fused.py's variant section holds the same loops in Python (the
 // fallback) and documents the buffers, which both kinds of loops fill alike.
 //
-// forward:  without the gates' LayerNorm, A = x W_ih^T + b for all steps in ONE matmul before the loop; per step
-//           h_in = h_{t-1} * mask and ONE matmul adding h_in W_hh^T onto A in place. With it, per step and row
-//           block x_t W_ih^T and h_in W_hh^T, each normalised in the row pass while in the cache. Then ONE pass
-//           per row over the gates (LayerNorms, peepholes, activations, c', the cell's LayerNorm, zoneout).
+// forward:  A = x W_ih^T for all steps in ONE matmul before the loop (+ b, without the gates' LayerNorm); per step
+//           h_in = h_{t-1} * mask and ONE matmul adding h_in W_hh^T onto A in place, or, with the gates'
+//           LayerNorm, writing it apart (A and it are each normalised in the row pass). Then ONE pass per row over
+//           the gates (LayerNorms, peepholes, activations, c', the cell's LayerNorm, zoneout).
 // backward: per step (last to first) ONE pass per row that turns dh, dc into the gradient of the pre-activations
 //           (through zoneout, the cell LayerNorm, peepholes, the gates' LayerNorm) and dc_{t-1}, accumulating the
 //           column sums of the bias, LayerNorm and peephole gradients on the way (in double); then ONE matmul
@@ -462,19 +462,20 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     using T_ = scalar_t;
     const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
     T_* const ap = acts.data_ptr<T_>();
-    // Without the gates' LayerNorm, every step's x W_ih^T + b in one matmul before the loop (with it, x W_ih^T is
-    // computed per step and row block in the loop, and normalised while it is in the cache).
-    if (!lng) {
-      at::Tensor a = acts.view({T * B, H4});
-      lstmlab::mm_out(a, x2, w_ih.t());
-      if (given(bias)) {
+    // Every step's x W_ih^T in one matmul before the loop: into acts with b added (plain gates), or into a_hat
+    // (gates' LayerNorm; normalised in place by the row pass, b added after the normalisation).
+    {
+      T_* const dst = lng ? e.a_hat : ap;
+      at::Tensor a = lng ? flat.narrow(0, 3 * tbh, T * B * H4).view({T * B, H4}) : acts.view({T * B, H4});
+      lstmlab::mm_out(a, x2, w_ih_t);
+      if (given(bias) && !lng) {
         a.add_(*bias);
       }
       if (sizes != nullptr) {  // rows a packed step does not reach read as zeros, as the Python loop leaves them
         for (int64_t t = 0; t < T; ++t) {
           const int64_t n = live_rows(sizes, t, B);
           if (n < B) {
-            std::memset(ap + (t * B + n) * H4, 0, sizeof(T_) * (B - n) * H4);
+            std::memset(dst + (t * B + n) * H4, 0, sizeof(T_) * (B - n) * H4);
           }
         }
       }
@@ -513,8 +514,6 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         }
         const at::Tensor h_rows = flat.narrow(0, tbh + o1, n * H).view({n, H});
         if (lng) {
-          at::Tensor a_rows = flat.narrow(0, 3 * tbh + o1 * 4, n * H4).view({n, H4});
-          lstmlab::mm_out(a_rows, x.select(0, t).narrow(0, r0, n), w_ih_t);  // A = x_t W_ih^T, normalised in the pass
           at::Tensor r_rows = flat.narrow(0, 7 * tbh + o1 * 4, n * H4).view({n, H4});
           lstmlab::mm_out(r_rows, h_rows, w_hh_t);  // R = h_in W_hh^T, normalised in the pass
         } else {
