@@ -10,9 +10,9 @@
 //           the gates (LayerNorms, peepholes, activations, c', the cell's LayerNorm, zoneout).
 // backward: per step (last to first) ONE pass per row that turns dh, dc into the gradient of the pre-activations
 //           (through zoneout, the cell LayerNorm, peepholes, the gates' LayerNorm) and dc_{t-1}, accumulating the
-//           column sums of the bias, LayerNorm and peephole gradients on the way (in double); then ONE matmul
-//           dh_{t-1} = dR_t W_hh (times the mask, plus zoneout's carry). dx, dW_ih and dW_hh are matmuls over all
-//           steps, done in Python after the loop.
+//           column sums of the LayerNorm, peephole and (with the gates' LayerNorm) bias gradients on the way (in
+//           double); then ONE matmul dh_{t-1} = dR_t W_hh (times the mask, plus zoneout's carry). dx, dW_ih and
+//           dW_hh (and db without the gates' LayerNorm) are matmuls over all steps, done in Python after the loop.
 //
 // LayerNorm in float stays as accurate as the reference's: its statistics (mean and variance, and the two means of
 // its backward) are sums in double, the backward's result is computed in double before rounding, and the normalised
@@ -672,8 +672,8 @@ void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
     cell_back_row<T, PEEP, ZONE>(a, a + H, a + 2 * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
                                  PEEP ? s.peep + H : nullptr, PEEP ? s.peep + 2 * H : nullptr, carry_c, dc, dz,
                                  dz + H, dz + 2 * H, dz + 3 * H, acc + 14 * H, acc + 15 * H, acc + 16 * H, H);
-    accumulate(dz, acc, H4);  // db
     if constexpr (LNG) {  // z = γ_ih LN(A) + γ_hh LN(R) + b
+      accumulate(dz, acc, H4);  // db (without the gates' LayerNorm, fused.py takes it from the dW matmul)
       ln_gates_backward_row(dz, s.gain_ih, s.a_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 1]), s.gain_hh,
                             s.r_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 2]), s.dA + b * H4, s.dR + b * H4,
                             H4, acc + 4 * H, acc + 8 * H);
