@@ -201,6 +201,25 @@ def test_native_and_python_loops_agree(native_ops) -> None:  # noqa: ANN001
     assert_all_close(nat, py, 1e-5)
 
 
+@pytest.mark.parametrize("variant", [{}, {"cell": "layernorm", "zoneout": 0.1, "recurrent_dropout": 0.2}])
+def test_onednn_and_aten_matmuls_agree(native_ops, monkeypatch: pytest.MonkeyPatch, variant: dict) -> None:  # noqa: ANN001
+    """The compiled loops' float32 matmuls on oneDNN (csrc/lstm_gemm.h) or, with LSTMLAB_ONEDNN=0, on at::mm: the
+    same numbers up to float rounding; the library says which one it runs."""
+    plain, x, state, weights = make_case(9, 40, 5, 33, 2, True, True, True, True, torch.float32, 6)
+    model = LSTM(5, 33, 2, batch_first=True, bidirectional=True, backend="fused", **variant)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    model.eval()  # zoneout's expectation, no dropout masks: both runs compute the same function
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LSTMLAB_ONEDNN", flag)
+        results[flag] = native_ops.gemm()
+        with using(native_ops):
+            results[flag, "run"] = run_lstm(model, x, state, weights)
+    assert results["0"] == "at::mm"
+    assert results["1"] in ("onednn", "at::mm")  # at::mm where this torch has no oneDNN
+    assert_all_close(results["1", "run"], results["0", "run"], 1e-4 if variant else 1e-5)
+
+
 def test_native_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
     from lstmlab.nn import _native
 

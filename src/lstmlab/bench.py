@@ -234,7 +234,8 @@ def benchmark(
 
 def _prepare_native() -> str:
     """Make the fused backend's compiled loops ready before timing (a benchmark may wait for the one-off
-    build; training never does). Returns which loops the fused rows time: "native" or "python"."""
+    build; training never does). Returns which loops the fused rows time: "python", or "native, float32 matmuls on
+    onednn" (or "at::mm", see csrc/lstm_gemm.h)."""
     import sys
 
     from lstmlab.nn import _native
@@ -251,7 +252,8 @@ def _prepare_native() -> str:
     deadline = time.monotonic() + 5.0
     while _native.get() is None and time.monotonic() < deadline:  # another process may be just finishing
         time.sleep(0.5)
-    return "native" if _native.get() is not None else "python"
+    ops = _native.get()
+    return "python" if ops is None else f"native, float32 matmuls on {ops.gemm()}"
 
 
 def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size: int, layers: int,

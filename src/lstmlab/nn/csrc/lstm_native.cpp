@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 namespace {
@@ -238,6 +239,10 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// Which GEMM the float32 matmuls run on: "onednn" or "at::mm" (what lstmlab bench reports).
+std::string gemm_name() { return lstmlab::onednn_gemm(at::empty({1, 1}, at::kFloat), at::empty({1, 1}, at::kFloat))
+                                     ? "onednn" : "at::mm"; }
+
 }  // namespace
 
 TORCH_LIBRARY(lstmlab_native, m) {
@@ -248,10 +253,15 @@ TORCH_LIBRARY(lstmlab_native, m) {
       "backward(Tensor acts, Tensor(a!) dgates, Tensor cs, Tensor tcs, Tensor c0, Tensor w_hh, Tensor? d_out, "
       "Tensor(b!) dh, Tensor(c!) dc, bool need_dh0, Tensor? batch_sizes) -> ()");
   m.def("mm(Tensor a, Tensor b) -> Tensor");
+  m.def("gemm() -> str");
 }
 
 TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
   m.impl("forward", &lstm_forward);
   m.impl("backward", &lstm_backward);
   m.impl("mm", &matmul);
+}
+
+TORCH_LIBRARY_IMPL(lstmlab_native, CatchAll, m) {
+  m.impl("gemm", &gemm_name);
 }
