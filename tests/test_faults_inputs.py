@@ -542,7 +542,7 @@ def test_unreadable_data_folder(tmp_path: Path) -> None:
             if not shutil.which("setpriv"):
                 pytest.skip("running as root without setpriv to drop privileges")
             prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            probe = subprocess.run([*prefix, sys.executable, "-c", "import lstmlab.cli"], capture_output=True,
+            probe = subprocess.run([*prefix, sys.executable, "-c", "import torch, lstmlab.cli"], capture_output=True,
                                    timeout=300, env=env)
             if probe.returncode != 0:
                 pytest.skip("the unprivileged user cannot run this Python and lstmlab")
