@@ -240,8 +240,10 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // Which GEMM the float32 matmuls run on: "onednn" or "at::mm" (what lstmlab bench reports).
-std::string gemm_name() { return lstmlab::onednn_gemm(at::empty({1, 1}, at::kFloat), at::empty({1, 1}, at::kFloat))
-                                     ? "onednn" : "at::mm"; }
+std::string gemm_name() {
+  const at::Tensor one = at::empty({1, 1}, at::kFloat);
+  return lstmlab::onednn_gemm(one, one) ? "onednn" : "at::mm";
+}
 
 }  // namespace
 
