@@ -1,7 +1,7 @@
 // The step loops' matmuls. In float32 they go to oneDNN's GEMM (the library nn.LSTM's own CPU kernel runs on),
-// where this torch has it: on CPUs that MKL does not dispatch its best kernels for (AMD's AVX-512 ones among them)
-// oneDNN's is about twice as fast, and on the others no slower. Float64, and a torch without oneDNN, use at::mm.
-// LSTMLAB_ONEDNN=0 turns it off (for measuring one against the other).
+// where this torch has it: on the development machine (an AMD EPYC, whose AVX-512 kernels MKL does not dispatch to)
+// oneDNN's is about twice as fast as MKL's (README, Performance). Float64, and a torch without oneDNN, use at::mm.
+// LSTMLAB_ONEDNN=0 (or torch.backends.mkldnn.enabled = False) turns it off, for measuring one against the other.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,8 +20,9 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
 namespace lstmlab {
 
 inline bool onednn_gemm(const at::Tensor& a, const at::Tensor& b) {
-  if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN() || a.scalar_type() != at::kFloat ||
-      a.numel() == 0 || b.numel() == 0) {
+  // torch.backends.mkldnn.enabled = False (userEnabledMkldnn) turns it off too, as it does for torch's own ops.
+  if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn() ||
+      a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) {
     return false;
   }
   const char* env = std::getenv("LSTMLAB_ONEDNN");
