@@ -19,19 +19,20 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
 
 namespace lstmlab {
 
-inline bool onednn_gemm(const at::Tensor& a, const at::Tensor& b) {
-  // torch.backends.mkldnn.enabled = False (userEnabledMkldnn) turns it off too, as it does for torch's own ops.
+// Whether this op call's matmuls of this dtype go to oneDNN: decided once per call, outside the step loops.
+// torch.backends.mkldnn.enabled = False (userEnabledMkldnn) turns it off too, as it does for torch's own ops.
+inline bool onednn_gemm(at::ScalarType dtype) {
   if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn() ||
-      a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) {
+      dtype != at::kFloat) {
     return false;
   }
   const char* env = std::getenv("LSTMLAB_ONEDNN");
   return env == nullptr || env[0] != '0';
 }
 
-// out = a @ b
-inline void mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (onednn_gemm(a, b)) {
+// out = a @ b (an empty product stays on at::mm, which fills out with zeros)
+inline void mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool onednn) {
+  if (onednn && a.numel() != 0 && b.numel() != 0) {
     at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
   } else {
     at::Tensor o = out;
@@ -40,8 +41,8 @@ inline void mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
 }
 
 // out += a @ b
-inline void addmm_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (onednn_gemm(a, b)) {
+inline void addmm_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool onednn) {
+  if (onednn && a.numel() != 0 && b.numel() != 0) {
     at::native::mkldnn_matmul(a, b, out, 1.0f, 1.0f);
   } else {
     at::Tensor o = out;

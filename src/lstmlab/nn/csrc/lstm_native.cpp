@@ -134,6 +134,7 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
               "lstmlab_native.forward: out, cs, tcs must be (T, B, H)");
   const int64_t* const sizes = sizes_ptr(batch_sizes, T);
   const at::Tensor w_t = w.t();  // (K, 4H)
+  const bool onednn = lstmlab::onednn_gemm(gates.scalar_type());  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstmlab_forward", [&] {
     scalar_t* const xp = xh.data_ptr<scalar_t>();
     scalar_t* const gp = gates.data_ptr<scalar_t>();
@@ -148,7 +149,7 @@ void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::
           break;  // live rows only shrink with t
         }
         at::Tensor g_rows = gates.select(0, t).narrow(0, r0, n);
-        lstmlab::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t);  // (n, 4H) = [h_{t-1} | x_t | 1] @ w^T
+        lstmlab::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t, onednn);  // (n, 4H) = [h_{t-1} | x_t | 1] @ w^T
         scalar_t* const g_t = gp + (t * B + r0) * 4 * H;
         const scalar_t* const c_prev = t == 0 ? c0p + r0 * H : cp + ((t - 1) * B + r0) * H;
         const int64_t o_t = (t * B + r0) * H;
@@ -180,6 +181,7 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
   TORCH_CHECK(dgates.sizes() == acts.sizes(), "lstmlab_native.backward: dgates must be shaped like acts (or be it)");
   const int64_t* const sizes = sizes_ptr(batch_sizes, T);
   at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the mm writes dh_next
+  const bool onednn = lstmlab::onednn_gemm(acts.scalar_type());  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstmlab_backward", [&] {
     const scalar_t* const ap = acts.data_ptr<scalar_t>();
     scalar_t* const dgp = dgates.data_ptr<scalar_t>();
@@ -218,7 +220,7 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
             next.narrow(0, n, rows - n).copy_(cur.narrow(0, n, rows - n));
           }
           at::Tensor next_rows = next.narrow(0, 0, n);
-          lstmlab::mm_out(next_rows, dgates.select(0, t).narrow(0, r0, n), w_hh);  // dh_{t-1} = dG_t @ W_hh
+          lstmlab::mm_out(next_rows, dgates.select(0, t).narrow(0, r0, n), w_hh, onednn);  // dh_{t-1} = dG_t @ W_hh
           std::swap(cur, next);
         }
       }
@@ -235,14 +237,13 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && a.scalar_type() == b.scalar_type(),
               "lstmlab_native.mm: expected (M, K) @ (K, N) of one dtype");
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  lstmlab::mm_out(out, a, b);
+  lstmlab::mm_out(out, a, b, lstmlab::onednn_gemm(a.scalar_type()));
   return out;
 }
 
 // Which GEMM the float32 matmuls run on: "onednn" or "at::mm" (what lstmlab bench reports).
 std::string gemm_name() {
-  const at::Tensor one = at::empty({1, 1}, at::kFloat);
-  return lstmlab::onednn_gemm(one, one) ? "onednn" : "at::mm";
+  return lstmlab::onednn_gemm(at::kFloat) ? "onednn" : "at::mm";
 }
 
 }  // namespace

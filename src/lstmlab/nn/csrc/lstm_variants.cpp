@@ -458,6 +458,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   if (lng && !given(bias)) {
     zeros4 = at::zeros({H4}, x.options());
   }
+  const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_forward", [&] {
     using T_ = scalar_t;
     const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
@@ -467,7 +468,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     {
       T_* const dst = lng ? e.a_hat : ap;
       at::Tensor a = lng ? flat.narrow(0, 3 * tbh, T * B * H4).view({T * B, H4}) : acts.view({T * B, H4});
-      lstmlab::mm_out(a, x2, w_ih_t);
+      lstmlab::mm_out(a, x2, w_ih_t, onednn);
       if (given(bias) && !lng) {
         a.add_(*bias);
       }
@@ -515,10 +516,10 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         const at::Tensor h_rows = flat.narrow(0, tbh + o1, n * H).view({n, H});
         if (lng) {
           at::Tensor r_rows = flat.narrow(0, 7 * tbh + o1 * 4, n * H4).view({n, H4});
-          lstmlab::mm_out(r_rows, h_rows, w_hh_t);  // R = h_in W_hh^T, normalised in the pass
+          lstmlab::mm_out(r_rows, h_rows, w_hh_t, onednn);  // R = h_in W_hh^T, normalised in the pass
         } else {
           at::Tensor g_rows = acts.select(0, t).narrow(0, r0, n);
-          lstmlab::addmm_(g_rows, h_rows, w_hh_t);  // A + h_in W_hh^T
+          lstmlab::addmm_(g_rows, h_rows, w_hh_t, onednn);  // A + h_in W_hh^T
         }
         FwdStep<T_> s{};
         s.H = H;
@@ -753,6 +754,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
   const int64_t n_slots = threads * threads;
   std::vector<double> acc(static_cast<size_t>(n_slots * kSums * H), 0.0);
   at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the matmul writes dh_next
+  const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_backward", [&] {
     using T_ = scalar_t;
     const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
@@ -824,7 +826,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
             next.narrow(0, n, rows - n).copy_(cur.narrow(0, n, rows - n));
           }
           at::Tensor next_rows = next.narrow(0, 0, n);
-          lstmlab::mm_out(next_rows, dR.select(0, t).narrow(0, r0, n), w_hh);  // through h_in W_hh^T
+          lstmlab::mm_out(next_rows, dR.select(0, t).narrow(0, r0, n), w_hh, onednn);  // through h_in W_hh^T
           if (mp != nullptr || zone) {  // dh_{t-1} = (dR_t W_hh) * mask + zoneout's carry
             T_* __restrict nx = next_rows.data_ptr<T_>();
             const T_* __restrict carry = dh_t;
