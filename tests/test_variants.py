@@ -155,11 +155,18 @@ def test_fused_matches_reference_fp32(loops, case: dict) -> None:  # noqa: ANN00
         return
     truth = run(copy.deepcopy(model).double(), x.double(), None if state is None else
                 tuple(s.double() for s in state), case["seed"], lengths)
+    assert_as_accurate(got, want, truth, factor=10, floor=3e-5)
+
+
+def assert_as_accurate(got: list[torch.Tensor], want: list[torch.Tensor], truth: list[torch.Tensor], factor: float,
+                       floor: float) -> None:
+    """Each fp32 result of ``got`` within ``factor`` x (the fp32 reference ``want``'s error + ``floor``) of the fp64
+    ``truth``, errors relative to 1 + |truth|."""
     for k, (a, b, t) in enumerate(zip(got, want, truth, strict=True)):
         scale = 1 + t.abs()
         err_fused = ((a.double() - t).abs() / scale).max().item() if t.numel() else 0.0
         err_ref = ((b.double() - t).abs() / scale).max().item() if t.numel() else 0.0
-        assert err_fused <= 10 * (err_ref + 3e-5), \
+        assert err_fused <= factor * (err_ref + floor), \
             f"tensor #{k}: fused {err_fused:.2e} from fp64, reference {err_ref:.2e}"
 
 
@@ -538,10 +545,10 @@ def test_variant_op_fake_kernels_and_opcheck(loops) -> None:  # noqa: ANN001
         real = torch.ops.lstmlab.lstm_layer(*args, True, **v)
         assert [o.shape for o in outs] == [o.shape for o in real]
         assert [o.dtype for o in outs] == [o.dtype for o in real]
-        acts, cs, tcs, extra = real[3], real[4], real[5], real[7]
+        acts, cs, tcs, xh, extra = real[3:8]
         torch.library.opcheck(torch.ops.lstmlab.lstm_variant_layer_backward.default,
                               (torch.randn(T, B, H), torch.randn(B, H), None, args[0], args[2], args[3], args[4],
-                               None, acts, cs, tcs, extra, v["ln_gates"], v["ln_cell"], v["peephole"],
+                               None, acts, cs, tcs, xh, extra, v["ln_gates"], v["ln_cell"], v["peephole"],
                                v["recurrent_mask"], v["zoneout_mask"], True, True, True, True))
 
 
@@ -678,12 +685,17 @@ def test_native_loops_in_row_blocks_and_split_rows(native_ops, eval_zoneout: boo
             with using(native_ops):
                 got = _layer_outputs_and_grads(fused.fused_layer, args, v, sizes)
             assert_all_close(got, want, TOL[torch.float64])
+            no_ln = {k: t for k, t in v.items() if not k.startswith("ln_")}
+            truth = _layer_outputs_and_grads(reference_layer, args, no_ln, sizes, ("peephole",))
             args32 = [a.float() for a in args]
-            v32 = {k: t.float() for k, t in v.items() if not k.startswith("ln_")}
+            v32 = {k: t.float() for k, t in no_ln.items()}
             want = _layer_outputs_and_grads(reference_layer, args32, v32, sizes, ("peephole",))
             with using(native_ops):
                 got = _layer_outputs_and_grads(fused.fused_layer, args32, v32, sizes, ("peephole",))
-            assert_all_close(got, want, TOL[torch.float32])
+            if H <= 8:
+                assert_all_close(got, want, TOL[torch.float32])
+            else:  # sums of ~1000 fp32 products: two GEMMs' orders land ~1e-5 apart, so each is held to fp64
+                assert_as_accurate(got, want, truth, factor=4, floor=3e-6)
     finally:
         torch.set_num_threads(threads)
 

@@ -223,6 +223,22 @@ def _stacked_weights(weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None) 
     return w
 
 
+def _input_rows(x: Tensor, h0: Tensor, K: int, has_bias: bool, new: Any) -> Tensor:
+    """xh (T, B, K): row t = [h_{t-1} | x_t | 1 | 0...] with h_0 (B, P) in place. Each step's matmul reads its
+    row; the step writes h_t into the next row. The same buffer is the right-hand side of the weight gradients'
+    matmul. ``new(*shape)`` allocates it."""
+    T, B, n_in = x.shape
+    P = h0.shape[1]
+    xh = new(T, B, K)
+    if T and B:
+        xh[0, :, :P] = h0
+        xh[:, :, P : P + n_in] = x
+        xh[:, :, P + n_in :] = 0.0
+        if has_bias:
+            xh[:, :, P + n_in] = 1.0
+    return xh
+
+
 def _lengths(batch_sizes: Tensor, B: int) -> Tensor:
     """Each row's number of live steps, from a packed batch's per-step row counts."""
     return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)  # (B,)
@@ -276,15 +292,7 @@ def _lstm_layer_impl(
         buf = _cache().empty(shape, x) if save else x.new_empty(shape)
         return buf.zero_() if packed else buf  # a packed step leaves rows untouched: they must read as zeros
 
-    # Each step's matmul reads [h_{t-1} | x_t | 1]: x and the ones are laid out for all steps now, each step
-    # writes its h_t into the next row. The same buffer is the right-hand side of the weight gradients' matmul.
-    xh = new(T, B, w.shape[1])
-    if T and B:
-        xh[0, :, :P] = h0
-        xh[:, :, P : P + n_in] = x
-        xh[:, :, P + n_in :] = 0.0
-        if bias is not None:
-            xh[:, :, P + n_in] = 1.0
+    xh = _input_rows(x, h0, w.shape[1], bias is not None, new)
     acts, cs, tcs = new(T, B, H4), new(T, B, H), new(T, B, H)
     out = new(T, B, P)
     native = _native_for(x) if weight_hr is None else None  # the compiled loops have no projection
@@ -312,11 +320,13 @@ def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
     H4, P = weight_hh.shape
     H = H4 // 4
     variant = any(t is not None for t in (ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask))
+    K = _width(P, n_in, bias_ih is not None or bias_hh is not None)
     if variant:
-        saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(0),
-                 x.new_empty(T, B, _extra_width(H, ln_gates is not None or ln_cell is not None)))
+        layer_norm = ln_gates is not None
+        saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H),
+                 x.new_empty(0) if layer_norm else x.new_empty(T, B, K),
+                 x.new_empty(T, B, _extra_width(H, layer_norm, ln_cell is not None)))
     else:
-        K = _width(P, n_in, bias_ih is not None or bias_hh is not None)
         saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, K),
                  x.new_empty(0))
     if not save:
@@ -485,16 +495,48 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
 # --- the variants (LayerNorm, peephole, zoneout, recurrent dropout): compiled or Python step loops ---------------
 #
 # The same equations as lstmlab.nn.cell.lstm_step, step by step into preallocated buffers, and their hand-written
-# backward. ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t after zoneout) and tcs
-# (tanh of what h reads: c_new, or LN(c_new)): [c_new | h_in | and with LayerNorm: ĉ | â | r̂ | rstd_c, rstd_a,
-# rstd_r], c_new the cell before zoneout, h_in the h entering the recurrent product, hats the normalised values.
+# backward. Without the gates' LayerNorm a step is the plain cell's ONE matmul [h_in | x_t | 1] @ [W_hh | W_ih | b]^T
+# over xh (T, B, K) (:func:`_input_rows`; h_in = h_{t-1} times the recurrent-dropout mask), and the weight
+# gradients ONE matmul dZ^T xh. With it, the two products are normalised apart: x W_ih^T for all steps in one
+# matmul, h_in W_hh^T per step, h_in kept in ``extra``, and xh is empty.
+#
+# ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t after zoneout) and tcs (tanh of
+# what h reads: c_new, or LN(c_new)), each part a contiguous (T, B, width) block (:func:`_extra_views`): c_new, the
+# cell before zoneout; h_in (gates' LayerNorm); ĉ (cell LayerNorm); â, r̂ (gates' LayerNorm); rstd_c, rstd_a, rstd_r
+# (either LayerNorm).
+#
 # The compiled loops (csrc/lstm_variants.cpp, ops lstmlab_native::variant_forward/variant_backward) run when
 # _native_for gives them, with the same buffers: a forward of one kind and a backward of the other work together.
-# Rows a packed step does not reach are zero in every buffer.
+# Rows a packed step does not reach are zero in every buffer but xh, which holds what the plain cell's does.
 
 
-def _extra_width(H: int, layer_norm: bool) -> int:
-    return 2 * H + (9 * H + 3 if layer_norm else 0)
+def _extra_parts(H: int, layer_norm: bool, cell_norm: bool) -> list[tuple[str, int]]:
+    parts = [("c_new", H)]
+    if layer_norm:
+        parts.append(("h_in", H))
+    if cell_norm:
+        parts.append(("c_hat", H))
+    if layer_norm:
+        parts += [("a_hat", 4 * H), ("r_hat", 4 * H)]
+    if layer_norm or cell_norm:
+        parts.append(("rstd", 3))
+    return parts
+
+
+def _extra_width(H: int, layer_norm: bool, cell_norm: bool) -> int:
+    return sum(width for _, width in _extra_parts(H, layer_norm, cell_norm))
+
+
+def _extra_views(extra: Tensor, H: int, layer_norm: bool, cell_norm: bool) -> dict[str, Tensor]:
+    """extra's parts, each a contiguous (T, B, width) block of its storage (strided column slices would make
+    every per-step op and matmul copy)."""
+    T, B = extra.shape[:2]
+    flat = extra.reshape(-1)
+    views, offset = {}, 0
+    for name, width in _extra_parts(H, layer_norm, cell_norm):
+        views[name] = flat[offset : offset + T * B * width].view(T, B, width)
+        offset += T * B * width
+    return views
 
 
 def _normalize(v: Tensor, hat: Tensor, rstd: Tensor) -> None:
@@ -511,50 +553,40 @@ def _normalize_backward(d_hat: Tensor, hat: Tensor, rstd: Tensor) -> Tensor:
     return (d_hat - mean_d - hat * mean_dh) * rstd.unsqueeze(1)
 
 
-def _extra_views(extra: Tensor, H: int, layer_norm: bool) -> dict[str, Tensor]:
-    """extra's parts, each a contiguous (T, B, width) block of its storage (strided column slices would make
-    every per-step op and matmul copy)."""
-    T, B = extra.shape[:2]
-    flat = extra.reshape(-1)
-    widths = [("c_new", H), ("h_in", H)]
-    if layer_norm:
-        widths += [("c_hat", H), ("a_hat", 4 * H), ("r_hat", 4 * H), ("rstd", 3)]
-    views, offset = {}, 0
-    for name, width in widths:
-        views[name] = flat[offset : offset + T * B * width].view(T, B, width)
-        offset += T * B * width
-    return views
-
-
 def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
                      batch_sizes: Tensor | None, save: bool, ln_gates: Tensor | None, ln_cell: Tensor | None,
                      peephole: Tensor | None, recurrent_mask: Tensor | None, zoneout_mask: Tensor | None
                      ) -> tuple[Tensor, ...]:
-    """lstm_layer for the variants: (out, h_T, c_T, acts, cs, tcs, xh (empty), extra)."""
-    T, B, _ = x.shape
+    """lstm_layer for the variants: (out, h_T, c_T, acts, cs, tcs, xh, extra)."""
+    T, B, n_in = x.shape
     H = c0.shape[1]
     native = _native_for(x)
     if native is not None and T and B:
         return _variant_forward_native(native, x, h0, c0, weight_ih, weight_hh, bias, batch_sizes, save, ln_gates,
                                        ln_cell, peephole, recurrent_mask, zoneout_mask)
     layer_norm = ln_gates is not None
-    norm_any = layer_norm or ln_cell is not None  # either LayerNorm keeps its normalised values in extra
     # Zero-filled: rows a packed step skips must read as zeros (they meet zero gradients, never NaN garbage).
     acts, cs, tcs, out = x.new_zeros(T, B, 4 * H), x.new_zeros(T, B, H), x.new_zeros(T, B, H), x.new_zeros(T, B, H)
-    extra = x.new_zeros(T, B, _extra_width(H, norm_any))
-    v = _extra_views(extra, H, norm_any)
+    extra = x.new_zeros(T, B, _extra_width(H, layer_norm, ln_cell is not None))
+    v = _extra_views(extra, H, layer_norm, ln_cell is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
-    A = torch.mm(x.reshape(T * B, x.shape[2]), weight_ih.t()).view(T, B, 4 * H)  # every step's x2h in one matmul
-    if bias is not None and not layer_norm:
-        A += bias
+    h_in0 = h0 if recurrent_mask is None else h0 * recurrent_mask  # variational recurrent dropout
+    if layer_norm:  # the two products apart: every step's x2h in one matmul now
+        xh = x.new_empty(0)
+        A = torch.mm(x.reshape(T * B, n_in), weight_ih.t()).view(T, B, 4 * H)
+        h_in = v["h_in"]
+        if T:
+            h_in[0] = h_in0
+    else:  # [h_in | x | 1] @ [W_hh | W_ih | b]^T per step, as the plain cell
+        xh = _input_rows(x, h_in0, _width(H, n_in, bias is not None), bias is not None, x.new_zeros)
+        w_t = _stacked_weights(weight_ih, weight_hh, bias).t()
+        h_in = xh[:, :, :H]
     h, c = h0, c0
     for t in range(T):
         n = _live(sizes, t, B)
         h_p, c_p = h[:n], c[:n]
-        h_in = v["h_in"][t, :n]
-        torch.mul(h_p, recurrent_mask[:n], out=h_in) if recurrent_mask is not None else h_in.copy_(h_p)
-        R = torch.mm(h_in, weight_hh.t())  # (n, 4H)
         if layer_norm:
+            R = torch.mm(h_in[t, :n], weight_hh.t())  # (n, 4H)
             rstd = v["rstd"][t, :n]
             _normalize(A[t, :n], v["a_hat"][t, :n], rstd[:, 1])
             _normalize(R, v["r_hat"][t, :n], rstd[:, 2])
@@ -562,7 +594,7 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
             if bias is not None:
                 z += bias
         else:
-            z = R.add_(A[t, :n])
+            z = torch.mm(xh[t, :n], w_t)  # (n, 4H)
         gates = acts[t, :n]
         i, f, g, o = gates.split(H, dim=1)
         zi, zf, zg, zo = z.split(H, dim=1)
@@ -591,19 +623,35 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
             h_t.addcmul_(zoneout_mask[1, t, :n], h_p - h_t)
         else:
             cs[t, :n] = c_new
+        if t + 1 < T:  # the next step's recurrent input, for its live rows
+            m = _live(sizes, t + 1, B)
+            h_next = h_in[t + 1, :m]
+            torch.mul(h_t[:m], recurrent_mask[:m], out=h_next) if recurrent_mask is not None else h_next.copy_(h_t[:m])
         h, c = out[t], cs[t]
     h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
     if T == 0:
         h_T, c_T = h0.clone(), c0.clone()
     if not save:
-        acts, tcs, extra = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-        cs = x.new_empty(0)
-    return out, h_T, c_T, acts, cs, tcs, x.new_empty(0), extra
+        acts, cs, tcs, xh, extra = (x.new_empty(0) for _ in range(5))
+    return out, h_T, c_T, acts, cs, tcs, xh, extra
+
+
+def _variant_weight_grads(mm: Any, dA: Tensor, dR: Tensor, x: Tensor, xh: Tensor, h_in: Tensor | None,
+                          has_bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dW_ih, dW_hh, db or None). Without the gates' LayerNorm (h_in None: it is xh's; dA is dR, the
+    pre-activations' gradient), ONE matmul dA^T [h_in | x | 1] as the plain cell's backward gives all three; with
+    it, dA^T x and dR^T h_in apart, and db (a column sum after the normalisation) is not among them."""
+    T, B, H4 = dA.shape
+    H, n_in, flat = H4 // 4, x.shape[2], T * B
+    if h_in is None:
+        dw = mm(dA.view(flat, H4).t(), xh.view(flat, xh.shape[2]))  # (4H, K)
+        return dw[:, H : H + n_in].clone(), dw[:, :H].clone(), dw[:, H + n_in].clone() if has_bias else None
+    return mm(dA.view(flat, H4).t(), x.reshape(flat, n_in)), mm(dR.view(flat, H4).t(), h_in.reshape(flat, H)), None
 
 
 def _variant_backward_impl(
     d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor, weight_ih: Tensor,
-    weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor, extra: Tensor,
+    weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor, xh: Tensor, extra: Tensor,
     ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None, recurrent_mask: Tensor | None,
     zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool, need_weights: bool,
 ) -> tuple[Tensor, ...]:
@@ -613,10 +661,10 @@ def _variant_backward_impl(
     native = _native_for(acts)
     if native is not None and T and B:
         return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs,
-                                        tcs, extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask,
+                                        tcs, xh, extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask,
                                         has_bias, need_x, need_h0, need_weights)
     layer_norm = ln_gates is not None
-    v = _extra_views(extra, H, layer_norm or ln_cell is not None)
+    v = _extra_views(extra, H, layer_norm, ln_cell is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
     dh = acts.new_zeros(B, H) if d_hT is None else d_hT.contiguous().clone()
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
@@ -669,14 +717,12 @@ def _variant_backward_impl(
     def empty() -> Tensor:  # a distinct tensor each: a custom op's outputs may not alias
         return acts.new_empty(0)
 
-    flat = T * B
-    dx = torch.mm(dA.view(flat, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
+    dx = torch.mm(dA.view(T * B, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
-        dw_ih = torch.mm(dA.view(flat, H4).t(), x.reshape(flat, x.shape[-1]))
-        dw_hh = torch.mm(dR.view(flat, H4).t(), v["h_in"].reshape(flat, H))
+        dw_ih, dw_hh, db_mm = _variant_weight_grads(torch.mm, dA, dR, x, xh, v.get("h_in"), has_bias)
         if has_bias:
-            db = dZ.sum((0, 1))
+            db = dZ.sum((0, 1)) if db_mm is None else db_mm
         if layer_norm:
             d_ln_gates = torch.stack([(dZ * v["a_hat"]).sum((0, 1)), (dZ * v["r_hat"]).sum((0, 1))])
         if ln_cell is not None:
@@ -708,37 +754,45 @@ def _variant_forward_native(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weig
                             ln_cell: Tensor | None, peephole: Tensor | None, recurrent_mask: Tensor | None,
                             zoneout_mask: Tensor | None) -> tuple[Tensor, ...]:
     """_variant_forward on the compiled loops (T, B > 0)."""
-    T, B, _ = x.shape
+    T, B, n_in = x.shape
     H = c0.shape[1]
     packed = batch_sizes is not None
+    layer_norm = ln_gates is not None
 
     def new(*shape: int) -> Tensor:
         buf = _cache().empty(shape, x) if save else x.new_empty(shape)
         return buf.zero_() if packed else buf  # a packed step leaves rows untouched: they must read as zeros
 
     acts, cs, tcs, out = new(T, B, 4 * H), new(T, B, H), new(T, B, H), new(T, B, H)
-    extra = new(T, B, _extra_width(H, ln_gates is not None or ln_cell is not None))
+    extra = new(T, B, _extra_width(H, layer_norm, ln_cell is not None))
+    h_in0 = h0 if recurrent_mask is None else h0 * recurrent_mask  # variational recurrent dropout
+    if layer_norm:  # the loop takes x, W_ih and W_hh apart; h_in of step 0 goes into extra
+        xh, w = x.new_empty(0), x.new_empty(0)
+        _extra_views(extra, H, True, ln_cell is not None)["h_in"][0] = h_in0
+    else:
+        xh = _input_rows(x, h_in0, _width(H, n_in, bias is not None), bias is not None, new)
+        w = _stacked_weights(weight_ih, weight_hh, bias)
     sizes = batch_sizes.to(torch.int64).contiguous() if packed else None
     native.variant_forward(x.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(),
                            weight_hh.contiguous(), _contiguous(bias), _contiguous(ln_gates), _contiguous(ln_cell),
-                           _contiguous(peephole), _contiguous(recurrent_mask), _native_zoneout(zoneout_mask),
+                           _contiguous(peephole), _contiguous(recurrent_mask), _native_zoneout(zoneout_mask), xh, w,
                            acts, cs, tcs, out, extra, sizes)
     h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
-    if not save:  # four distinct tensors: a custom op's outputs may not alias
-        acts, cs, tcs, extra = (x.new_empty(0) for _ in range(4))
-    return out, h_T, c_T, acts, cs, tcs, x.new_empty(0), extra
+    if not save:  # five distinct tensors: a custom op's outputs may not alias
+        acts, cs, tcs, xh, extra = (x.new_empty(0) for _ in range(5))
+    return out, h_T, c_T, acts, cs, tcs, xh, extra
 
 
 def _variant_backward_native(
     native: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor,
     weight_ih: Tensor, weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor,
-    extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
+    xh: Tensor, extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
     recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool,
     need_weights: bool,
 ) -> tuple[Tensor, ...]:
     """_variant_backward_impl on the compiled loops (T, B > 0): they give the gradients w.r.t. x W_ih^T (dA) and
-    h_in W_hh^T (dR), the same tensor without the gates' LayerNorm, and the column sums of the bias, LayerNorm and
-    peephole gradients; dx, dW_ih and dW_hh are one matmul each over all steps."""
+    h_in W_hh^T (dR), the same tensor without the gates' LayerNorm, and the column sums of the bias (gates'
+    LayerNorm), LayerNorm and peephole gradients; dx and the weight gradients are matmuls over all steps."""
     T, B, H4 = acts.shape
     H = H4 // 4
     layer_norm = ln_gates is not None
@@ -757,28 +811,13 @@ def _variant_backward_native(
     def empty() -> Tensor:  # a distinct tensor each: a custom op's outputs may not alias
         return acts.new_empty(0)
 
-    flat = T * B
-    dx = _mm(native, dA.view(flat, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
+    dx = _mm(native, dA.view(T * B, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
-        h_in = _extra_views(extra, H, layer_norm or ln_cell is not None)["h_in"].reshape(flat, H)
-        if layer_norm:  # the two products have gradients of their own
-            dw_ih = _mm(native, dA.view(flat, H4).t(), x.reshape(flat, x.shape[-1]))
-            dw_hh = _mm(native, dR.view(flat, H4).t(), h_in)
-            if has_bias:
-                db = sums[:H4].clone()
-        else:  # dA is dR: [dW_hh | dW_ih | db] = dA^T [h_in | x | 1] in ONE matmul, as the plain cell's backward
-            n_in = x.shape[2]  # (a thin matmul of its own, N = I, runs at a fraction of the wide one's speed)
-            xh = _cache().empty((flat, _width(H, n_in, has_bias)), acts)
-            xh[:, :H] = h_in
-            xh[:, H : H + n_in] = x.reshape(flat, n_in)
-            xh[:, H + n_in :] = 0.0
-            if has_bias:
-                xh[:, H + n_in] = 1.0
-            dw = _mm(native, dA.view(flat, H4).t(), xh)
-            dw_hh, dw_ih = dw[:, :H].clone(), dw[:, H : H + n_in].clone()
-            if has_bias:
-                db = dw[:, H + n_in].clone()
+        h_in = _extra_views(extra, H, layer_norm, ln_cell is not None).get("h_in")
+        dw_ih, dw_hh, db_mm = _variant_weight_grads(functools.partial(_mm, native), dA, dR, x, xh, h_in, has_bias)
+        if has_bias:
+            db = sums[:H4].clone() if db_mm is None else db_mm
         if layer_norm:
             d_ln_gates = sums[H4 : 3 * H4].view(2, H4).clone()
         if ln_cell is not None:
@@ -789,9 +828,9 @@ def _variant_backward_native(
     return dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep
 
 
-def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs, tcs, extra,  # noqa: ANN001, ANN202
-                           ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask, has_bias, need_x, need_h0,  # noqa: ANN001
-                           need_weights):  # noqa: ANN001
+def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs, tcs, xh,  # noqa: ANN001, ANN202
+                           extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask, has_bias, need_x,  # noqa: ANN001
+                           need_h0, need_weights):  # noqa: ANN001
     T, B, H4 = acts.shape
     H, w = H4 // 4, need_weights
     shapes = [x.shape if need_x else (0,), (B, H) if need_h0 else (0,), (B, H) if need_h0 else (0,),
@@ -805,9 +844,9 @@ def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch
 @torch.library.custom_op(
     "lstmlab::lstm_variant_layer_backward", mutates_args=(),
     schema="""(Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor x, Tensor c0, Tensor weight_ih, Tensor weight_hh,
-    Tensor? batch_sizes, Tensor acts, Tensor cs, Tensor tcs, Tensor extra, Tensor? ln_gates, Tensor? ln_cell,
-    Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, bool has_bias, bool need_x, bool need_h0,
-    bool need_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)""",
+    Tensor? batch_sizes, Tensor acts, Tensor cs, Tensor tcs, Tensor xh, Tensor extra, Tensor? ln_gates,
+    Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, bool has_bias, bool need_x,
+    bool need_h0, bool need_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)""",
 )
 def lstm_variant_layer_backward(*args: Any) -> tuple[Tensor, ...]:
     """The hand-written BPTT of ``lstm_layer`` with a variant; reads the saved tensors only."""
@@ -864,12 +903,11 @@ def _backward_all(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Ten
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
     has_bias = b_ih is not None or b_hh is not None
     if ctx.variant:
-        grads = torch.ops.lstmlab.lstm_variant_layer_backward(
-            d_out, d_hT, d_cT, x, c0, w_ih, w_hh, batch_sizes, acts, cs, tcs, extra,
-            *(variant.get(name) for name in VARIANT_ARGS), has_bias, need[0], need[1] or need[2],
-            any(need[3:]) or any(need_variant),
-        )
-        dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = grads
+        args = (d_out, d_hT, d_cT, x, c0, w_ih, w_hh, batch_sizes, acts, cs, tcs, xh, extra,
+                *(variant.get(name) for name in VARIANT_ARGS), has_bias, need[0], need[1] or need[2],
+                any(need[3:]) or any(need_variant))
+        op = _variant_backward_impl if _plain_eager(*args) else torch.ops.lstmlab.lstm_variant_layer_backward
+        dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = op(*args)
         out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, None]
         result = [o if n else None for o, n in zip(out, need, strict=True)]
         if need[5] and need[6]:

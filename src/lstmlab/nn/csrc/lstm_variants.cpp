@@ -4,21 +4,22 @@
 // The equations are lstmlab.nn.cell.lstm_step's; fused.py's variant section holds the same loops in Python (the
 // fallback) and documents the buffers, which both kinds of loops fill alike.
 //
-// forward:  A = x W_ih^T for all steps in ONE matmul before the loop (+ b, without the gates' LayerNorm); per step
-//           h_in = h_{t-1} * mask and ONE matmul adding h_in W_hh^T onto A in place, or, with the gates'
-//           LayerNorm, writing it apart (A and it are each normalised in the row pass). Then ONE pass per row over
-//           the gates (LayerNorms, peepholes, activations, c', the cell's LayerNorm, zoneout).
+// forward:  without the gates' LayerNorm, per step ONE matmul [h_in | x_t | 1] @ [W_hh | W_ih | b]^T over xh, as the
+//           plain cell (lstm_native.cpp); with it, A = x W_ih^T for all steps in ONE matmul before the loop and per
+//           step ONE matmul h_in W_hh^T apart (A and it are each normalised in the row pass). Then ONE pass per row
+//           over the gates (LayerNorms, peepholes, activations, c', the cell's LayerNorm, zoneout) that also writes
+//           the next step's h_in = h_t * mask (h_in of step 0 is the caller's).
 // backward: per step (last to first) ONE pass per row that turns dh, dc into the gradient of the pre-activations
 //           (through zoneout, the cell LayerNorm, peepholes, the gates' LayerNorm) and dc_{t-1}, accumulating the
 //           column sums of the LayerNorm, peephole and (with the gates' LayerNorm) bias gradients on the way (in
 //           double); then ONE matmul dh_{t-1} = dR_t W_hh (times the mask, plus zoneout's carry). dx, dW_ih and
 //           dW_hh (and db without the gates' LayerNorm) are matmuls over all steps, done in Python after the loop.
 //
-// LayerNorm in float stays as accurate as the reference's: its statistics (mean and variance, and the two means of
-// its backward) are sums in double, the backward's result is computed in double before rounding, and the normalised
-// value subtracts the mean split in two floats. In float, 1/std reaches 1/sqrt(eps) ~ 316 on rows of nearly equal
-// values, and digits lost in float sums would be scaled up by it. For the same reason tanh is lstm_math.h's
-// tanh_accurate (small relative error near 0), and zoneout keeps z = 0 or 1 exact (see zone()).
+// LayerNorm in float is computed as the reference computes it, two-pass statistics in float (see normalize_row),
+// and held to the reference's accuracy by the fp32 tests (against fp64). In float, 1/std reaches 1/sqrt(eps) ~ 316 on
+// rows of nearly equal values, which scales up any rounding before it: so tanh is lstm_math.h's tanh_accurate (small
+// relative error near 0) where a LayerNorm runs (the plain cell's tanh_ elsewhere), and zoneout keeps z = 0 or 1
+// exact (see zone()). The parameters' column sums over rows and steps are kept in double.
 //
 // As in lstm_native.cpp: a batch is cut into row blocks that run the whole sequence on separate threads
 // (over_blocks), pointwise loops are plain loops the compiler vectorises, exp is lstm_math.h's branch-free one.
@@ -44,8 +45,19 @@
 namespace {
 
 using lstmlab::sigmoid;
+using lstmlab::tanh_;
 // tanh with a small relative error near 0 too (lstm_math.h): a LayerNorm divides differences by their spread.
 using lstmlab::tanh_accurate;
+
+// tanh_accurate where a LayerNorm runs (ACC), else the plain cell's tanh_.
+template <bool ACC, typename T>
+inline T tanh_v(T x) {
+  if constexpr (ACC) {
+    return tanh_accurate(x);
+  } else {
+    return tanh_(x);
+  }
+}
 
 constexpr double kLnEps = 1e-5;  // lstmlab.nn.cell.LN_EPS
 
@@ -88,118 +100,110 @@ void with_flag(bool b, F&& f) {
   }
 }
 
-// --- LayerNorm of one row, accurate in float ---------------------------------------------------------------------
+// --- LayerNorm of one row -----------------------------------------------------------------------------------------
+//
+// The forward in the row's own dtype, as the reference computes it with torch's float ops: the mean, d = v - mean,
+// the mean of d^2. The backward's two means and its result in double: the fp32 tests against fp64 measured the
+// backward's rounding, not the forward's, as what sets the fused LayerNorm's error apart from the reference's.
+
+// Σ a[k] (* b[k] (* c[k])) over N values in Acc, b and c optional: four independent vector partial sums (GCC/Clang
+// vector extensions, 64 bytes: one AVX-512 register where the CPU has them), so that the additions neither wait on
+// each other nor go through memory, then the tail.
+template <typename Acc, typename T>
+inline Acc row_dot(const T* a, const T* b, const T* c, int64_t N) {
+  typedef Acc V __attribute__((vector_size(64)));
+  typedef T U __attribute__((vector_size(64 / sizeof(Acc) * sizeof(T))));
+  constexpr int64_t W = 64 / sizeof(Acc);
+  const auto load = [](const T* p) {
+    U u;
+    std::memcpy(&u, p, sizeof(U));
+    return __builtin_convertvector(u, V);
+  };
+  const auto term = [&](int64_t k) {
+    V v = load(a + k);
+    if (b != nullptr) v *= load(b + k);
+    if (c != nullptr) v *= load(c + k);
+    return v;
+  };
+  V s0{}, s1{}, s2{}, s3{};
+  int64_t k = 0;
+  for (; k + 4 * W <= N; k += 4 * W) {
+    s0 += term(k);
+    s1 += term(k + W);
+    s2 += term(k + 2 * W);
+    s3 += term(k + 3 * W);
+  }
+  for (; k + W <= N; k += W) {
+    s0 += term(k);
+  }
+  const V s = (s0 + s1) + (s2 + s3);
+  Acc r = Acc(0);
+  for (int64_t l = 0; l < W; ++l) {
+    r += s[l];
+  }
+  for (; k < N; ++k) {
+    Acc v = static_cast<Acc>(a[k]);
+    if (b != nullptr) v *= static_cast<Acc>(b[k]);
+    if (c != nullptr) v *= static_cast<Acc>(c[k]);
+    r += v;
+  }
+  return r;
+}
 
 // hat = (v - mean) / sqrt(var + eps) over N values (biased variance; hat may be v itself); returns 1/sqrt(var+eps).
-// One pass of sums in double of d = v - v[0] and d^2 (shifted by a value of the row, E[d^2] - E[d]^2 does not
-// cancel), in kLanes independent partial sums so that the additions do not wait on each other; then hat in T with
-// the mean split in two (v - hi is exact for v near the mean, which is where the digits matter).
-constexpr int64_t kLanes = 16;
-
 template <typename T>
-double normalize_row(const T* v, T* hat, int64_t N) {
-  const double K = static_cast<double>(v[0]);
-  double a[kLanes] = {}, q[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= N; k += kLanes) {
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const double d = static_cast<double>(v[k + l]) - K;
-      a[l] += d;
-      q[l] += d * d;
-    }
-  }
-  double s1 = 0.0, s2 = 0.0;
-  for (; k < N; ++k) {
-    const double d = static_cast<double>(v[k]) - K;
-    s1 += d;
-    s2 += d * d;
-  }
-  for (int64_t l = 0; l < kLanes; ++l) {
-    s1 += a[l];
-    s2 += q[l];
-  }
-  const double m = s1 / static_cast<double>(N);
-  const double var = std::max(0.0, s2 / static_cast<double>(N) - m * m);
-  const double mean = K + m;
-  const double rstd = 1.0 / std::sqrt(var + kLnEps);
-  const T hi = static_cast<T>(mean);
-  const T lo = static_cast<T>(mean - static_cast<double>(hi));
-  const T r = static_cast<T>(rstd);
-#pragma omp simd
+T normalize_row(const T* v, T* hat, int64_t N) {
+  const T n = static_cast<T>(N);
+  const T mean = row_dot<T, T>(v, nullptr, nullptr, N) / n;
   for (int64_t j = 0; j < N; ++j) {
-    hat[j] = ((v[j] - hi) - lo) * r;
+    hat[j] = v[j] - mean;
+  }
+  const T var = row_dot<T, T>(hat, hat, nullptr, N) / n;
+  const T rstd = T(1) / std::sqrt(var + static_cast<T>(kLnEps));
+  for (int64_t j = 0; j < N; ++j) {
+    hat[j] *= rstd;
   }
   return rstd;
 }
 
 // The gradient w.r.t. v of y = gamma * LN(v), from dy: rstd * (g - mean(g) - hat * mean(g * hat)), g = dy * gamma,
-// in double, ADDED to dv (which may not alias dy). Also adds dy * hat into acc_gamma (the gain's gradient).
+// ADDED to dv (which may not alias dy). Also adds dy * hat into acc_gamma and dy into acc_beta (the gain's and
+// the bias's gradients).
 template <typename T>
-void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, const T* __restrict hat, double rstd,
-                            T* __restrict dv, int64_t N, double* __restrict acc_gamma) {
-  double s1 = 0.0, s2 = 0.0;
-#pragma omp simd reduction(+ : s1, s2)
+void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, const T* __restrict hat, T rstd,
+                            T* __restrict dv, int64_t N, double* __restrict acc_gamma, double* __restrict acc_beta) {
+  const double n = static_cast<double>(N);
+  const double m1 = row_dot<double>(dy, gamma, static_cast<const T*>(nullptr), N) / n;
+  const double m2 = row_dot<double>(dy, gamma, hat, N) / n;
+  const double r = static_cast<double>(rstd);
   for (int64_t k = 0; k < N; ++k) {
     const double g = static_cast<double>(dy[k]) * static_cast<double>(gamma[k]);
-    s1 += g;
-    s2 += g * static_cast<double>(hat[k]);
-  }
-  const double m1 = s1 / static_cast<double>(N), m2 = s2 / static_cast<double>(N);
-#pragma omp simd
-  for (int64_t k = 0; k < N; ++k) {
-    const double g = static_cast<double>(dy[k]) * static_cast<double>(gamma[k]);
-    dv[k] += static_cast<T>((g - m1 - static_cast<double>(hat[k]) * m2) * rstd);
-    acc_gamma[k] += static_cast<double>(dy[k]) * static_cast<double>(hat[k]);
+    dv[k] += static_cast<T>((g - m1 - static_cast<double>(hat[k]) * m2) * r);
+    acc_gamma[k] += static_cast<double>(dy[k] * hat[k]);
+    acc_beta[k] += static_cast<double>(dy[k]);
   }
 }
 
 // The gates' LayerNorm backward for one row: z = γ_ih LN(A) + γ_hh LN(R) + b, from dz to dA and dR (as
-// normalize_backward_row, both in one pass over dz), adding dz * â and dz * r̂ into the gains' sums.
+// normalize_backward_row for each), adding dz * â, dz * r̂ and dz into the gains' and the bias's sums.
 template <typename T>
-void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, const T* __restrict a_hat,
-                           double rstd_a, const T* __restrict gain_r, const T* __restrict r_hat, double rstd_r,
-                           T* __restrict dA, T* __restrict dR, int64_t N, double* __restrict acc_a,
-                           double* __restrict acc_r) {
-  constexpr int64_t L = 8;
-  double p[L] = {}, q[L] = {}, u[L] = {}, w[L] = {};
-  int64_t k = 0;
-  for (; k + L <= N; k += L) {
-#pragma omp simd
-    for (int64_t l = 0; l < L; ++l) {
-      const double d = static_cast<double>(dz[k + l]);
-      const double ga = d * static_cast<double>(gain_a[k + l]), gr = d * static_cast<double>(gain_r[k + l]);
-      p[l] += ga;
-      q[l] += ga * static_cast<double>(a_hat[k + l]);
-      u[l] += gr;
-      w[l] += gr * static_cast<double>(r_hat[k + l]);
-    }
-  }
-  double s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0;
-  for (; k < N; ++k) {
-    const double d = static_cast<double>(dz[k]);
-    const double ga = d * static_cast<double>(gain_a[k]), gr = d * static_cast<double>(gain_r[k]);
-    s1 += ga;
-    s2 += ga * static_cast<double>(a_hat[k]);
-    s3 += gr;
-    s4 += gr * static_cast<double>(r_hat[k]);
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    s1 += p[l];
-    s2 += q[l];
-    s3 += u[l];
-    s4 += w[l];
-  }
+void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, const T* __restrict a_hat, T rstd_a,
+                           const T* __restrict gain_r, const T* __restrict r_hat, T rstd_r, T* __restrict dA,
+                           T* __restrict dR, int64_t N, double* __restrict acc_a, double* __restrict acc_r,
+                           double* __restrict acc_b) {
   const double n = static_cast<double>(N);
-  const double m1 = s1 / n, m2 = s2 / n, m3 = s3 / n, m4 = s4 / n;
-#pragma omp simd
+  const T* const none = nullptr;
+  const double m1 = row_dot<double>(dz, gain_a, none, N) / n, m2 = row_dot<double>(dz, gain_a, a_hat, N) / n;
+  const double m3 = row_dot<double>(dz, gain_r, none, N) / n, m4 = row_dot<double>(dz, gain_r, r_hat, N) / n;
+  const double ra = static_cast<double>(rstd_a), rr = static_cast<double>(rstd_r);
   for (int64_t j = 0; j < N; ++j) {
-    const double d = static_cast<double>(dz[j]);
-    const double av = static_cast<double>(a_hat[j]), rv = static_cast<double>(r_hat[j]);
-    dA[j] = static_cast<T>((d * static_cast<double>(gain_a[j]) - m1 - av * m2) * rstd_a);
-    dR[j] = static_cast<T>((d * static_cast<double>(gain_r[j]) - m3 - rv * m4) * rstd_r);
-    acc_a[j] += d * av;
-    acc_r[j] += d * rv;
+    const double d = static_cast<double>(dz[j]), av = static_cast<double>(a_hat[j]);
+    const double rv = static_cast<double>(r_hat[j]);
+    dA[j] = static_cast<T>((d * static_cast<double>(gain_a[j]) - m1 - av * m2) * ra);
+    dR[j] = static_cast<T>((d * static_cast<double>(gain_r[j]) - m3 - rv * m4) * rr);
+    acc_a[j] += static_cast<double>(dz[j] * a_hat[j]);
+    acc_r[j] += static_cast<double>(dz[j] * r_hat[j]);
+    acc_b[j] += static_cast<double>(dz[j]);
   }
 }
 
@@ -237,12 +241,16 @@ struct FwdStep {
   const T* zc;       // zoneout weights of the previous c and h: rows of z_stride
   const T* zh;
   int64_t z_stride;  // H, or 0 when one row of weights serves every row (eval: the probabilities)
+  T* h_next;         // the next step's h_in, rows of h_stride (xh's h columns, or extra's h_in), or null
+  int64_t h_stride;
+  int64_t n_next;    // rows of this step that the next step runs
+  const T* mask;     // (n, H) the recurrent-dropout mask, or null
 };
 
 // The gates of one row: z (pre-activations, i f g o blocks of H) -> activations in place, c' into cn and, without
 // the cell LayerNorm, tanh(c'), h and c after zoneout too. Pointers as restrict parameters, so that the compiler
 // knows the rows apart and vectorises the loop.
-template <typename T, bool PEEP, bool LNC, bool ZONE>
+template <typename T, bool PEEP, bool LNC, bool ZONE, bool ACC>
 inline void gates_row(T* __restrict zi, T* __restrict zf, T* __restrict zg, T* __restrict zo,
                       const T* __restrict pi, const T* __restrict pf, const T* __restrict po,
                       const T* __restrict cp, const T* __restrict hp, const T* __restrict zc,
@@ -256,7 +264,7 @@ inline void gates_row(T* __restrict zi, T* __restrict zf, T* __restrict zg, T* _
     }
     const T i = sigmoid(ai);
     const T f = sigmoid(af);
-    const T g = tanh_accurate(zg[j]);
+    const T g = tanh_v<ACC>(zg[j]);
     const T c1 = f * cp[j] + i * g;
     if constexpr (PEEP) {  // o sees the new one
       ao += po[j] * c1;
@@ -268,7 +276,7 @@ inline void gates_row(T* __restrict zi, T* __restrict zf, T* __restrict zg, T* _
     zo[j] = o;
     cn[j] = c1;
     if constexpr (!LNC) {
-      const T tcj = tanh_accurate(c1);
+      const T tcj = tanh_v<ACC>(c1);
       tcb[j] = tcj;
       T hv = o * tcj;
       if constexpr (ZONE) {  // keep the previous value with weight z (exactly, for z = 0 or 1: see zone())
@@ -312,16 +320,29 @@ inline void ln_gates_row(const T* __restrict a, const T* __restrict ga, const T*
   }
 }
 
+// The next step's h_in from this step's h: h * mask (variational recurrent dropout) or h itself.
+template <typename T>
+inline void next_input_row(const T* __restrict h, const T* __restrict m, T* __restrict h_in, int64_t H) {
+  if (m == nullptr) {
+    std::memcpy(h_in, h, sizeof(T) * H);
+    return;
+  }
+  for (int64_t j = 0; j < H; ++j) {
+    h_in[j] = h[j] * m[j];
+  }
+}
+
 template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
 void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, H4 = 4 * H;
+  constexpr bool ACC = LNG || LNC;
   for (int64_t b = b0; b < b1; ++b) {
     T* const z = s.acts + b * H4;
     if constexpr (LNG) {
       T* const a = s.a_hat + b * H4;
       T* const r = s.r_hat + b * H4;
-      s.rstd[b * 3 + 1] = static_cast<T>(normalize_row(a, a, H4));
-      s.rstd[b * 3 + 2] = static_cast<T>(normalize_row(r, r, H4));
+      s.rstd[b * 3 + 1] = normalize_row(a, a, H4);
+      s.rstd[b * 3 + 2] = normalize_row(r, r, H4);
       ln_gates_row(a, s.gain_ih, r, s.gain_hh, s.bias, z, H4);
     }
     const T* const cp = s.c_prev + b * H;
@@ -329,14 +350,17 @@ void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
     const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
     const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
     T* const cn = s.c_new + b * H;
-    gates_row<T, PEEP, LNC, ZONE>(z, z + H, z + 2 * H, z + 3 * H, s.peep, PEEP ? s.peep + H : nullptr,
+    gates_row<T, PEEP, LNC, ZONE, ACC>(z, z + H, z + 2 * H, z + 3 * H, s.peep, PEEP ? s.peep + H : nullptr,
                                   PEEP ? s.peep + 2 * H : nullptr, cp, hp, zc, zh, cn, s.tc + b * H, s.h + b * H,
                                   s.c + b * H, H);
     if constexpr (LNC) {  // h = o * tanh(γ_c LN(c') + β_c); c' itself keeps its scale
       T* const ch = s.c_hat + b * H;
-      s.rstd[b * 3] = static_cast<T>(normalize_row(cn, ch, H));
+      s.rstd[b * 3] = normalize_row(cn, ch, H);
       cell_out_row<T, ZONE>(ch, s.gain_c, s.bias_c, z + 3 * H, cn, cp, hp, zc, zh, s.tc + b * H, s.h + b * H,
                             s.c + b * H, H);
+    }
+    if (s.h_next != nullptr && b < s.n_next) {
+      next_input_row(s.h + b * H, s.mask == nullptr ? nullptr : s.mask + b * H, s.h_next + b * s.h_stride, H);
     }
   }
 }
@@ -371,20 +395,27 @@ struct Extra {
   T* rstd;
 };
 
+// fused.py's _extra_parts: c_new (H); h_in (H, gates' LayerNorm); ĉ (H, cell LayerNorm); â, r̂ (4H each, gates'
+// LayerNorm); rstd (3, either LayerNorm). Absent parts are null.
 template <typename T>
-Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, bool norm_any) {
-  const int64_t width = 2 * H + (norm_any ? 9 * H + 3 : 0);
+Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, bool lng, bool lnc) {
+  const int64_t width = H + (lng ? 9 * H : 0) + (lnc ? H : 0) + (lng || lnc ? 3 : 0);
   TORCH_CHECK(extra.dim() == 3 && extra.size(0) == T_ && extra.size(1) == B && extra.size(2) == width,
               "lstmlab_native: extra must be (T, B, ", width, ")");
-  T* const base = extra.data_ptr<T>();
-  const int64_t n = T_ * B * H;
-  Extra<T> e{base, base + n, nullptr, nullptr, nullptr, nullptr};
-  if (norm_any) {
-    e.c_hat = base + 2 * n;
-    e.a_hat = base + 3 * n;
-    e.r_hat = base + 7 * n;
-    e.rstd = base + 11 * n;
-  }
+  T* p = extra.data_ptr<T>();
+  const int64_t n = T_ * B;
+  auto take = [&](bool present, int64_t w) {
+    T* const part = present ? p : nullptr;
+    p += present ? n * w : 0;
+    return part;
+  };
+  Extra<T> e{};
+  e.c_new = take(true, H);
+  e.h_in = take(lng, H);
+  e.c_hat = take(lnc, H);
+  e.a_hat = take(lng, 4 * H);
+  e.r_hat = take(lng, 4 * H);
+  e.rstd = take(lng || lnc, 3);
   return e;
 }
 
@@ -403,20 +434,24 @@ int64_t zoneout_layout(const at::Tensor& zm, int64_t T, int64_t B, int64_t H, in
 
 // The forward pass of one layer and direction with a variant. x (T, B, I); h0, c0 (B, H); w_ih (4H, I); w_hh
 // (4H, H); bias (4H) = b_ih + b_hh or None; ln_gates (2, 4H), ln_cell (2, H), peephole (3, H), recurrent_mask (B, H),
-// zoneout_mask as zoneout_layout says, each None when off. Writes acts (T, B, 4H) = i, f, g, o; cs, tcs, out (T, B, H)
-// = c_t, tanh of what h reads, h_t; extra (T, B, E) as fused.py's _extra_views. With batch_sizes only live rows are
-// written, except acts' dead rows, which are zeroed; the caller zeroes the other buffers for a packed batch.
+// zoneout_mask as zoneout_layout says, each None when off. Without the gates' LayerNorm, xh (T, B, K) = rows
+// [h_in | x_t | 1 | 0...] with step 0's h_in in place and w (4H, K) = [W_hh | W_ih | b | 0...] (fused.py's
+// _input_rows, _stacked_weights); with it both are empty, and extra's h_in holds step 0's. Writes acts (T, B, 4H) =
+// i, f, g, o; cs, tcs, out (T, B, H) = c_t, tanh of what h reads, h_t; extra (T, B, E) as fused.py's _extra_views;
+// each later step's h_in. With batch_sizes only live rows are written (a_hat's dead rows are zeroed); the caller
+// zeroes the buffers for a packed batch.
 void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& ln_gates, const c10::optional<at::Tensor>& ln_cell,
                      const c10::optional<at::Tensor>& peephole, const c10::optional<at::Tensor>& recurrent_mask,
-                     const c10::optional<at::Tensor>& zoneout_mask, at::Tensor acts, at::Tensor cs, at::Tensor tcs,
-                     at::Tensor out, at::Tensor extra, const c10::optional<at::Tensor>& batch_sizes) {
+                     const c10::optional<at::Tensor>& zoneout_mask, at::Tensor xh, const at::Tensor& w,
+                     at::Tensor acts, at::Tensor cs, at::Tensor tcs, at::Tensor out, at::Tensor extra,
+                     const c10::optional<at::Tensor>& batch_sizes) {
   const auto dtype = x.scalar_type();
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = c0.size(1), H4 = 4 * H;
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&x, "x"}, {&h0, "h0"}, {&c0, "c0"},
-                                {&w_ih, "w_ih"}, {&w_hh, "w_hh"}, {&acts, "acts"}, {&cs, "cs"}, {&tcs, "tcs"},
-                                {&out, "out"}, {&extra, "extra"}}) {
+                                {&w_ih, "w_ih"}, {&w_hh, "w_hh"}, {&xh, "xh"}, {&w, "w"}, {&acts, "acts"},
+                                {&cs, "cs"}, {&tcs, "tcs"}, {&out, "out"}, {&extra, "extra"}}) {
     check(*t, dtype, name);
   }
   for (const auto& [t, name] : {std::pair<const c10::optional<at::Tensor>*, const char*>{&bias, "bias"},
@@ -441,6 +476,14 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   if (given(recurrent_mask)) check_numel(*recurrent_mask, B * H, "recurrent_mask");
   const bool lng = given(ln_gates), lnc = given(ln_cell), peep = given(peephole), zone = given(zoneout_mask);
   const bool rmask = given(recurrent_mask);
+  const int64_t K = lng ? 0 : w.size(-1);
+  if (lng) {
+    TORCH_CHECK(xh.numel() == 0 && w.numel() == 0, "lstmlab_native: with the gates' LayerNorm, xh and w are empty");
+  } else {
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == H4 && K >= H + I && xh.dim() == 3 && xh.size(0) == T &&
+                    xh.size(1) == B && xh.size(2) == K,
+                "lstmlab_native: xh must be (T, B, K) and w (4H, K), K >= H + I");
+  }
   int64_t z_step = 0, z_row = 0;
   if (zone) {
     z_row = zoneout_layout(*zoneout_mask, T, B, H, &z_step);
@@ -449,9 +492,6 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   if (T == 0 || B == 0) {
     return;
   }
-  const at::Tensor x2 = x.view({T * B, I});
-  const at::Tensor w_hh_t = w_hh.t();  // (H, 4H)
-  const at::Tensor w_ih_t = w_ih.t();  // (I, 4H)
   const at::Tensor flat = extra.view({-1});
   const int64_t tbh = T * B * H;
   at::Tensor zeros4;  // the bias added after the gates' LayerNorm when there is none
@@ -461,26 +501,26 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_forward", [&] {
     using T_ = scalar_t;
-    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
+    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc);
     T_* const ap = acts.data_ptr<T_>();
-    // Every step's x W_ih^T in one matmul before the loop: into acts with b added (plain gates), or into a_hat
-    // (gates' LayerNorm; normalised in place by the row pass, b added after the normalisation).
-    {
-      T_* const dst = lng ? e.a_hat : ap;
-      at::Tensor a = lng ? flat.narrow(0, 3 * tbh, T * B * H4).view({T * B, H4}) : acts.view({T * B, H4});
-      lstmlab::mm_out(a, x2, w_ih_t, onednn);
-      if (given(bias) && !lng) {
-        a.add_(*bias);
-      }
+    // The gates' LayerNorm: every step's x W_ih^T in one matmul before the loop, into a_hat (normalised in place by
+    // the row pass, b added after the normalisation).
+    if (lng) {
+      at::Tensor a = flat.narrow(0, (e.a_hat - e.c_new), T * B * H4).view({T * B, H4});
+      lstmlab::mm_out(a, x.view({T * B, I}), w_ih.t(), onednn);
       if (sizes != nullptr) {  // rows a packed step does not reach read as zeros, as the Python loop leaves them
         for (int64_t t = 0; t < T; ++t) {
           const int64_t n = live_rows(sizes, t, B);
           if (n < B) {
-            std::memset(dst + (t * B + n) * H4, 0, sizeof(T_) * (B - n) * H4);
+            std::memset(e.a_hat + (t * B + n) * H4, 0, sizeof(T_) * (B - n) * H4);
           }
         }
       }
     }
+    const at::Tensor w_t = lng ? w_hh.t() : w.t();  // (H, 4H) or (K, 4H)
+    // The h entering each step's recurrent product: rows of h_stride, step 0's written by the caller.
+    T_* const h_in = lng ? e.h_in : xh.data_ptr<T_>();
+    const int64_t h_stride = lng ? H : K;
     const ForwardRowsFn<T_> rows_fn = pick_forward<T_>(lng, lnc, peep, zone);
     T_* const cp = cs.data_ptr<T_>();
     T_* const tp = tcs.data_ptr<T_>();
@@ -500,26 +540,12 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
           break;  // live rows only shrink with t
         }
         const int64_t o1 = (t * B + r0) * H;  // this step's first row, in rows of H
-        const T_* const h_prev = t == 0 ? h0p + r0 * H : op + o1 - B * H;
-        const T_* const c_prev = t == 0 ? c0p + r0 * H : cp + o1 - B * H;
-        T_* const h_in = e.h_in + o1;
-        if (mp != nullptr) {  // variational recurrent dropout: the same mask at every step
-          const T_* __restrict m = mp + r0 * H;
-          const T_* __restrict hp = h_prev;
-          T_* __restrict hi = h_in;
-          for (int64_t k = 0; k < n * H; ++k) {
-            hi[k] = hp[k] * m[k];
-          }
-        } else {
-          std::memcpy(h_in, h_prev, sizeof(T_) * n * H);
-        }
-        const at::Tensor h_rows = flat.narrow(0, tbh + o1, n * H).view({n, H});
-        if (lng) {
-          at::Tensor r_rows = flat.narrow(0, 7 * tbh + o1 * 4, n * H4).view({n, H4});
-          lstmlab::mm_out(r_rows, h_rows, w_hh_t, onednn);  // R = h_in W_hh^T, normalised in the pass
-        } else {
+        if (lng) {  // R = h_in W_hh^T, normalised in the row pass
+          at::Tensor r_rows = flat.narrow(0, (e.r_hat - e.c_new) + o1 * 4, n * H4).view({n, H4});
+          lstmlab::mm_out(r_rows, flat.narrow(0, (e.h_in - e.c_new) + o1, n * H).view({n, H}), w_t, onednn);
+        } else {  // [h_in | x_t | 1] @ [W_hh | W_ih | b]^T
           at::Tensor g_rows = acts.select(0, t).narrow(0, r0, n);
-          lstmlab::addmm_(g_rows, h_rows, w_hh_t, onednn);  // A + h_in W_hh^T
+          lstmlab::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t, onednn);
         }
         FwdStep<T_> s{};
         s.H = H;
@@ -533,8 +559,8 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         s.peep = opt_ptr<T_>(peephole);
         s.gain_c = cell_ln;
         s.bias_c = lnc ? cell_ln + H : nullptr;
-        s.c_prev = c_prev;
-        s.h_prev = h_prev;
+        s.c_prev = t == 0 ? c0p + r0 * H : cp + o1 - B * H;
+        s.h_prev = t == 0 ? h0p + r0 * H : op + o1 - B * H;
         s.c_new = e.c_new + o1;
         s.c_hat = lnc ? e.c_hat + o1 : nullptr;
         s.tc = tp + o1;
@@ -544,6 +570,12 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
           s.zc = zp + t * z_step + r0 * z_row;
           s.zh = s.zc + z_half;
           s.z_stride = z_row;
+        }
+        if (t + 1 < T) {
+          s.h_next = h_in + ((t + 1) * B + r0) * h_stride;
+          s.h_stride = h_stride;
+          s.n_next = std::max<int64_t>(0, std::min(r1, live_rows(sizes, t + 1, B)) - r0);
+          s.mask = mp == nullptr ? nullptr : mp + r0 * H;
         }
         over_rows(n, H, [&](int64_t b0, int64_t b1) { rows_fn(s, b0, b1); });
       }
@@ -576,7 +608,8 @@ struct BwdStep {
   const T* zc;
   const T* zh;
   int64_t z_stride;
-  T* dh;  // (n, H): in, the gradient reaching h_t (the output's included); out, zoneout's carry to h_{t-1}
+  const T* d_out;  // (n, H) the gradient reaching h_t from the output, or null
+  T* dh;  // (n, H): in, the gradient reaching h_t from step t+1; out, zoneout's carry to h_{t-1}
   T* dc;  // (n, H): in, dc_t; out, dc_{t-1}
   T* dA;  // (n, 4H): the gradient w.r.t. x W_ih^T (= w.r.t. the pre-activations without the gates' LayerNorm)
   T* dR;  // (n, 4H): the gradient w.r.t. h_in W_hh^T (dA itself without the gates' LayerNorm)
@@ -586,12 +619,15 @@ struct BwdStep {
 
 // Backward through h = o * tanh(y) and zoneout, for one row: dzo, the gradient w.r.t. y (into dy with the cell
 // LayerNorm, else added to dc), zoneout's kept shares (dh's into dh itself, dc's into carry_c).
-template <typename T, bool LNC, bool ZONE>
-inline void out_back_row(T* __restrict dh, T* __restrict dc, const T* __restrict o, const T* __restrict tc,
-                         const T* __restrict zc, const T* __restrict zh, T* __restrict carry_c, T* __restrict dy,
-                         T* __restrict dzo, int64_t H) {
+template <typename T, bool LNC, bool ZONE, bool OUT>
+inline void out_back_row(T* __restrict dh, const T* __restrict d_out, T* __restrict dc, const T* __restrict o,
+                         const T* __restrict tc, const T* __restrict zc, const T* __restrict zh,
+                         T* __restrict carry_c, T* __restrict dy, T* __restrict dzo, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     T dhj = dh[j];
+    if constexpr (OUT) {
+      dhj += d_out[j];
+    }
     T dcj = dc[j];
     if constexpr (ZONE) {  // the kept share goes straight to the previous state
       dh[j] = dhj * zh[j];
@@ -644,17 +680,73 @@ inline void cell_back_row(const T* __restrict ai, const T* __restrict af, const 
   }
 }
 
-template <typename T>
-inline void accumulate(const T* __restrict v, double* __restrict acc, int64_t N) {
-  for (int64_t k = 0; k < N; ++k) {
-    acc[k] += static_cast<double>(v[k]);
+// Without either LayerNorm, out_back_row and cell_back_row in ONE pass over the row (as the plain cell's backward):
+// from dh (+ the output's), dc to the pre-activations' gradient dz, dc_{t-1} and zoneout's carry of h in dh.
+template <typename T, bool PEEP, bool ZONE, bool OUT>
+inline void plain_back_row(T* __restrict dh, const T* __restrict d_out, T* __restrict dc, const T* __restrict a,
+                           const T* __restrict tc, const T* __restrict cp, const T* __restrict cn,
+                           const T* __restrict peep, const T* __restrict zc, const T* __restrict zh,
+                           T* __restrict dz, double* __restrict acc_p, int64_t H) {
+  const T* __restrict ai = a;
+  const T* __restrict af = a + H;
+  const T* __restrict ag = a + 2 * H;
+  const T* __restrict ao = a + 3 * H;
+  T* __restrict dzi = dz;
+  T* __restrict dzf = dz + H;
+  T* __restrict dzg = dz + 2 * H;
+  T* __restrict dzo = dz + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    T dhj = dh[j];
+    if constexpr (OUT) {
+      dhj += d_out[j];
+    }
+    T dcj = dc[j];
+    T carry_c = T(0);
+    if constexpr (ZONE) {  // the kept share goes straight to the previous state
+      dh[j] = dhj * zh[j];
+      carry_c = dcj * zc[j];
+      dhj *= T(1) - zh[j];
+      dcj *= T(1) - zc[j];
+    }
+    const T i = ai[j], f = af[j], g = ag[j], o = ao[j], t = tc[j];
+    const T d_o = dhj * t * o * (T(1) - o);
+    dcj += dhj * o * (T(1) - t * t);  // through h = o * tanh(c')
+    if constexpr (PEEP) {  // o saw c'
+      dcj += d_o * peep[2 * H + j];
+    }
+    const T di = dcj * g * i * (T(1) - i);
+    const T df = dcj * cp[j] * f * (T(1) - f);
+    dzi[j] = di;
+    dzf[j] = df;
+    dzg[j] = dcj * i * (T(1) - g * g);
+    dzo[j] = d_o;
+    T dcp = dcj * f;
+    if constexpr (PEEP) {  // i and f saw c_{t-1}
+      dcp += di * peep[j] + df * peep[H + j];
+      acc_p[j] += static_cast<double>(di * cp[j]);
+      acc_p[H + j] += static_cast<double>(df * cp[j]);
+      acc_p[2 * H + j] += static_cast<double>(d_o * cn[j]);
+    }
+    if constexpr (ZONE) {
+      dcp += carry_c;
+    }
+    dc[j] = dcp;
   }
 }
 
-template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
+template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE, bool OUT>
 void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
   const int64_t H = s.H, H4 = 4 * H;
   double* const acc = s.acc + slot * kSums * H;
+  if constexpr (!LNG && !LNC) {
+    for (int64_t b = b0; b < b1; ++b) {
+      plain_back_row<T, PEEP, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, s.dc + b * H,
+                                         s.acts + b * H4, s.tc + b * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
+                                         ZONE ? s.zc + b * s.z_stride : nullptr,
+                                         ZONE ? s.zh + b * s.z_stride : nullptr, s.dA + b * H4, acc + 14 * H, H);
+    }
+    return;
+  }
   T* const scratch = s.scratch + slot * kScratch * H;
   T* const dy = scratch + 4 * H;
   T* const carry_c = scratch + 5 * H;
@@ -664,20 +756,17 @@ void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
     T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
     const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
     const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
-    out_back_row<T, LNC, ZONE>(s.dh + b * H, dc, a + 3 * H, s.tc + b * H, zc, zh, carry_c, dy, dz + 3 * H, H);
+    out_back_row<T, LNC, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, dc, a + 3 * H, s.tc + b * H, zc, zh, carry_c, dy, dz + 3 * H, H);
     if constexpr (LNC) {  // y = γ_c LN(c') + β_c
-      normalize_backward_row(dy, s.gain_c, s.c_hat + b * H, static_cast<double>(s.rstd[b * 3]), dc, H,
-                                   acc + 12 * H);
-      accumulate(dy, acc + 13 * H, H);
+      normalize_backward_row(dy, s.gain_c, s.c_hat + b * H, s.rstd[b * 3], dc, H, acc + 12 * H, acc + 13 * H);
     }
     cell_back_row<T, PEEP, ZONE>(a, a + H, a + 2 * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
                                  PEEP ? s.peep + H : nullptr, PEEP ? s.peep + 2 * H : nullptr, carry_c, dc, dz,
                                  dz + H, dz + 2 * H, dz + 3 * H, acc + 14 * H, acc + 15 * H, acc + 16 * H, H);
     if constexpr (LNG) {  // z = γ_ih LN(A) + γ_hh LN(R) + b
-      accumulate(dz, acc, H4);  // db (without the gates' LayerNorm, fused.py takes it from the dW matmul)
-      ln_gates_backward_row(dz, s.gain_ih, s.a_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 1]), s.gain_hh,
-                            s.r_hat + b * H4, static_cast<double>(s.rstd[b * 3 + 2]), s.dA + b * H4, s.dR + b * H4,
-                            H4, acc + 4 * H, acc + 8 * H);
+      // db too (without the gates' LayerNorm, fused.py takes it from the dW matmul)
+      ln_gates_backward_row(dz, s.gain_ih, s.a_hat + b * H4, s.rstd[b * 3 + 1], s.gain_hh, s.r_hat + b * H4,
+                            s.rstd[b * 3 + 2], s.dA + b * H4, s.dR + b * H4, H4, acc + 4 * H, acc + 8 * H, acc);
     }
   }
 }
@@ -686,14 +775,16 @@ template <typename T>
 using BackwardRowsFn = void (*)(const BwdStep<T>&, int64_t, int64_t, int64_t);
 
 template <typename T>
-BackwardRowsFn<T> pick_backward(bool lng, bool lnc, bool peep, bool zone) {
+BackwardRowsFn<T> pick_backward(bool lng, bool lnc, bool peep, bool zone, bool out) {
   BackwardRowsFn<T> fn = nullptr;
   with_flag(lng, [&](auto LNG) {
     with_flag(lnc, [&](auto LNC) {
       with_flag(peep, [&](auto PEEP) {
         with_flag(zone, [&](auto ZONE) {
-          fn = &backward_rows<T, decltype(LNG)::value, decltype(LNC)::value, decltype(PEEP)::value,
-                              decltype(ZONE)::value>;
+          with_flag(out, [&](auto OUT) {
+            fn = &backward_rows<T, decltype(LNG)::value, decltype(LNC)::value, decltype(PEEP)::value,
+                                decltype(ZONE)::value, decltype(OUT)::value>;
+          });
         });
       });
     });
@@ -757,14 +848,14 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
   const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_backward", [&] {
     using T_ = scalar_t;
-    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng || lnc);
+    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc);
     std::vector<T_> scratch(static_cast<size_t>(n_slots * kScratch * H));
-    const BackwardRowsFn<T_> rows_fn = pick_backward<T_>(lng, lnc, peep, zone);
+    const T_* const dop = given(d_out) ? d_out->data_ptr<T_>() : nullptr;
+    const BackwardRowsFn<T_> rows_fn = pick_backward<T_>(lng, lnc, peep, zone, dop != nullptr);
     const T_* const ap = acts.data_ptr<T_>();
     const T_* const cp = cs.data_ptr<T_>();
     const T_* const tp = tcs.data_ptr<T_>();
     const T_* const c0p = c0.data_ptr<T_>();
-    const T_* const dop = given(d_out) ? d_out->data_ptr<T_>() : nullptr;
     const T_* const mp = rmask ? recurrent_mask->data_ptr<T_>() : nullptr;
     const T_* const zp = zone ? zoneout_mask->data_ptr<T_>() : nullptr;
     const int64_t z_half = zone ? zoneout_mask->numel() / 2 : 0;
@@ -788,13 +879,6 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         }
         const int64_t o1 = (t * B + r0) * H;
         T_* const dh_t = cur.data_ptr<T_>();
-        if (dop != nullptr) {
-          const T_* __restrict d = dop + o1;
-          T_* __restrict dd = dh_t;
-          for (int64_t k = 0; k < n * H; ++k) {
-            dd[k] += d[k];
-          }
-        }
         BwdStep<T_> s{};
         s.H = H;
         s.acts = ap + o1 * 4;
@@ -814,6 +898,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
           s.zh = s.zc + z_half;
           s.z_stride = z_row;
         }
+        s.d_out = dop == nullptr ? nullptr : dop + o1;
         s.dh = dh_t;
         s.dc = dcp + r0 * H;
         s.dA = dAp + o1 * 4;
@@ -901,8 +986,8 @@ void zoneout_mask(int64_t seed, int64_t threshold_c, int64_t threshold_h, at::Te
 TORCH_LIBRARY_FRAGMENT(lstmlab_native, m) {
   m.def(
       "variant_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? ln_gates, "
-      "Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, Tensor(a!) acts, "
-      "Tensor(b!) cs, Tensor(c!) tcs, Tensor(d!) out, Tensor(e!) extra, Tensor? batch_sizes) -> ()");
+      "Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, Tensor(f!) xh, Tensor w, "
+      "Tensor(a!) acts, Tensor(b!) cs, Tensor(c!) tcs, Tensor(d!) out, Tensor(e!) extra, Tensor? batch_sizes) -> ()");
   m.def(
       "variant_backward(Tensor? d_out, Tensor(a!) dh, Tensor(b!) dc, Tensor c0, Tensor w_hh, Tensor acts, "
       "Tensor cs, Tensor tcs, Tensor extra, Tensor? ln_gates, Tensor? ln_cell, Tensor? peephole, "
