@@ -529,11 +529,16 @@ def test_double_backward_and_gradcheck_through_every_variant_term(loops) -> None
             assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-7)
 
 
-def test_variant_op_fake_kernels_and_opcheck(loops) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_variant_op_fake_kernels_and_opcheck(loops, layer_norm: bool) -> None:  # noqa: ANN001
+    """The op and its backward pass torch's opcheck, and their fake kernels give the real shapes: with the gates'
+    LayerNorm (xh empty) and without (the plain cell's xh)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     T, B, I, H = 3, 2, 2, 4  # noqa: E741
     v = _variant_args(T, B, H, torch.float32)
+    if not layer_norm:
+        v = {k: t for k, t in v.items() if not k.startswith("ln_")}
     args = (torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, I), torch.randn(4 * H, H),
             torch.randn(4 * H), torch.randn(4 * H), None, None)
     with using(loops):
@@ -546,9 +551,10 @@ def test_variant_op_fake_kernels_and_opcheck(loops) -> None:  # noqa: ANN001
         assert [o.shape for o in outs] == [o.shape for o in real]
         assert [o.dtype for o in outs] == [o.dtype for o in real]
         acts, cs, tcs, xh, extra = real[3:8]
+        assert (xh.numel() == 0) == layer_norm
         torch.library.opcheck(torch.ops.lstmlab.lstm_variant_layer_backward.default,
                               (torch.randn(T, B, H), torch.randn(B, H), None, args[0], args[2], args[3], args[4],
-                               None, acts, cs, tcs, xh, extra, v["ln_gates"], v["ln_cell"], v["peephole"],
+                               None, acts, cs, tcs, xh, extra, v.get("ln_gates"), v.get("ln_cell"), v["peephole"],
                                v["recurrent_mask"], v["zoneout_mask"], True, True, True, True))
 
 
