@@ -143,7 +143,9 @@ def test_fused_matches_reference_fp32(loops, case: dict) -> None:  # noqa: ANN00
     So fused LayerNorm in fp32 is held to the reference's own accuracy instead: its error from the fp64 result
     within 10x the reference's, plus 3e-5. Measured over 1400 random cases of this strategy (max errors from
     fp64): reference 1.6e-3, compiled loops 1.3e-3, Python loops 1.2e-3; per case, fused error / (reference error
-    + 3e-5) at most ~6 for either loop. Exact parity of the LayerNorm cell is the fp64 test's 1e-10."""
+    + 3e-5) at most ~6 for either loop. Again (session 8, the compiled loops' statistics in fp32 but the cell
+    LayerNorm's backward) over 1000 other cases: reference 1.65e-3, compiled loops 7.6e-4, ratio at most 3.8.
+    Exact parity of the LayerNorm cell is the fp64 test's 1e-10."""
     model, x, state, lengths = build(case, torch.float32)
     want = run(model, x, state, case["seed"], lengths)
     fused_model = copy.deepcopy(model)
