@@ -11,15 +11,15 @@
 //           the next step's h_in = h_t * mask (h_in of step 0 is the caller's).
 // backward: per step (last to first) ONE pass per row that turns dh, dc into the gradient of the pre-activations
 //           (through zoneout, the cell LayerNorm, peepholes, the gates' LayerNorm) and dc_{t-1}, accumulating the
-//           column sums of the LayerNorm, peephole and (with the gates' LayerNorm) bias gradients on the way (in
-//           double); then ONE matmul dh_{t-1} = dR_t W_hh (times the mask, plus zoneout's carry). dx, dW_ih and
+//           column sums of the LayerNorm, peephole and (with the gates' LayerNorm) bias gradients on the way (see
+//           kSums); then ONE matmul dh_{t-1} = dR_t W_hh (times the mask, plus zoneout's carry). dx, dW_ih and
 //           dW_hh (and db without the gates' LayerNorm) are matmuls over all steps, done in Python after the loop.
 //
 // LayerNorm in float is computed as the reference computes it, two-pass statistics in float (see normalize_row),
 // and held to the reference's accuracy by the fp32 tests (against fp64). In float, 1/std reaches 1/sqrt(eps) ~ 316 on
 // rows of nearly equal values, which scales up any rounding before it: so tanh is lstm_math.h's tanh_accurate (small
 // relative error near 0) where a LayerNorm runs (the plain cell's tanh_ elsewhere), and zoneout keeps z = 0 or 1
-// exact (see zone()). The parameters' column sums over rows and steps are kept in double.
+// exact (see zone()).
 //
 // As in lstm_native.cpp: a batch is cut into row blocks that run the whole sequence on separate threads
 // (over_blocks), pointwise loops are plain loops the compiler vectorises, exp is lstm_math.h's branch-free one.
@@ -173,7 +173,7 @@ T normalize_row(const T* v, T* hat, int64_t N) {
 // the bias's gradients).
 template <typename T>
 void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, const T* __restrict hat, T rstd,
-                            T* __restrict dv, int64_t N, double* __restrict acc_gamma, double* __restrict acc_beta) {
+                            T* __restrict dv, int64_t N, T* __restrict acc_gamma, T* __restrict acc_beta) {
   const double n = static_cast<double>(N);
   const double m1 = row_dot<double>(dy, gamma, static_cast<const T*>(nullptr), N) / n;
   const double m2 = row_dot<double>(dy, gamma, hat, N) / n;
@@ -181,8 +181,8 @@ void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, c
   for (int64_t k = 0; k < N; ++k) {
     const double g = static_cast<double>(dy[k]) * static_cast<double>(gamma[k]);
     dv[k] += static_cast<T>((g - m1 - static_cast<double>(hat[k]) * m2) * r);
-    acc_gamma[k] += static_cast<double>(dy[k] * hat[k]);
-    acc_beta[k] += static_cast<double>(dy[k]);
+    acc_gamma[k] += dy[k] * hat[k];
+    acc_beta[k] += dy[k];
   }
 }
 
@@ -191,8 +191,8 @@ void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, c
 template <typename T>
 void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, const T* __restrict a_hat, T rstd_a,
                            const T* __restrict gain_r, const T* __restrict r_hat, T rstd_r, T* __restrict dA,
-                           T* __restrict dR, int64_t N, double* __restrict acc_a, double* __restrict acc_r,
-                           double* __restrict acc_b) {
+                           T* __restrict dR, int64_t N, T* __restrict acc_a, T* __restrict acc_r,
+                           T* __restrict acc_b) {
   const T n = static_cast<T>(N);
   const T* const none = nullptr;
   const T m1 = row_dot<T>(dz, gain_a, none, N) / n, m2 = row_dot<T>(dz, gain_a, a_hat, N) / n;
@@ -201,9 +201,9 @@ void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, c
     const T d = dz[j], av = a_hat[j], rv = r_hat[j];
     dA[j] = (d * gain_a[j] - m1 - av * m2) * rstd_a;
     dR[j] = (d * gain_r[j] - m3 - rv * m4) * rstd_r;
-    acc_a[j] += static_cast<double>(d * av);
-    acc_r[j] += static_cast<double>(d * rv);
-    acc_b[j] += static_cast<double>(d);
+    acc_a[j] += d * av;
+    acc_r[j] += d * rv;
+    acc_b[j] += d;
   }
 }
 
@@ -585,9 +585,11 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
 
 // --- backward ------------------------------------------------------------------------------------------------------
 
-// Column sums of the parameter gradients, per thread, in double: [db (4H) | dγ_ih (4H) | dγ_hh (4H) | dγ_c (H) |
-// dβ_c (H) | dp_i (H) | dp_f (H) | dp_o (H)].
+// Column sums of the parameter gradients, per thread: [db (4H) | dγ_ih (4H) | dγ_hh (4H) | dγ_c (H) | dβ_c (H) |
+// dp_i (H) | dp_f (H) | dp_o (H)]. The rows add into partial sums in their own dtype (so that the row loops keep
+// their full vector width), which go into double sums every kFlushRows rows.
 constexpr int64_t kSums = 17;    // times H
+constexpr int64_t kFlushRows = 32;
 constexpr int64_t kScratch = 6;  // times H: dz (4H, gate LayerNorm), dy (H, cell LayerNorm), zoneout's carry of c (H)
 
 template <typename T>
@@ -614,6 +616,7 @@ struct BwdStep {
   T* dA;  // (n, 4H): the gradient w.r.t. x W_ih^T (= w.r.t. the pre-activations without the gates' LayerNorm)
   T* dR;  // (n, 4H): the gradient w.r.t. h_in W_hh^T (dA itself without the gates' LayerNorm)
   double* acc;  // sums per slot (kSums * H each)
+  T* part;      // partial sums per slot (kSums * H each)
   T* scratch;   // scratch per slot (kScratch * H each)
 };
 
@@ -653,8 +656,8 @@ inline void cell_back_row(const T* __restrict ai, const T* __restrict af, const 
                           const T* __restrict cp, const T* __restrict cn, const T* __restrict pi,
                           const T* __restrict pf, const T* __restrict po, const T* __restrict carry_c,
                           T* __restrict dc, T* __restrict dzi, T* __restrict dzf, T* __restrict dzg,
-                          const T* __restrict dzo, double* __restrict acc_pi, double* __restrict acc_pf,
-                          double* __restrict acc_po, int64_t H) {
+                          const T* __restrict dzo, T* __restrict acc_pi, T* __restrict acc_pf,
+                          T* __restrict acc_po, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     const T i = ai[j], f = af[j], g = ag[j];
     T dcj = dc[j];
@@ -669,9 +672,9 @@ inline void cell_back_row(const T* __restrict ai, const T* __restrict af, const 
     T dcp = dcj * f;
     if constexpr (PEEP) {  // i and f saw c_{t-1}
       dcp += di * pi[j] + df * pf[j];
-      acc_pi[j] += static_cast<double>(di * cp[j]);
-      acc_pf[j] += static_cast<double>(df * cp[j]);
-      acc_po[j] += static_cast<double>(dzo[j] * cn[j]);
+      acc_pi[j] += di * cp[j];
+      acc_pf[j] += df * cp[j];
+      acc_po[j] += dzo[j] * cn[j];
     }
     if constexpr (ZONE) {
       dcp += carry_c[j];
@@ -686,7 +689,7 @@ template <typename T, bool PEEP, bool ZONE, bool OUT>
 inline void plain_back_row(T* __restrict dh, const T* __restrict d_out, T* __restrict dc, const T* __restrict a,
                            const T* __restrict tc, const T* __restrict cp, const T* __restrict cn,
                            const T* __restrict peep, const T* __restrict zc, const T* __restrict zh,
-                           T* __restrict dz, double* __restrict acc_p, int64_t H) {
+                           T* __restrict dz, T* __restrict acc_p, int64_t H) {
   const T* __restrict ai = a;
   const T* __restrict af = a + H;
   const T* __restrict ag = a + 2 * H;
@@ -723,9 +726,9 @@ inline void plain_back_row(T* __restrict dh, const T* __restrict d_out, T* __res
     T dcp = dcj * f;
     if constexpr (PEEP) {  // i and f saw c_{t-1}
       dcp += di * peep[j] + df * peep[H + j];
-      acc_p[j] += static_cast<double>(di * cp[j]);
-      acc_p[H + j] += static_cast<double>(df * cp[j]);
-      acc_p[2 * H + j] += static_cast<double>(d_o * cn[j]);
+      acc_p[j] += di * cp[j];
+      acc_p[H + j] += df * cp[j];
+      acc_p[2 * H + j] += d_o * cn[j];
     }
     if constexpr (ZONE) {
       dcp += carry_c;
@@ -734,39 +737,55 @@ inline void plain_back_row(T* __restrict dh, const T* __restrict d_out, T* __res
   }
 }
 
+// One step's rows [r0, r1) of one row block, adding their column sums into part.
 template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE, bool OUT>
-void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
+void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, T* __restrict part, T* __restrict scratch) {
   const int64_t H = s.H, H4 = 4 * H;
-  double* const acc = s.acc + slot * kSums * H;
   if constexpr (!LNG && !LNC) {
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = r0; b < r1; ++b) {
       plain_back_row<T, PEEP, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, s.dc + b * H,
                                          s.acts + b * H4, s.tc + b * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
                                          ZONE ? s.zc + b * s.z_stride : nullptr,
-                                         ZONE ? s.zh + b * s.z_stride : nullptr, s.dA + b * H4, acc + 14 * H, H);
+                                         ZONE ? s.zh + b * s.z_stride : nullptr, s.dA + b * H4, part + 14 * H, H);
     }
     return;
   }
-  T* const scratch = s.scratch + slot * kScratch * H;
   T* const dy = scratch + 4 * H;
   T* const carry_c = scratch + 5 * H;
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = r0; b < r1; ++b) {
     const T* const a = s.acts + b * H4;
     T* const dc = s.dc + b * H;
     T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
     const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
     const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
-    out_back_row<T, LNC, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, dc, a + 3 * H, s.tc + b * H, zc, zh, carry_c, dy, dz + 3 * H, H);
+    out_back_row<T, LNC, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, dc, a + 3 * H, s.tc + b * H, zc,
+                                    zh, carry_c, dy, dz + 3 * H, H);
     if constexpr (LNC) {  // y = γ_c LN(c') + β_c
-      normalize_backward_row(dy, s.gain_c, s.c_hat + b * H, s.rstd[b * 3], dc, H, acc + 12 * H, acc + 13 * H);
+      normalize_backward_row(dy, s.gain_c, s.c_hat + b * H, s.rstd[b * 3], dc, H, part + 12 * H, part + 13 * H);
     }
     cell_back_row<T, PEEP, ZONE>(a, a + H, a + 2 * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
                                  PEEP ? s.peep + H : nullptr, PEEP ? s.peep + 2 * H : nullptr, carry_c, dc, dz,
-                                 dz + H, dz + 2 * H, dz + 3 * H, acc + 14 * H, acc + 15 * H, acc + 16 * H, H);
+                                 dz + H, dz + 2 * H, dz + 3 * H, part + 14 * H, part + 15 * H, part + 16 * H, H);
     if constexpr (LNG) {  // z = γ_ih LN(A) + γ_hh LN(R) + b
       // db too (without the gates' LayerNorm, fused.py takes it from the dW matmul)
       ln_gates_backward_row(dz, s.gain_ih, s.a_hat + b * H4, s.rstd[b * 3 + 1], s.gain_hh, s.r_hat + b * H4,
-                            s.rstd[b * 3 + 2], s.dA + b * H4, s.dR + b * H4, H4, acc + 4 * H, acc + 8 * H, acc);
+                            s.rstd[b * 3 + 2], s.dA + b * H4, s.dR + b * H4, H4, part + 4 * H, part + 8 * H, part);
+    }
+  }
+}
+
+template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE, bool OUT>
+void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
+  constexpr bool SUMS = LNG || LNC || PEEP;
+  const int64_t n_sums = SUMS ? kSums * s.H : 0;
+  double* const acc = s.acc + slot * kSums * s.H;
+  T* const part = s.part + slot * kSums * s.H;
+  T* const scratch = s.scratch + slot * kScratch * s.H;
+  for (int64_t r0 = b0; r0 < b1; r0 += kFlushRows) {
+    std::fill(part, part + n_sums, T(0));
+    backward_some_rows<T, LNG, LNC, PEEP, ZONE, OUT>(s, r0, std::min(b1, r0 + kFlushRows), part, scratch);
+    for (int64_t k = 0; k < n_sums; ++k) {
+      acc[k] += static_cast<double>(part[k]);
     }
   }
 }
@@ -850,6 +869,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
     using T_ = scalar_t;
     const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc);
     std::vector<T_> scratch(static_cast<size_t>(n_slots * kScratch * H));
+    std::vector<T_> part(static_cast<size_t>(n_slots * kSums * H));
     const T_* const dop = given(d_out) ? d_out->data_ptr<T_>() : nullptr;
     const BackwardRowsFn<T_> rows_fn = pick_backward<T_>(lng, lnc, peep, zone, dop != nullptr);
     const T_* const ap = acts.data_ptr<T_>();
@@ -904,6 +924,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         s.dA = dAp + o1 * 4;
         s.dR = dRp + o1 * 4;
         s.acc = acc.data();
+        s.part = part.data();
         s.scratch = scratch.data();
         over_rows(n, H, [&](int64_t b0, int64_t b1) { rows_fn(s, b0, b1, slot(block, threads)); });
         if (t > 0 || need_dh0) {
