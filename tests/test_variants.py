@@ -708,6 +708,31 @@ def test_native_loops_in_row_blocks_and_split_rows(native_ops, eval_zoneout: boo
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("which", ["peephole", "zoneout+rdrop", "layernorm"])
+def test_retain_graph_keeps_a_variant_graph_whole(loops, which: str) -> None:  # noqa: ANN001
+    """The eager backward of a variant without the gates' LayerNorm writes its gradient over the saved activations:
+    never when the graph is kept. Backward twice through a kept graph gives the same gradients, equal to the
+    reference's, and a second live graph is untouched."""
+    from lstmlab.nn.cell import reference_layer
+
+    T, B, I, H = 5, 6, 3, 4  # noqa: E741
+    args, v, _ = _layer_case(T, B, I, H, seed=21)
+    chosen = {"peephole": ("peephole",), "zoneout+rdrop": ("zoneout_mask", "recurrent_mask"),
+              "layernorm": ("ln_gates", "ln_cell")}[which]
+    sub = {k: v[k] for k in chosen}
+    want = _layer_outputs_and_grads(reference_layer, args, sub, None, ())
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    with using(loops):
+        out, h, c = fused.fused_layer(*leaves, None, None, **sub)
+        other = fused.fused_layer(*[a.detach() * 0.5 for a in args[:3]], *leaves[3:], None, None, **sub)[0]
+        loss = out.sin().sum() + h.square().sum() + (c * 0.7).cos().sum()
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        second = torch.autograd.grad(loss, leaves)
+        torch.autograd.grad(other.sum(), leaves[3])
+    assert_all_close(list(first), list(second), 0.0)
+    assert_all_close([out, h, c, *first], want, TOL[torch.float64])
+
+
 def test_forward_and_backward_on_different_loops(native_ops) -> None:  # noqa: ANN001
     """The compiled and the Python loops share their saved buffers: a forward on one and the backward on the other
     (the background build can finish between the two) give the reference's gradients."""

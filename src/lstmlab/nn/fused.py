@@ -654,15 +654,17 @@ def _variant_backward_impl(
     weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor, xh: Tensor, extra: Tensor,
     ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None, recurrent_mask: Tensor | None,
     zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool, need_weights: bool,
+    inplace: bool = False,
 ) -> tuple[Tensor, ...]:
-    """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent."""
+    """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent.
+    ``inplace``: the compiled loops may write the gradient over ``acts`` (as the plain cell's backward does)."""
     T, B, H4 = acts.shape
     H = H4 // 4
     native = _native_for(acts)
     if native is not None and T and B:
         return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs,
                                         tcs, xh, extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask,
-                                        has_bias, need_x, need_h0, need_weights)
+                                        has_bias, need_x, need_h0, need_weights, inplace)
     layer_norm = ln_gates is not None
     v = _extra_views(extra, H, layer_norm, ln_cell is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
@@ -788,7 +790,7 @@ def _variant_backward_native(
     weight_ih: Tensor, weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor,
     xh: Tensor, extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
     recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool,
-    need_weights: bool,
+    need_weights: bool, inplace: bool = False,
 ) -> tuple[Tensor, ...]:
     """_variant_backward_impl on the compiled loops (T, B > 0): they give the gradients w.r.t. x W_ih^T (dA) and
     h_in W_hh^T (dR), the same tensor without the gates' LayerNorm, and the column sums of the bias (gates'
@@ -798,7 +800,10 @@ def _variant_backward_native(
     layer_norm = ln_gates is not None
     dh = acts.new_zeros(B, H) if d_hT is None else d_hT.contiguous().clone()
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
-    dA = _cache().empty((T, B, H4), acts)  # every row is written (zeros where a packed step does not reach)
+    if inplace and not layer_norm and acts.is_contiguous():  # each row's gradient over its activations
+        dA = acts
+    else:
+        dA = _cache().empty((T, B, H4), acts)  # every row is written (zeros where a packed step does not reach)
     dR = _cache().empty((T, B, H4), acts) if layer_norm else dA
     sums = acts.new_empty(17 * H)  # [db | dγ_ih | dγ_hh | dγ_c | dβ_c | dp_i | dp_f | dp_o]
     sizes = batch_sizes.to(torch.int64).contiguous() if batch_sizes is not None else None
@@ -906,8 +911,11 @@ def _backward_all(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Ten
         args = (d_out, d_hT, d_cT, x, c0, w_ih, w_hh, batch_sizes, acts, cs, tcs, xh, extra,
                 *(variant.get(name) for name in VARIANT_ARGS), has_bias, need[0], need[1] or need[2],
                 any(need[3:]) or any(need_variant))
-        op = _variant_backward_impl if _plain_eager(*args) else torch.ops.lstmlab.lstm_variant_layer_backward
-        dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = op(*args)
+        if _plain_eager(*args):  # the activations are ours to overwrite unless the graph is kept
+            grads = _variant_backward_impl(*args, inplace=not _keep_graph())
+        else:
+            grads = torch.ops.lstmlab.lstm_variant_layer_backward(*args)
+        dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = grads
         out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, None]
         result = [o if n else None for o, n in zip(out, need, strict=True)]
         if need[5] and need[6]:

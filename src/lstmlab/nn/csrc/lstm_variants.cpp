@@ -684,20 +684,22 @@ inline void cell_back_row(const T* __restrict ai, const T* __restrict af, const 
 }
 
 // Without either LayerNorm, out_back_row and cell_back_row in ONE pass over the row (as the plain cell's backward):
-// from dh (+ the output's), dc to the pre-activations' gradient dz, dc_{t-1} and zoneout's carry of h in dh.
+// from dh (+ the output's), dc to the pre-activations' gradient dz, dc_{t-1} and zoneout's carry of h in dh. dz may
+// be the activations a themselves: element j of each gate is read before it is written (ivdep).
 template <typename T, bool PEEP, bool ZONE, bool OUT>
-inline void plain_back_row(T* __restrict dh, const T* __restrict d_out, T* __restrict dc, const T* __restrict a,
+inline void plain_back_row(T* __restrict dh, const T* __restrict d_out, T* __restrict dc, const T* a,
                            const T* __restrict tc, const T* __restrict cp, const T* __restrict cn,
-                           const T* __restrict peep, const T* __restrict zc, const T* __restrict zh,
-                           T* __restrict dz, T* __restrict acc_p, int64_t H) {
-  const T* __restrict ai = a;
-  const T* __restrict af = a + H;
-  const T* __restrict ag = a + 2 * H;
-  const T* __restrict ao = a + 3 * H;
-  T* __restrict dzi = dz;
-  T* __restrict dzf = dz + H;
-  T* __restrict dzg = dz + 2 * H;
-  T* __restrict dzo = dz + 3 * H;
+                           const T* __restrict peep, const T* __restrict zc, const T* __restrict zh, T* dz,
+                           T* __restrict acc_p, int64_t H) {
+  const T* ai = a;
+  const T* af = a + H;
+  const T* ag = a + 2 * H;
+  const T* ao = a + 3 * H;
+  T* dzi = dz;
+  T* dzf = dz + H;
+  T* dzg = dz + 2 * H;
+  T* dzo = dz + 3 * H;
+#pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     T dhj = dh[j];
     if constexpr (OUT) {
