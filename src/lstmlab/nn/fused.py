@@ -325,7 +325,7 @@ def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
         layer_norm = ln_gates is not None
         saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H),
                  x.new_empty(0) if layer_norm else x.new_empty(T, B, K),
-                 x.new_empty(T, B, _extra_width(H, layer_norm, ln_cell is not None)))
+                 x.new_empty(T, B, _extra_width(H, layer_norm, ln_cell is not None, zoneout_mask is not None)))
     else:
         saved = (x.new_empty(T, B, H4), x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, K),
                  x.new_empty(0))
@@ -502,16 +502,16 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
 #
 # ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t after zoneout) and tcs (tanh of
 # what h reads: c_new, or LN(c_new)), each part a contiguous (T, B, width) block (:func:`_extra_views`): c_new, the
-# cell before zoneout; h_in (gates' LayerNorm); ĉ (cell LayerNorm); â, r̂ (gates' LayerNorm); rstd_c, rstd_a, rstd_r
-# (either LayerNorm).
+# cell before zoneout (with zoneout; else it is cs); h_in (gates' LayerNorm); ĉ (cell LayerNorm); â, r̂ (gates'
+# LayerNorm); rstd_c, rstd_a, rstd_r (either LayerNorm).
 #
 # The compiled loops (csrc/lstm_variants.cpp, ops lstmlab_native::variant_forward/variant_backward) run when
 # _native_for gives them, with the same buffers: a forward of one kind and a backward of the other work together.
 # Rows a packed step does not reach are zero in every buffer but xh, which holds what the plain cell's does.
 
 
-def _extra_parts(H: int, layer_norm: bool, cell_norm: bool) -> list[tuple[str, int]]:
-    parts = [("c_new", H)]
+def _extra_parts(H: int, layer_norm: bool, cell_norm: bool, zoneout: bool) -> list[tuple[str, int]]:
+    parts = [("c_new", H)] if zoneout else []  # without zoneout c_new is c_t itself: cs
     if layer_norm:
         parts.append(("h_in", H))
     if cell_norm:
@@ -523,17 +523,17 @@ def _extra_parts(H: int, layer_norm: bool, cell_norm: bool) -> list[tuple[str, i
     return parts
 
 
-def _extra_width(H: int, layer_norm: bool, cell_norm: bool) -> int:
-    return sum(width for _, width in _extra_parts(H, layer_norm, cell_norm))
+def _extra_width(H: int, layer_norm: bool, cell_norm: bool, zoneout: bool) -> int:
+    return sum(width for _, width in _extra_parts(H, layer_norm, cell_norm, zoneout))
 
 
-def _extra_views(extra: Tensor, H: int, layer_norm: bool, cell_norm: bool) -> dict[str, Tensor]:
+def _extra_views(extra: Tensor, H: int, layer_norm: bool, cell_norm: bool, zoneout: bool) -> dict[str, Tensor]:
     """extra's parts, each a contiguous (T, B, width) block of its storage (strided column slices would make
     every per-step op and matmul copy)."""
     T, B = extra.shape[:2]
     flat = extra.reshape(-1)
     views, offset = {}, 0
-    for name, width in _extra_parts(H, layer_norm, cell_norm):
+    for name, width in _extra_parts(H, layer_norm, cell_norm, zoneout):
         views[name] = flat[offset : offset + T * B * width].view(T, B, width)
         offset += T * B * width
     return views
@@ -567,8 +567,9 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
     layer_norm = ln_gates is not None
     # Zero-filled: rows a packed step skips must read as zeros (they meet zero gradients, never NaN garbage).
     acts, cs, tcs, out = x.new_zeros(T, B, 4 * H), x.new_zeros(T, B, H), x.new_zeros(T, B, H), x.new_zeros(T, B, H)
-    extra = x.new_zeros(T, B, _extra_width(H, layer_norm, ln_cell is not None))
-    v = _extra_views(extra, H, layer_norm, ln_cell is not None)
+    parts = (H, layer_norm, ln_cell is not None, zoneout_mask is not None)
+    extra = x.new_zeros(T, B, _extra_width(*parts))
+    v = _extra_views(extra, *parts)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
     h_in0 = h0 if recurrent_mask is None else h0 * recurrent_mask  # variational recurrent dropout
     if layer_norm:  # the two products apart: every step's x2h in one matmul now
@@ -604,7 +605,7 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
         torch.sigmoid(zi, out=i)
         torch.sigmoid(zf, out=f)
         torch.tanh(zg, out=g)
-        c_new = v["c_new"][t, :n]
+        c_new = v["c_new"][t, :n] if zoneout_mask is not None else cs[t, :n]
         torch.mul(f, c_p, out=c_new)
         c_new.addcmul_(i, g)  # c' = f*c + i*g
         if peephole is not None:  # o sees the new cell
@@ -621,8 +622,6 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
         if zoneout_mask is not None:  # keep the previous value with weight z: new + z * (prev - new)
             cs[t, :n] = torch.addcmul(c_new, zoneout_mask[0, t, :n], c_p - c_new)
             h_t.addcmul_(zoneout_mask[1, t, :n], h_p - h_t)
-        else:
-            cs[t, :n] = c_new
         if t + 1 < T:  # the next step's recurrent input, for its live rows
             m = _live(sizes, t + 1, B)
             h_next = h_in[t + 1, :m]
@@ -666,7 +665,7 @@ def _variant_backward_impl(
                                         tcs, xh, extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask,
                                         has_bias, need_x, need_h0, need_weights, inplace)
     layer_norm = ln_gates is not None
-    v = _extra_views(extra, H, layer_norm, ln_cell is not None)
+    v = _extra_views(extra, H, layer_norm, ln_cell is not None, zoneout_mask is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
     dh = acts.new_zeros(B, H) if d_hT is None else d_hT.contiguous().clone()
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
@@ -732,7 +731,7 @@ def _variant_backward_impl(
         if peephole is not None:
             c_prev_all = torch.cat([c0.unsqueeze(0), cs[:-1]]) if T else cs
             d_peep = torch.stack([(dZ[..., :H] * c_prev_all).sum((0, 1)), (dZ[..., H : 2 * H] * c_prev_all).sum((0, 1)),
-                                  (dZ[..., 3 * H :] * v["c_new"]).sum((0, 1))])
+                                  (dZ[..., 3 * H :] * v.get("c_new", cs)).sum((0, 1))])
     dh0, dc0 = (dh, dc) if need_h0 else (empty(), empty())
     return dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep
 
@@ -766,11 +765,12 @@ def _variant_forward_native(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weig
         return buf.zero_() if packed else buf  # a packed step leaves rows untouched: they must read as zeros
 
     acts, cs, tcs, out = new(T, B, 4 * H), new(T, B, H), new(T, B, H), new(T, B, H)
-    extra = new(T, B, _extra_width(H, layer_norm, ln_cell is not None))
+    parts = (H, layer_norm, ln_cell is not None, zoneout_mask is not None)
+    extra = new(T, B, _extra_width(*parts))
     h_in0 = h0 if recurrent_mask is None else h0 * recurrent_mask  # variational recurrent dropout
     if layer_norm:  # the loop takes x, W_ih and W_hh apart; h_in of step 0 goes into extra
         xh, w = x.new_empty(0), x.new_empty(0)
-        _extra_views(extra, H, True, ln_cell is not None)["h_in"][0] = h_in0
+        _extra_views(extra, *parts)["h_in"][0] = h_in0
     else:
         xh = _input_rows(x, h_in0, _width(H, n_in, bias is not None), bias is not None, new)
         w = _stacked_weights(weight_ih, weight_hh, bias)
@@ -819,7 +819,7 @@ def _variant_backward_native(
     dx = _mm(native, dA.view(T * B, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
-        h_in = _extra_views(extra, H, layer_norm, ln_cell is not None).get("h_in")
+        h_in = _extra_views(extra, H, layer_norm, ln_cell is not None, zoneout_mask is not None).get("h_in")
         dw_ih, dw_hh, db_mm = _variant_weight_grads(functools.partial(_mm, native), dA, dR, x, xh, h_in, has_bias)
         if has_bias:
             db = sums[:H4].clone() if db_mm is None else db_mm

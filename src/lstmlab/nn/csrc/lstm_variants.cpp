@@ -233,7 +233,7 @@ struct FwdStep {
   const T* bias_c;   // (H) β_c
   const T* c_prev;   // (n, H)
   const T* h_prev;   // (n, H)
-  T* c_new;          // (n, H) the cell before zoneout
+  T* c_new;          // (n, H) the cell before zoneout (c_t's rows themselves without zoneout)
   T* c_hat;          // (n, H) LN(c_new) (cell LayerNorm)
   T* tc;             // (n, H) tanh of what h reads
   T* h;              // (n, H) h_t (after zoneout)
@@ -282,9 +282,7 @@ inline void gates_row(T* __restrict zi, T* __restrict zf, T* __restrict zg, T* _
       if constexpr (ZONE) {  // keep the previous value with weight z (exactly, for z = 0 or 1: see zone())
         cb[j] = zone(zc[j], cp[j], c1);
         hv = zone(zh[j], hp[j], hv);
-      } else {
-        cb[j] = c1;
-      }
+      }  // without zoneout cn is c_t's row itself (and cb is not touched)
       hb[j] = hv;
     }
   }
@@ -304,9 +302,7 @@ inline void cell_out_row(const T* __restrict ch, const T* __restrict gc, const T
     if constexpr (ZONE) {
       cb[j] = zone(zc[j], cp[j], c1);
       hv = zone(zh[j], hp[j], hv);
-    } else {
-      cb[j] = c1;
-    }
+    }  // without zoneout cn is c_t's row itself
     hb[j] = hv;
   }
 }
@@ -387,6 +383,7 @@ ForwardRowsFn<T> pick_forward(bool lng, bool lnc, bool peep, bool zone) {
 // The extra buffer's parts (fused.py's _extra_views): contiguous (T, B, width) blocks of one storage.
 template <typename T>
 struct Extra {
+  T* base;
   T* c_new;
   T* h_in;
   T* c_hat;
@@ -395,11 +392,11 @@ struct Extra {
   T* rstd;
 };
 
-// fused.py's _extra_parts: c_new (H); h_in (H, gates' LayerNorm); ĉ (H, cell LayerNorm); â, r̂ (4H each, gates'
+// fused.py's _extra_parts: c_new (H, zoneout; else c_new is cs); h_in (H, gates' LayerNorm); ĉ (H, cell LayerNorm); â, r̂ (4H each, gates'
 // LayerNorm); rstd (3, either LayerNorm). Absent parts are null.
 template <typename T>
-Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, bool lng, bool lnc) {
-  const int64_t width = H + (lng ? 9 * H : 0) + (lnc ? H : 0) + (lng || lnc ? 3 : 0);
+Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, bool lng, bool lnc, bool zone) {
+  const int64_t width = (zone ? H : 0) + (lng ? 9 * H : 0) + (lnc ? H : 0) + (lng || lnc ? 3 : 0);
   TORCH_CHECK(extra.dim() == 3 && extra.size(0) == T_ && extra.size(1) == B && extra.size(2) == width,
               "lstmlab_native: extra must be (T, B, ", width, ")");
   T* p = extra.data_ptr<T>();
@@ -410,7 +407,8 @@ Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, 
     return part;
   };
   Extra<T> e{};
-  e.c_new = take(true, H);
+  e.base = p;
+  e.c_new = take(zone, H);
   e.h_in = take(lng, H);
   e.c_hat = take(lnc, H);
   e.a_hat = take(lng, 4 * H);
@@ -501,12 +499,12 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
   const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_forward", [&] {
     using T_ = scalar_t;
-    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc);
+    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc, zone);
     T_* const ap = acts.data_ptr<T_>();
     // The gates' LayerNorm: every step's x W_ih^T in one matmul before the loop, into a_hat (normalised in place by
     // the row pass, b added after the normalisation).
     if (lng) {
-      at::Tensor a = flat.narrow(0, (e.a_hat - e.c_new), T * B * H4).view({T * B, H4});
+      at::Tensor a = flat.narrow(0, (e.a_hat - e.base), T * B * H4).view({T * B, H4});
       lstmlab::mm_out(a, x.view({T * B, I}), w_ih.t(), onednn);
       if (sizes != nullptr) {  // rows a packed step does not reach read as zeros, as the Python loop leaves them
         for (int64_t t = 0; t < T; ++t) {
@@ -541,8 +539,8 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         }
         const int64_t o1 = (t * B + r0) * H;  // this step's first row, in rows of H
         if (lng) {  // R = h_in W_hh^T, normalised in the row pass
-          at::Tensor r_rows = flat.narrow(0, (e.r_hat - e.c_new) + o1 * 4, n * H4).view({n, H4});
-          lstmlab::mm_out(r_rows, flat.narrow(0, (e.h_in - e.c_new) + o1, n * H).view({n, H}), w_t, onednn);
+          at::Tensor r_rows = flat.narrow(0, (e.r_hat - e.base) + o1 * 4, n * H4).view({n, H4});
+          lstmlab::mm_out(r_rows, flat.narrow(0, (e.h_in - e.base) + o1, n * H).view({n, H}), w_t, onednn);
         } else {  // [h_in | x_t | 1] @ [W_hh | W_ih | b]^T
           at::Tensor g_rows = acts.select(0, t).narrow(0, r0, n);
           lstmlab::mm_out(g_rows, xh.select(0, t).narrow(0, r0, n), w_t, onednn);
@@ -561,7 +559,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         s.bias_c = lnc ? cell_ln + H : nullptr;
         s.c_prev = t == 0 ? c0p + r0 * H : cp + o1 - B * H;
         s.h_prev = t == 0 ? h0p + r0 * H : op + o1 - B * H;
-        s.c_new = e.c_new + o1;
+        s.c_new = zone ? e.c_new + o1 : cp + o1;  // without zoneout c' is c_t
         s.c_hat = lnc ? e.c_hat + o1 : nullptr;
         s.tc = tp + o1;
         s.h = op + o1;
@@ -869,7 +867,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
   const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_backward", [&] {
     using T_ = scalar_t;
-    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc);
+    const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc, zone);
     std::vector<T_> scratch(static_cast<size_t>(n_slots * kScratch * H));
     std::vector<T_> part(static_cast<size_t>(n_slots * kSums * H));
     const T_* const dop = given(d_out) ? d_out->data_ptr<T_>() : nullptr;
@@ -906,7 +904,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         s.acts = ap + o1 * 4;
         s.tc = tp + o1;
         s.c_prev = t > 0 ? cp + o1 - B * H : c0p + r0 * H;
-        s.c_new = e.c_new + o1;
+        s.c_new = zone ? e.c_new + o1 : cp + o1;
         s.c_hat = lnc ? e.c_hat + o1 : nullptr;
         s.a_hat = lng ? e.a_hat + o1 * 4 : nullptr;
         s.r_hat = lng ? e.r_hat + o1 * 4 : nullptr;
