@@ -207,6 +207,15 @@ void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, c
   }
 }
 
+// Asks for the next row's n values of p in the cache while this row computes (the variants' LayerNorm rows come
+// from (T, B, 4H) buffers written long before, and each waits on their loads otherwise).
+template <int RW = 0, typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  for (int64_t k = 0; k < n; k += 64 / static_cast<int64_t>(sizeof(T))) {
+    __builtin_prefetch(p + k, RW);
+  }
+}
+
 // --- forward -------------------------------------------------------------------------------------------------------
 
 // Zoneout: z * prev + (1 - z) * next, as the reference cell writes it. Not next + z * (prev - next): the compiler
@@ -335,6 +344,9 @@ void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     T* const z = s.acts + b * H4;
     if constexpr (LNG) {
+      if (b + 1 < b1) {
+        prefetch_row(s.a_hat + (b + 1) * H4, H4);
+      }
       T* const a = s.a_hat + b * H4;
       T* const r = s.r_hat + b * H4;
       s.rstd[b * 3 + 1] = normalize_row(a, a, H4);
@@ -753,6 +765,21 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, T* __restri
   T* const dy = scratch + 4 * H;
   T* const carry_c = scratch + 5 * H;
   for (int64_t b = r0; b < r1; ++b) {
+    if constexpr (LNG) {
+      if (b + 1 < r1) {
+        prefetch_row(s.a_hat + (b + 1) * H4, H4);
+        prefetch_row(s.r_hat + (b + 1) * H4, H4);
+        prefetch_row(s.acts + (b + 1) * H4, H4);
+        prefetch_row<1>(s.dA + (b + 1) * H4, H4);
+        prefetch_row<1>(s.dR + (b + 1) * H4, H4);
+        prefetch_row(s.tc + (b + 1) * H, H);
+        prefetch_row(s.c_prev + (b + 1) * H, H);
+        prefetch_row(s.c_new + (b + 1) * H, H);
+        if constexpr (LNC) {
+          prefetch_row(s.c_hat + (b + 1) * H, H);
+        }
+      }
+    }
     const T* const a = s.acts + b * H4;
     T* const dc = s.dc + b * H;
     T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
