@@ -357,6 +357,12 @@ void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
     const T* const hp = s.h_prev + b * H;
     const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
     const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
+    if constexpr (ZONE) {
+      if (b + 1 < b1) {
+        prefetch_row(zc + s.z_stride, s.z_stride);
+        prefetch_row(zh + s.z_stride, s.z_stride);
+      }
+    }
     T* const cn = s.c_new + b * H;
     gates_row<T, PEEP, LNC, ZONE, ACC>(z, z + H, z + 2 * H, z + 3 * H, s.peep, PEEP ? s.peep + H : nullptr,
                                   PEEP ? s.peep + 2 * H : nullptr, cp, hp, zc, zh, cn, s.tc + b * H, s.h + b * H,
@@ -755,6 +761,12 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, T* __restri
   const int64_t H = s.H, H4 = 4 * H;
   if constexpr (!LNG && !LNC) {
     for (int64_t b = r0; b < r1; ++b) {
+      if constexpr (ZONE) {
+        if (b + 1 < r1) {
+          prefetch_row(s.zc + (b + 1) * s.z_stride, s.z_stride);
+          prefetch_row(s.zh + (b + 1) * s.z_stride, s.z_stride);
+        }
+      }
       plain_back_row<T, PEEP, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, s.dc + b * H,
                                          s.acts + b * H4, s.tc + b * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
                                          ZONE ? s.zc + b * s.z_stride : nullptr,
