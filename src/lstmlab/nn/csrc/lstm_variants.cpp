@@ -175,7 +175,8 @@ template <typename T>
 void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, const T* __restrict hat, T rstd,
                             T* __restrict dv, int64_t N, T* __restrict acc_gamma, T* __restrict acc_beta) {
   const double n = static_cast<double>(N);
-  const double m1 = row_dot<double>(dy, gamma, static_cast<const T*>(nullptr), N) / n;
+  const T* const none = nullptr;
+  const double m1 = row_dot<double>(dy, gamma, none, N) / n;
   const double m2 = row_dot<double>(dy, gamma, hat, N) / n;
   const double r = static_cast<double>(rstd);
   for (int64_t k = 0; k < N; ++k) {
@@ -509,7 +510,6 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     return;
   }
   const at::Tensor flat = extra.view({-1});
-  const int64_t tbh = T * B * H;
   at::Tensor zeros4;  // the bias added after the gates' LayerNorm when there is none
   if (lng && !given(bias)) {
     zeros4 = at::zeros({H4}, x.options());
@@ -755,14 +755,16 @@ inline void plain_back_row(T* __restrict dh, const T* __restrict d_out, T* __res
   }
 }
 
-// One step's rows [r0, r1) of one row block, adding their column sums into part.
+// One step's rows [r0, r1) of one row block, adding their column sums into part; rows up to `end` follow (the
+// next one is prefetched).
 template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE, bool OUT>
-void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, T* __restrict part, T* __restrict scratch) {
+void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, int64_t end, T* __restrict part,
+                        T* __restrict scratch) {
   const int64_t H = s.H, H4 = 4 * H;
   if constexpr (!LNG && !LNC) {
     for (int64_t b = r0; b < r1; ++b) {
       if constexpr (ZONE) {
-        if (b + 1 < r1) {
+        if (b + 1 < end) {
           prefetch_row(s.zc + (b + 1) * s.z_stride, s.z_stride);
           prefetch_row(s.zh + (b + 1) * s.z_stride, s.z_stride);
         }
@@ -778,7 +780,7 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, T* __restri
   T* const carry_c = scratch + 5 * H;
   for (int64_t b = r0; b < r1; ++b) {
     if constexpr (LNG) {
-      if (b + 1 < r1) {
+      if (b + 1 < end) {
         prefetch_row(s.a_hat + (b + 1) * H4, H4);
         prefetch_row(s.r_hat + (b + 1) * H4, H4);
         prefetch_row(s.acts + (b + 1) * H4, H4);
@@ -822,7 +824,7 @@ void backward_rows(const BwdStep<T>& s, int64_t b0, int64_t b1, int64_t slot) {
   T* const scratch = s.scratch + slot * kScratch * s.H;
   for (int64_t r0 = b0; r0 < b1; r0 += kFlushRows) {
     std::fill(part, part + n_sums, T(0));
-    backward_some_rows<T, LNG, LNC, PEEP, ZONE, OUT>(s, r0, std::min(b1, r0 + kFlushRows), part, scratch);
+    backward_some_rows<T, LNG, LNC, PEEP, ZONE, OUT>(s, r0, std::min(b1, r0 + kFlushRows), b1, part, scratch);
     for (int64_t k = 0; k < n_sums; ++k) {
       acc[k] += static_cast<double>(part[k]);
     }
