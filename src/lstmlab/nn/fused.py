@@ -800,14 +800,18 @@ def _variant_backward_native(
     layer_norm = ln_gates is not None
     dh = acts.new_zeros(B, H) if d_hT is None else d_hT.contiguous().clone()
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
+    extra = extra.contiguous()
+    v = _extra_views(extra, H, layer_norm, ln_cell is not None, zoneout_mask is not None)
     if inplace and not layer_norm and acts.is_contiguous():  # each row's gradient over its activations
         dA = acts
+    elif inplace and layer_norm:  # over â and r̂, each row's as it is read
+        dA, dR = v["a_hat"], v["r_hat"]
     else:
         dA = _cache().empty((T, B, H4), acts)  # every row is written (zeros where a packed step does not reach)
-    dR = _cache().empty((T, B, H4), acts) if layer_norm else dA
+    if not (inplace and layer_norm):
+        dR = _cache().empty((T, B, H4), acts) if layer_norm else dA
     sums = acts.new_empty(17 * H)  # [db | dγ_ih | dγ_hh | dγ_c | dβ_c | dp_i | dp_f | dp_o]
     sizes = batch_sizes.to(torch.int64).contiguous() if batch_sizes is not None else None
-    extra = extra.contiguous()
     native.variant_backward(_contiguous(d_out), dh, dc, c0.contiguous(), weight_hh.contiguous(), acts.contiguous(),
                             cs.contiguous(), tcs.contiguous(), extra, _contiguous(ln_gates), _contiguous(ln_cell),
                             _contiguous(peephole), _contiguous(recurrent_mask), _native_zoneout(zoneout_mask),
@@ -819,8 +823,8 @@ def _variant_backward_native(
     dx = _mm(native, dA.view(T * B, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
-        h_in = _extra_views(extra, H, layer_norm, ln_cell is not None, zoneout_mask is not None).get("h_in")
-        dw_ih, dw_hh, db_mm = _variant_weight_grads(functools.partial(_mm, native), dA, dR, x, xh, h_in, has_bias)
+        dw_ih, dw_hh, db_mm = _variant_weight_grads(functools.partial(_mm, native), dA, dR, x, xh, v.get("h_in"),
+                                                    has_bias)
         if has_bias:
             db = sums[:H4].clone() if db_mm is None else db_mm
         if layer_norm:

@@ -190,14 +190,14 @@ void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, c
 // The gates' LayerNorm backward for one row: z = γ_ih LN(A) + γ_hh LN(R) + b, from dz to dA and dR (as
 // normalize_backward_row for each, in T), adding dz * â, dz * r̂ and dz into the gains' and the bias's sums.
 template <typename T>
-void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, const T* __restrict a_hat, T rstd_a,
-                           const T* __restrict gain_r, const T* __restrict r_hat, T rstd_r, T* __restrict dA,
-                           T* __restrict dR, int64_t N, T* __restrict acc_a, T* __restrict acc_r,
-                           T* __restrict acc_b) {
+void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, const T* a_hat, T rstd_a,
+                           const T* __restrict gain_r, const T* r_hat, T rstd_r, T* dA, T* dR, int64_t N,
+                           T* __restrict acc_a, T* __restrict acc_r, T* __restrict acc_b) {
   const T n = static_cast<T>(N);
   const T* const none = nullptr;
   const T m1 = row_dot<T>(dz, gain_a, none, N) / n, m2 = row_dot<T>(dz, gain_a, a_hat, N) / n;
   const T m3 = row_dot<T>(dz, gain_r, none, N) / n, m4 = row_dot<T>(dz, gain_r, r_hat, N) / n;
+#pragma GCC ivdep
   for (int64_t j = 0; j < N; ++j) {
     const T d = dz[j], av = a_hat[j], rv = r_hat[j];
     dA[j] = (d * gain_a[j] - m1 - av * m2) * rstd_a;
