@@ -500,10 +500,12 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
 # gradients ONE matmul dZ^T xh. With it, the two products are normalised apart: x W_ih^T for all steps in one
 # matmul, h_in W_hh^T per step, h_in kept in ``extra``, and xh is empty.
 #
-# ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t after zoneout) and tcs (tanh of
-# what h reads: c_new, or LN(c_new)), each part a contiguous (T, B, width) block (:func:`_extra_views`): c_new, the
-# cell before zoneout (with zoneout; else it is cs); h_in (gates' LayerNorm); ĉ (cell LayerNorm); â, r̂ (gates'
-# LayerNorm); rstd_c, rstd_a, rstd_r (either LayerNorm).
+# ``acts`` (T, B, 4H) keeps the activations i, f, g, o; with the gates' LayerNorm it keeps â = LN(x W_ih^T) instead,
+# and both backwards recompute the activations from â and r̂ (as the forward computed them): one (T, B, 4H) buffer
+# less to write and read back. ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t
+# after zoneout) and tcs (tanh of what h reads: c_new, or LN(c_new)), each part a contiguous (T, B, width) block
+# (:func:`_extra_views`): c_new, the cell before zoneout (with zoneout; else it is cs); h_in (gates' LayerNorm); ĉ
+# (cell LayerNorm); r̂ (gates' LayerNorm); rstd_c, rstd_a, rstd_r (either LayerNorm).
 #
 # The compiled loops (csrc/lstm_variants.cpp, ops lstmlab_native::variant_forward/variant_backward) run when
 # _native_for gives them, with the same buffers: a forward of one kind and a backward of the other work together.
@@ -517,7 +519,7 @@ def _extra_parts(H: int, layer_norm: bool, cell_norm: bool, zoneout: bool) -> li
     if cell_norm:
         parts.append(("c_hat", H))
     if layer_norm:
-        parts += [("a_hat", 4 * H), ("r_hat", 4 * H)]
+        parts.append(("r_hat", 4 * H))
     if layer_norm or cell_norm:
         parts.append(("rstd", 3))
     return parts
@@ -546,6 +548,12 @@ def _normalize(v: Tensor, hat: Tensor, rstd: Tensor) -> None:
     torch.mul(d, rstd.unsqueeze(1), out=hat)
 
 
+def _ln_gates(a_hat: Tensor, r_hat: Tensor, ln_gates: Tensor, bias: Tensor | None) -> Tensor:
+    """The pre-activations with the gates' LayerNorm: γ_ih â + γ_hh r̂ + b."""
+    z = a_hat * ln_gates[0] + r_hat * ln_gates[1]
+    return z if bias is None else z.add_(bias)
+
+
 def _normalize_backward(d_hat: Tensor, hat: Tensor, rstd: Tensor) -> Tensor:
     """The gradient w.r.t. v of hat = LN(v), from the gradient w.r.t. hat."""
     mean_d = d_hat.mean(1, keepdim=True)
@@ -572,9 +580,11 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
     v = _extra_views(extra, *parts)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
     h_in0 = h0 if recurrent_mask is None else h0 * recurrent_mask  # variational recurrent dropout
-    if layer_norm:  # the two products apart: every step's x2h in one matmul now
+    if layer_norm:  # the two products apart: every step's x2h in one matmul now, into acts (normalised there)
         xh = x.new_empty(0)
-        A = torch.mm(x.reshape(T * B, n_in), weight_ih.t()).view(T, B, 4 * H)
+        torch.mm(x.reshape(T * B, n_in), weight_ih.t(), out=acts.view(T * B, 4 * H))
+        for t in range(T):  # rows a packed step does not reach read as zeros
+            acts[t, _live(sizes, t, B) :] = 0
         h_in = v["h_in"]
         if T:
             h_in[0] = h_in0
@@ -589,14 +599,13 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
         if layer_norm:
             R = torch.mm(h_in[t, :n], weight_hh.t())  # (n, 4H)
             rstd = v["rstd"][t, :n]
-            _normalize(A[t, :n], v["a_hat"][t, :n], rstd[:, 1])
+            _normalize(acts[t, :n], acts[t, :n], rstd[:, 1])
             _normalize(R, v["r_hat"][t, :n], rstd[:, 2])
-            z = v["a_hat"][t, :n] * ln_gates[0] + v["r_hat"][t, :n] * ln_gates[1]
-            if bias is not None:
-                z += bias
+            z = _ln_gates(acts[t, :n], v["r_hat"][t, :n], ln_gates, bias)
+            gates = torch.empty_like(z)  # not kept: the backward recomputes them
         else:
             z = torch.mm(xh[t, :n], w_t)  # (n, 4H)
-        gates = acts[t, :n]
+            gates = acts[t, :n]
         i, f, g, o = gates.split(H, dim=1)
         zi, zf, zg, zo = z.split(H, dim=1)
         if peephole is not None:  # i and f see the previous cell
@@ -650,7 +659,7 @@ def _variant_weight_grads(mm: Any, dA: Tensor, dR: Tensor, x: Tensor, xh: Tensor
 
 def _variant_backward_impl(
     d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor, weight_ih: Tensor,
-    weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor, xh: Tensor, extra: Tensor,
+    weight_hh: Tensor, bias: Tensor | None, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor, xh: Tensor, extra: Tensor,
     ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None, recurrent_mask: Tensor | None,
     zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool, need_weights: bool,
     inplace: bool = False,
@@ -661,7 +670,7 @@ def _variant_backward_impl(
     H = H4 // 4
     native = _native_for(acts)
     if native is not None and T and B:
-        return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs,
+        return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias, batch_sizes, acts, cs,
                                         tcs, xh, extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask,
                                         has_bias, need_x, need_h0, need_weights, inplace)
     layer_norm = ln_gates is not None
@@ -675,9 +684,17 @@ def _variant_backward_impl(
     dY = acts.new_zeros(T, B, H) if ln_cell is not None else None  # ... w.r.t. γ_c ĉ + β_c
     for t in range(T - 1, -1, -1):
         n = _live(sizes, t, B)
-        i, f, g, o = acts[t, :n].split(H, dim=1)
         tc = tcs[t, :n]
         c_prev = cs[t - 1, :n] if t > 0 else c0[:n]
+        if layer_norm:  # the activations, as the forward computed them
+            z = _ln_gates(acts[t, :n], v["r_hat"][t, :n], ln_gates, bias)
+            zi, zf, zg, zo = z.split(H, dim=1)
+            if peephole is not None:
+                zi, zf = zi + peephole[0] * c_prev, zf + peephole[1] * c_prev
+                zo = zo + peephole[2] * (v["c_new"][t, :n] if zoneout_mask is not None else cs[t, :n])
+            i, f, g, o = zi.sigmoid(), zf.sigmoid(), zg.tanh(), zo.sigmoid()
+        else:
+            i, f, g, o = acts[t, :n].split(H, dim=1)
         dh_t = dh[:n] + d_out[t, :n] if d_out is not None else dh[:n].clone()
         dc_t = dc[:n].clone()
         if zoneout_mask is not None:  # the kept share goes straight to the previous state
@@ -705,7 +722,7 @@ def _variant_backward_impl(
             dc_prev += carry_c
         if layer_norm:
             rstd = v["rstd"][t, :n]
-            dA[t, :n] = _normalize_backward(dZ_t * ln_gates[0], v["a_hat"][t, :n], rstd[:, 1])
+            dA[t, :n] = _normalize_backward(dZ_t * ln_gates[0], acts[t, :n], rstd[:, 1])
             dR[t, :n] = _normalize_backward(dZ_t * ln_gates[1], v["r_hat"][t, :n], rstd[:, 2])
         dh_prev = torch.mm(dR[t, :n], weight_hh)  # through h_in W_hh^T
         if recurrent_mask is not None:
@@ -725,7 +742,7 @@ def _variant_backward_impl(
         if has_bias:
             db = dZ.sum((0, 1)) if db_mm is None else db_mm
         if layer_norm:
-            d_ln_gates = torch.stack([(dZ * v["a_hat"]).sum((0, 1)), (dZ * v["r_hat"]).sum((0, 1))])
+            d_ln_gates = torch.stack([(dZ * acts).sum((0, 1)), (dZ * v["r_hat"]).sum((0, 1))])
         if ln_cell is not None:
             d_ln_cell = torch.stack([(dY * v["c_hat"]).sum((0, 1)), dY.sum((0, 1))])
         if peephole is not None:
@@ -787,8 +804,8 @@ def _variant_forward_native(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weig
 
 def _variant_backward_native(
     native: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor,
-    weight_ih: Tensor, weight_hh: Tensor, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor,
-    xh: Tensor, extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
+    weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor,
+    tcs: Tensor, xh: Tensor, extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
     recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool,
     need_weights: bool, inplace: bool = False,
 ) -> tuple[Tensor, ...]:
@@ -802,17 +819,16 @@ def _variant_backward_native(
     dc = acts.new_zeros(B, H) if d_cT is None else d_cT.contiguous().clone()
     extra = extra.contiguous()
     v = _extra_views(extra, H, layer_norm, ln_cell is not None, zoneout_mask is not None)
-    if inplace and not layer_norm and acts.is_contiguous():  # each row's gradient over its activations
-        dA = acts
-    elif inplace and layer_norm:  # over â and r̂, each row's as it is read
-        dA, dR = v["a_hat"], v["r_hat"]
-    else:
-        dA = _cache().empty((T, B, H4), acts)  # every row is written (zeros where a packed step does not reach)
-    if not (inplace and layer_norm):
+    if inplace and acts.is_contiguous():  # each row's gradient over what it was computed from, as it is read:
+        dA = acts  # the activations, or â
+        dR = v["r_hat"] if layer_norm else dA  # and r̂
+    else:  # every row is written (zeros where a packed step does not reach)
+        dA = _cache().empty((T, B, H4), acts)
         dR = _cache().empty((T, B, H4), acts) if layer_norm else dA
     sums = acts.new_empty(17 * H)  # [db | dγ_ih | dγ_hh | dγ_c | dβ_c | dp_i | dp_f | dp_o]
     sizes = batch_sizes.to(torch.int64).contiguous() if batch_sizes is not None else None
-    native.variant_backward(_contiguous(d_out), dh, dc, c0.contiguous(), weight_hh.contiguous(), acts.contiguous(),
+    native.variant_backward(_contiguous(d_out), dh, dc, c0.contiguous(), weight_hh.contiguous(), _contiguous(bias),
+                            acts.contiguous(),
                             cs.contiguous(), tcs.contiguous(), extra, _contiguous(ln_gates), _contiguous(ln_cell),
                             _contiguous(peephole), _contiguous(recurrent_mask), _native_zoneout(zoneout_mask),
                             dA, dR, sums, need_h0, sizes)
@@ -837,7 +853,7 @@ def _variant_backward_native(
     return dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep
 
 
-def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch_sizes, acts, cs, tcs, xh,  # noqa: ANN001, ANN202
+def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias, batch_sizes, acts, cs, tcs, xh,  # noqa: ANN001, ANN202
                            extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask, has_bias, need_x,  # noqa: ANN001
                            need_h0, need_weights):  # noqa: ANN001
     T, B, H4 = acts.shape
@@ -853,7 +869,7 @@ def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, batch
 @torch.library.custom_op(
     "lstmlab::lstm_variant_layer_backward", mutates_args=(),
     schema="""(Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor x, Tensor c0, Tensor weight_ih, Tensor weight_hh,
-    Tensor? batch_sizes, Tensor acts, Tensor cs, Tensor tcs, Tensor xh, Tensor extra, Tensor? ln_gates,
+    Tensor? bias, Tensor? batch_sizes, Tensor acts, Tensor cs, Tensor tcs, Tensor xh, Tensor extra, Tensor? ln_gates,
     Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, bool has_bias, bool need_x,
     bool need_h0, bool need_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)""",
 )
@@ -912,7 +928,7 @@ def _backward_all(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Ten
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
     has_bias = b_ih is not None or b_hh is not None
     if ctx.variant:
-        args = (d_out, d_hT, d_cT, x, c0, w_ih, w_hh, batch_sizes, acts, cs, tcs, xh, extra,
+        args = (d_out, d_hT, d_cT, x, c0, w_ih, w_hh, _bias(b_ih, b_hh), batch_sizes, acts, cs, tcs, xh, extra,
                 *(variant.get(name) for name in VARIANT_ARGS), has_bias, need[0], need[1] or need[2],
                 any(need[3:]) or any(need_variant))
         if _plain_eager(*args):  # the activations are ours to overwrite unless the graph is kept

@@ -231,8 +231,8 @@ inline T zone(T z, T prev, T next) {
 template <typename T>
 struct FwdStep {
   int64_t H;
-  T* acts;          // (n, 4H): in, the pre-activations A + R (no gate LayerNorm); out, i, f, g, o
-  T* a_hat;         // (n, 4H): in, x W_ih^T; out, its LayerNorm (gate LayerNorm)
+  T* acts;          // (n, 4H): in, the pre-activations A + R; out, i, f, g, o (without the gate LayerNorm)
+  T* a_hat;         // (n, 4H): in, x W_ih^T; out, its LayerNorm (gate LayerNorm: acts' own rows)
   T* r_hat;         // (n, 4H): in, h_in W_hh^T; out, its LayerNorm (gate LayerNorm)
   T* rstd;          // (n, 3): 1/std of c_new, A, R
   const T* gain_ih;  // (4H) γ_ih
@@ -342,8 +342,11 @@ template <typename T, bool LNG, bool LNC, bool PEEP, bool ZONE>
 void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, H4 = 4 * H;
   constexpr bool ACC = LNG || LNC;
+  // With the gates' LayerNorm the activations are not kept (the backward recomputes them from â and r̂): each
+  // row's go through one scratch row, which stays in the cache.
+  std::vector<T> z_row(LNG ? static_cast<size_t>(H4) : 0);
   for (int64_t b = b0; b < b1; ++b) {
-    T* const z = s.acts + b * H4;
+    T* const z = LNG ? z_row.data() : s.acts + b * H4;
     if constexpr (LNG) {
       if (b + 1 < b1) {
         prefetch_row(s.a_hat + (b + 1) * H4, H4);
@@ -406,16 +409,15 @@ struct Extra {
   T* c_new;
   T* h_in;
   T* c_hat;
-  T* a_hat;
   T* r_hat;
   T* rstd;
 };
 
-// fused.py's _extra_parts: c_new (H, zoneout; else c_new is cs); h_in (H, gates' LayerNorm); ĉ (H, cell LayerNorm); â, r̂ (4H each, gates'
-// LayerNorm); rstd (3, either LayerNorm). Absent parts are null.
+// fused.py's _extra_parts: c_new (H, zoneout; else c_new is cs); h_in (H, gates' LayerNorm); ĉ (H, cell LayerNorm);
+// r̂ (4H, gates' LayerNorm; â is in acts); rstd (3, either LayerNorm). Absent parts are null.
 template <typename T>
 Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, bool lng, bool lnc, bool zone) {
-  const int64_t width = (zone ? H : 0) + (lng ? 9 * H : 0) + (lnc ? H : 0) + (lng || lnc ? 3 : 0);
+  const int64_t width = (zone ? H : 0) + (lng ? 5 * H : 0) + (lnc ? H : 0) + (lng || lnc ? 3 : 0);
   TORCH_CHECK(extra.dim() == 3 && extra.size(0) == T_ && extra.size(1) == B && extra.size(2) == width,
               "lstmlab_native: extra must be (T, B, ", width, ")");
   T* p = extra.data_ptr<T>();
@@ -430,7 +432,6 @@ Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, 
   e.c_new = take(zone, H);
   e.h_in = take(lng, H);
   e.c_hat = take(lnc, H);
-  e.a_hat = take(lng, 4 * H);
   e.r_hat = take(lng, 4 * H);
   e.rstd = take(lng || lnc, 3);
   return e;
@@ -455,7 +456,8 @@ int64_t zoneout_layout(const at::Tensor& zm, int64_t T, int64_t B, int64_t H, in
 // [h_in | x_t | 1 | 0...] with step 0's h_in in place and w (4H, K) = [W_hh | W_ih | b | 0...] (fused.py's
 // _input_rows, _stacked_weights); with it both are empty, and extra's h_in holds step 0's. Writes acts (T, B, 4H) =
 // i, f, g, o; cs, tcs, out (T, B, H) = c_t, tanh of what h reads, h_t; extra (T, B, E) as fused.py's _extra_views;
-// each later step's h_in. With batch_sizes only live rows are written (a_hat's dead rows are zeroed); the caller
+// each later step's h_in. With the gates' LayerNorm acts holds â instead, LN(x W_ih^T), from which (and r̂) the
+// backward recomputes the activations. With batch_sizes only live rows are written (â's dead rows are zeroed); the caller
 // zeroes the buffers for a packed batch.
 void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
@@ -519,16 +521,16 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     using T_ = scalar_t;
     const Extra<T_> e = extra_parts<T_>(extra, T, B, H, lng, lnc, zone);
     T_* const ap = acts.data_ptr<T_>();
-    // The gates' LayerNorm: every step's x W_ih^T in one matmul before the loop, into a_hat (normalised in place by
-    // the row pass, b added after the normalisation).
+    // The gates' LayerNorm: every step's x W_ih^T in one matmul before the loop, into acts (normalised in place by
+    // the row pass into â, b added after the normalisation).
     if (lng) {
-      at::Tensor a = flat.narrow(0, (e.a_hat - e.base), T * B * H4).view({T * B, H4});
+      at::Tensor a = acts.view({T * B, H4});
       lstmlab::mm_out(a, x.view({T * B, I}), w_ih.t(), onednn);
       if (sizes != nullptr) {  // rows a packed step does not reach read as zeros, as the Python loop leaves them
         for (int64_t t = 0; t < T; ++t) {
           const int64_t n = live_rows(sizes, t, B);
           if (n < B) {
-            std::memset(e.a_hat + (t * B + n) * H4, 0, sizeof(T_) * (B - n) * H4);
+            std::memset(ap + (t * B + n) * H4, 0, sizeof(T_) * (B - n) * H4);
           }
         }
       }
@@ -566,7 +568,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         FwdStep<T_> s{};
         s.H = H;
         s.acts = ap + o1 * 4;
-        s.a_hat = lng ? e.a_hat + o1 * 4 : nullptr;
+        s.a_hat = lng ? ap + o1 * 4 : nullptr;
         s.r_hat = lng ? e.r_hat + o1 * 4 : nullptr;
         s.rstd = (lng || lnc) ? e.rstd + (t * B + r0) * 3 : nullptr;
         s.gain_ih = gates_gain;
@@ -606,12 +608,14 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
 // their full vector width), which go into double sums every kFlushRows rows.
 constexpr int64_t kSums = 17;    // times H
 constexpr int64_t kFlushRows = 32;
-constexpr int64_t kScratch = 6;  // times H: dz (4H, gate LayerNorm), dy (H, cell LayerNorm), zoneout's carry of c (H)
+// times H: dz (4H, gate LayerNorm), dy (H, cell LayerNorm), zoneout's carry of c (H); with the gates' LayerNorm, the
+// recomputed activations (4H) and what their recomputation writes besides (c', tanh, h, c: 4H)
+constexpr int64_t kScratch = 14;
 
 template <typename T>
 struct BwdStep {
   int64_t H;
-  const T* acts;     // (n, 4H) i, f, g, o
+  const T* acts;     // (n, 4H) i, f, g, o; â with the gates' LayerNorm
   const T* tc;       // (n, H)
   const T* c_prev;   // (n, H)
   const T* c_new;    // (n, H)
@@ -621,6 +625,7 @@ struct BwdStep {
   const T* rstd;     // (n, 3)
   const T* gain_ih;  // (4H)
   const T* gain_hh;  // (4H)
+  const T* bias;     // (4H) b_ih + b_hh, or zeros (gate LayerNorm)
   const T* peep;     // (3, H)
   const T* gain_c;   // (H)
   const T* zc;
@@ -778,14 +783,17 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, int64_t end
   }
   T* const dy = scratch + 4 * H;
   T* const carry_c = scratch + 5 * H;
+  T* const acts = scratch + 6 * H;  // the gates' LayerNorm: the activations, recomputed
+  T* const spill = scratch + 10 * H;
   for (int64_t b = r0; b < r1; ++b) {
     if constexpr (LNG) {
       if (b + 1 < end) {
         prefetch_row(s.a_hat + (b + 1) * H4, H4);
         prefetch_row(s.r_hat + (b + 1) * H4, H4);
-        prefetch_row(s.acts + (b + 1) * H4, H4);
-        prefetch_row<1>(s.dA + (b + 1) * H4, H4);
-        prefetch_row<1>(s.dR + (b + 1) * H4, H4);
+        if (s.dA != s.a_hat) {
+          prefetch_row<1>(s.dA + (b + 1) * H4, H4);
+          prefetch_row<1>(s.dR + (b + 1) * H4, H4);
+        }
         prefetch_row(s.tc + (b + 1) * H, H);
         prefetch_row(s.c_prev + (b + 1) * H, H);
         prefetch_row(s.c_new + (b + 1) * H, H);
@@ -794,11 +802,18 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, int64_t end
         }
       }
     }
-    const T* const a = s.acts + b * H4;
     T* const dc = s.dc + b * H;
     T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
     const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
     const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
+    if constexpr (LNG) {  // the forward's own functions on the same â, r̂: the same activations
+      ln_gates_row(s.a_hat + b * H4, s.gain_ih, s.r_hat + b * H4, s.gain_hh, s.bias, acts, H4);
+      const T* const cp = s.c_prev + b * H;  // (the h_prev that zoneout would read: any H values do, unused)
+      gates_row<T, PEEP, LNC, ZONE, true>(acts, acts + H, acts + 2 * H, acts + 3 * H, s.peep,
+                                          PEEP ? s.peep + H : nullptr, PEEP ? s.peep + 2 * H : nullptr, cp, cp, zc,
+                                          zh, spill, spill + H, spill + 2 * H, spill + 3 * H, H);
+    }
+    const T* const a = LNG ? acts : s.acts + b * H4;
     out_back_row<T, LNC, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, dc, a + 3 * H, s.tc + b * H, zc,
                                     zh, carry_c, dy, dz + 3 * H, H);
     if constexpr (LNC) {  // y = γ_c LN(c') + β_c
@@ -858,7 +873,8 @@ BackwardRowsFn<T> pick_backward(bool lng, bool lnc, bool peep, bool zone, bool o
 // the gates' LayerNorm: both are then the pre-activations' gradient), zero in rows a packed step does not reach;
 // sums (17H) gets [db | dγ_ih | dγ_hh | dγ_c | dβ_c | dp_i | dp_f | dp_o] (the parts of absent terms are zero).
 void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at::Tensor dc, const at::Tensor& c0,
-                      const at::Tensor& w_hh, const at::Tensor& acts, const at::Tensor& cs, const at::Tensor& tcs,
+                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias, const at::Tensor& acts,
+                      const at::Tensor& cs, const at::Tensor& tcs,
                       const at::Tensor& extra, const c10::optional<at::Tensor>& ln_gates,
                       const c10::optional<at::Tensor>& ln_cell, const c10::optional<at::Tensor>& peephole,
                       const c10::optional<at::Tensor>& recurrent_mask,
@@ -872,7 +888,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
     check(*t, dtype, name);
   }
   for (const auto& [t, name] : {std::pair<const c10::optional<at::Tensor>*, const char*>{&d_out, "d_out"},
-                                {&ln_gates, "ln_gates"}, {&ln_cell, "ln_cell"}, {&peephole, "peephole"},
+                                {&bias, "bias"}, {&ln_gates, "ln_gates"}, {&ln_cell, "ln_cell"}, {&peephole, "peephole"},
                                 {&recurrent_mask, "recurrent_mask"}, {&zoneout_mask, "zoneout_mask"}}) {
     if (given(*t)) {
       check(**t, dtype, name);
@@ -888,6 +904,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
   check_numel(dR, T * B * H4, "dR");
   check_numel(sums, kSums * H, "sums");
   if (given(d_out)) check_numel(*d_out, T * B * H, "d_out");
+  if (given(bias)) check_numel(*bias, H4, "bias");
   if (given(ln_gates)) check_numel(*ln_gates, 2 * H4, "ln_gates");
   if (given(ln_cell)) check_numel(*ln_cell, 2 * H, "ln_cell");
   if (given(peephole)) check_numel(*peephole, 3 * H, "peephole");
@@ -905,6 +922,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
   const int64_t n_slots = threads * threads;
   std::vector<double> acc(static_cast<size_t>(n_slots * kSums * H), 0.0);
   at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the matmul writes dh_next
+  const at::Tensor bias4 = lng && !given(bias) ? at::zeros({H4}, acts.options()) : at::Tensor();
   const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_backward", [&] {
     using T_ = scalar_t;
@@ -947,11 +965,12 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         s.c_prev = t > 0 ? cp + o1 - B * H : c0p + r0 * H;
         s.c_new = zone ? e.c_new + o1 : cp + o1;
         s.c_hat = lnc ? e.c_hat + o1 : nullptr;
-        s.a_hat = lng ? e.a_hat + o1 * 4 : nullptr;
+        s.a_hat = lng ? ap + o1 * 4 : nullptr;
         s.r_hat = lng ? e.r_hat + o1 * 4 : nullptr;
         s.rstd = (lng || lnc) ? e.rstd + (t * B + r0) * 3 : nullptr;
         s.gain_ih = gates_gain;
         s.gain_hh = lng ? gates_gain + H4 : nullptr;
+        s.bias = lng ? (given(bias) ? bias->data_ptr<T_>() : bias4.data_ptr<T_>()) : nullptr;
         s.peep = opt_ptr<T_>(peephole);
         s.gain_c = opt_ptr<T_>(ln_cell);
         if (zone) {
@@ -1051,7 +1070,7 @@ TORCH_LIBRARY_FRAGMENT(lstmlab_native, m) {
       "Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, Tensor(f!) xh, Tensor w, "
       "Tensor(a!) acts, Tensor(b!) cs, Tensor(c!) tcs, Tensor(d!) out, Tensor(e!) extra, Tensor? batch_sizes) -> ()");
   m.def(
-      "variant_backward(Tensor? d_out, Tensor(a!) dh, Tensor(b!) dc, Tensor c0, Tensor w_hh, Tensor acts, "
+      "variant_backward(Tensor? d_out, Tensor(a!) dh, Tensor(b!) dc, Tensor c0, Tensor w_hh, Tensor? bias, Tensor acts, "
       "Tensor cs, Tensor tcs, Tensor extra, Tensor? ln_gates, Tensor? ln_cell, Tensor? peephole, "
       "Tensor? recurrent_mask, Tensor? zoneout_mask, Tensor(c!) dA, Tensor(d!) dR, Tensor(e!) sums, "
       "bool need_dh0, Tensor? batch_sizes) -> ()");
