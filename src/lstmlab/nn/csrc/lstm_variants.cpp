@@ -108,25 +108,24 @@ void with_flag(bool b, F&& f) {
 // (max error / (reference's + 3e-5): 7.9 with it in float, 3.3 in double; the gates' backward in float or double
 // made no difference).
 
-// Σ a[k] (* b[k] (* c[k])) over N values in Acc, b and c optional: four independent vector partial sums (GCC/Clang
-// vector extensions, 64 bytes: one AVX-512 register where the CPU has them), so that the additions neither wait on
-// each other nor go through memory, then the tail.
+// The vector of W = 64 / sizeof(Acc) values of Acc from p[0..W) (GCC/Clang vector extensions, 64 bytes: one
+// AVX-512 register where the CPU has them).
 template <typename Acc, typename T>
-inline Acc row_dot(const T* a, const T* b, const T* c, int64_t N) {
+inline auto load_vec(const T* p) {
   typedef Acc V __attribute__((vector_size(64)));
   typedef T U __attribute__((vector_size(64 / sizeof(Acc) * sizeof(T))));
+  U u;
+  std::memcpy(&u, p, sizeof(U));
+  return __builtin_convertvector(u, V);
+}
+
+// Σ term(k) over N values in Acc, term(k) giving the vector of values k.. (load_vec) and one(k) the value k alone:
+// four independent vector partial sums, so that the additions neither wait on each other nor go through memory,
+// then the tail.
+template <typename Acc, typename Term, typename One>
+inline Acc row_sum(int64_t N, Term term, One one) {
+  typedef Acc V __attribute__((vector_size(64)));
   constexpr int64_t W = 64 / sizeof(Acc);
-  const auto load = [](const T* p) {
-    U u;
-    std::memcpy(&u, p, sizeof(U));
-    return __builtin_convertvector(u, V);
-  };
-  const auto term = [&](int64_t k) {
-    V v = load(a + k);
-    if (b != nullptr) v *= load(b + k);
-    if (c != nullptr) v *= load(c + k);
-    return v;
-  };
   V s0{}, s1{}, s2{}, s3{};
   int64_t k = 0;
   for (; k + 4 * W <= N; k += 4 * W) {
@@ -144,12 +143,41 @@ inline Acc row_dot(const T* a, const T* b, const T* c, int64_t N) {
     r += s[l];
   }
   for (; k < N; ++k) {
+    r += one(k);
+  }
+  return r;
+}
+
+// Σ a[k] (* b[k] (* c[k])) over N values in Acc, b and c optional.
+template <typename Acc, typename T>
+inline Acc row_dot(const T* a, const T* b, const T* c, int64_t N) {
+  const auto term = [&](int64_t k) {
+    auto v = load_vec<Acc>(a + k);
+    if (b != nullptr) v *= load_vec<Acc>(b + k);
+    if (c != nullptr) v *= load_vec<Acc>(c + k);
+    return v;
+  };
+  const auto one = [&](int64_t k) {
     Acc v = static_cast<Acc>(a[k]);
     if (b != nullptr) v *= static_cast<Acc>(b[k]);
     if (c != nullptr) v *= static_cast<Acc>(c[k]);
-    r += v;
-  }
-  return r;
+    return v;
+  };
+  return row_sum<Acc>(N, term, one);
+}
+
+// Σ (v[k] - mean)^2 over N values, in T (the rounding of normalize_row's d = v - mean, then Σ d * d).
+template <typename T>
+inline T row_sq_dev(const T* v, T mean, int64_t N) {
+  const auto term = [&](int64_t k) {
+    const auto d = load_vec<T>(v + k) - mean;
+    return d * d;
+  };
+  const auto one = [&](int64_t k) {
+    const T d = v[k] - mean;
+    return d * d;
+  };
+  return row_sum<T>(N, term, one);
 }
 
 // hat = (v - mean) / sqrt(var + eps) over N values (biased variance; hat may be v itself); returns 1/sqrt(var+eps).
@@ -317,13 +345,40 @@ inline void cell_out_row(const T* __restrict ch, const T* __restrict gc, const T
   }
 }
 
+// A pre-activation with the gates' LayerNorm, γ_ih â + γ_hh r̂ + b: one expression for the forward and the
+// backward's recomputation, so that both round it alike.
+template <typename T>
+inline T ln_gate(T a, T ga, T r, T gr, T bias) {
+  return a * ga + r * gr + bias;
+}
+
 // z = γ_ih â + γ_hh r̂ + b over one row of 4H.
 template <typename T>
 inline void ln_gates_row(const T* __restrict a, const T* __restrict ga, const T* __restrict r,
                          const T* __restrict gr, const T* __restrict bias, T* __restrict z, int64_t H4) {
   for (int64_t k = 0; k < H4; ++k) {
-    z[k] = a[k] * ga[k] + r[k] * gr[k] + bias[k];
+    z[k] = ln_gate(a[k], ga[k], r[k], gr[k], bias[k]);
   }
+}
+
+// The gates' LayerNorm of one row in one pass after the statistics: â = LN(a), r̂ = LN(r) in place (as
+// normalize_row rounds them) and z = γ_ih â + γ_hh r̂ + b; rstd[1], rstd[2] = 1/std of a and r.
+template <typename T>
+inline void ln_gates_forward_row(T* __restrict a, const T* __restrict ga, T* __restrict r, const T* __restrict gr,
+                                 const T* __restrict bias, T* __restrict z, T* __restrict rstd, int64_t H4) {
+  const T n = static_cast<T>(H4), eps = static_cast<T>(kLnEps);
+  const T ma = row_dot<T, T>(a, nullptr, nullptr, H4) / n;
+  const T mr = row_dot<T, T>(r, nullptr, nullptr, H4) / n;
+  const T sa = T(1) / std::sqrt(row_sq_dev(a, ma, H4) / n + eps);
+  const T sr = T(1) / std::sqrt(row_sq_dev(r, mr, H4) / n + eps);
+  for (int64_t k = 0; k < H4; ++k) {
+    const T av = (a[k] - ma) * sa, rv = (r[k] - mr) * sr;
+    a[k] = av;
+    r[k] = rv;
+    z[k] = ln_gate(av, ga[k], rv, gr[k], bias[k]);
+  }
+  rstd[1] = sa;
+  rstd[2] = sr;
 }
 
 // The next step's h_in from this step's h: h * mask (variational recurrent dropout) or h itself.
@@ -353,9 +408,7 @@ void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
       }
       T* const a = s.a_hat + b * H4;
       T* const r = s.r_hat + b * H4;
-      s.rstd[b * 3 + 1] = normalize_row(a, a, H4);
-      s.rstd[b * 3 + 2] = normalize_row(r, r, H4);
-      ln_gates_row(a, s.gain_ih, r, s.gain_hh, s.bias, z, H4);
+      ln_gates_forward_row(a, s.gain_ih, r, s.gain_hh, s.bias, z, s.rstd + b * 3, H4);
     }
     const T* const cp = s.c_prev + b * H;
     const T* const hp = s.h_prev + b * H;
