@@ -216,23 +216,61 @@ void normalize_backward_row(const T* __restrict dy, const T* __restrict gamma, c
 }
 
 // The gates' LayerNorm backward for one row: z = γ_ih LN(A) + γ_hh LN(R) + b, from dz to dA and dR (as
-// normalize_backward_row for each, in T), adding dz * â, dz * r̂ and dz into the gains' and the bias's sums.
+// normalize_backward_row for each, in T), adding dz * â, dz * r̂ and dz into the gains' and the bias's sums. Two
+// passes: the four means and the sums (four independent vector partial sums), then dA and dR, which may be â and r̂
+// themselves (each value is read before it is written).
 template <typename T>
 void ln_gates_backward_row(const T* __restrict dz, const T* __restrict gain_a, const T* a_hat, T rstd_a,
                            const T* __restrict gain_r, const T* r_hat, T rstd_r, T* dA, T* dR, int64_t N,
                            T* __restrict acc_a, T* __restrict acc_r, T* __restrict acc_b) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int64_t W = 64 / sizeof(T);
+  const auto add_to = [](T* p, V v) {
+    V u;
+    std::memcpy(&u, p, sizeof(V));
+    u += v;
+    std::memcpy(p, &u, sizeof(V));
+  };
+  V s1{}, s2{}, s3{}, s4{};
+  int64_t k = 0;
+  for (; k + W <= N; k += W) {
+    const V d = load_vec<T>(dz + k), av = load_vec<T>(a_hat + k), rv = load_vec<T>(r_hat + k);
+    const V ga = d * load_vec<T>(gain_a + k), gr = d * load_vec<T>(gain_r + k);
+    s1 += ga;
+    s2 += ga * av;
+    s3 += gr;
+    s4 += gr * rv;
+    add_to(acc_a + k, d * av);
+    add_to(acc_r + k, d * rv);
+    add_to(acc_b + k, d);
+  }
+  T m1 = T(0), m2 = T(0), m3 = T(0), m4 = T(0);
+  for (int64_t l = 0; l < W; ++l) {
+    m1 += s1[l];
+    m2 += s2[l];
+    m3 += s3[l];
+    m4 += s4[l];
+  }
+  for (; k < N; ++k) {
+    const T d = dz[k], ga = d * gain_a[k], gr = d * gain_r[k];
+    m1 += ga;
+    m2 += ga * a_hat[k];
+    m3 += gr;
+    m4 += gr * r_hat[k];
+    acc_a[k] += d * a_hat[k];
+    acc_r[k] += d * r_hat[k];
+    acc_b[k] += d;
+  }
   const T n = static_cast<T>(N);
-  const T* const none = nullptr;
-  const T m1 = row_dot<T>(dz, gain_a, none, N) / n, m2 = row_dot<T>(dz, gain_a, a_hat, N) / n;
-  const T m3 = row_dot<T>(dz, gain_r, none, N) / n, m4 = row_dot<T>(dz, gain_r, r_hat, N) / n;
+  m1 /= n;
+  m2 /= n;
+  m3 /= n;
+  m4 /= n;
 #pragma GCC ivdep
   for (int64_t j = 0; j < N; ++j) {
     const T d = dz[j], av = a_hat[j], rv = r_hat[j];
     dA[j] = (d * gain_a[j] - m1 - av * m2) * rstd_a;
     dR[j] = (d * gain_r[j] - m3 - rv * m4) * rstd_r;
-    acc_a[j] += d * av;
-    acc_r[j] += d * rv;
-    acc_b[j] += d;
   }
 }
 
