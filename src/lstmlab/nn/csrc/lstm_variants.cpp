@@ -180,18 +180,22 @@ inline T row_sq_dev(const T* v, T mean, int64_t N) {
   return row_sum<T>(N, term, one);
 }
 
-// hat = (v - mean) / sqrt(var + eps) over N values (biased variance; hat may be v itself); returns 1/sqrt(var+eps).
+// The LayerNorm statistics of N values: their mean into *mean, and 1/sqrt(var + eps) returned (biased variance,
+// two passes).
+template <typename T>
+inline T row_rstd(const T* v, int64_t N, T* mean) {
+  const T n = static_cast<T>(N);
+  *mean = row_dot<T, T>(v, nullptr, nullptr, N) / n;
+  return T(1) / std::sqrt(row_sq_dev(v, *mean, N) / n + static_cast<T>(kLnEps));
+}
+
+// hat = (v - mean) / sqrt(var + eps) over N values (hat may be v itself); returns 1/sqrt(var + eps).
 template <typename T>
 T normalize_row(const T* v, T* hat, int64_t N) {
-  const T n = static_cast<T>(N);
-  const T mean = row_dot<T, T>(v, nullptr, nullptr, N) / n;
+  T mean;
+  const T rstd = row_rstd(v, N, &mean);
   for (int64_t j = 0; j < N; ++j) {
-    hat[j] = v[j] - mean;
-  }
-  const T var = row_dot<T, T>(hat, hat, nullptr, N) / n;
-  const T rstd = T(1) / std::sqrt(var + static_cast<T>(kLnEps));
-  for (int64_t j = 0; j < N; ++j) {
-    hat[j] *= rstd;
+    hat[j] = (v[j] - mean) * rstd;
   }
   return rstd;
 }
@@ -404,11 +408,8 @@ inline void ln_gates_row(const T* __restrict a, const T* __restrict ga, const T*
 template <typename T>
 inline void ln_gates_forward_row(T* __restrict a, const T* __restrict ga, T* __restrict r, const T* __restrict gr,
                                  const T* __restrict bias, T* __restrict z, T* __restrict rstd, int64_t H4) {
-  const T n = static_cast<T>(H4), eps = static_cast<T>(kLnEps);
-  const T ma = row_dot<T, T>(a, nullptr, nullptr, H4) / n;
-  const T mr = row_dot<T, T>(r, nullptr, nullptr, H4) / n;
-  const T sa = T(1) / std::sqrt(row_sq_dev(a, ma, H4) / n + eps);
-  const T sr = T(1) / std::sqrt(row_sq_dev(r, mr, H4) / n + eps);
+  T ma, mr;
+  const T sa = row_rstd(a, H4, &ma), sr = row_rstd(r, H4, &mr);
   for (int64_t k = 0; k < H4; ++k) {
     const T av = (a[k] - ma) * sa, rv = (r[k] - mr) * sr;
     a[k] = av;
