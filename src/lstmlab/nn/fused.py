@@ -654,7 +654,9 @@ def _variant_weight_grads(mm: Any, dA: Tensor, dR: Tensor, x: Tensor, xh: Tensor
     if h_in is None:
         dw = mm(dA.view(flat, H4).t(), xh.view(flat, xh.shape[2]))  # (4H, K)
         return dw[:, H : H + n_in].clone(), dw[:, :H].clone(), dw[:, H + n_in].clone() if has_bias else None
-    return mm(dA.view(flat, H4).t(), x.reshape(flat, n_in)), mm(dR.view(flat, H4).t(), h_in.reshape(flat, H)), None
+    # x^T dA, then transposed: oneDNN splits this thin product (4H x I over T*B rows) better that way round
+    dw_ih = mm(x.reshape(flat, n_in).t(), dA.view(flat, H4)).t().contiguous()
+    return dw_ih, mm(dR.view(flat, H4).t(), h_in.reshape(flat, H)), None
 
 
 def _variant_backward_impl(
