@@ -661,10 +661,10 @@ def _variant_weight_grads(mm: Any, dA: Tensor, dR: Tensor, x: Tensor, xh: Tensor
 
 def _variant_backward_impl(
     d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor, weight_ih: Tensor,
-    weight_hh: Tensor, bias: Tensor | None, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor, xh: Tensor, extra: Tensor,
-    ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None, recurrent_mask: Tensor | None,
-    zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool, need_weights: bool,
-    inplace: bool = False,
+    weight_hh: Tensor, bias: Tensor | None, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor,
+    xh: Tensor, extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
+    recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool,
+    need_weights: bool, inplace: bool = False,
 ) -> tuple[Tensor, ...]:
     """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent.
     ``inplace``: the compiled loops may write the gradient over ``acts`` (as the plain cell's backward does)."""
@@ -672,9 +672,9 @@ def _variant_backward_impl(
     H = H4 // 4
     native = _native_for(acts)
     if native is not None and T and B:
-        return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias, batch_sizes, acts, cs,
-                                        tcs, xh, extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask,
-                                        has_bias, need_x, need_h0, need_weights, inplace)
+        return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias, batch_sizes,
+                                        acts, cs, tcs, xh, extra, ln_gates, ln_cell, peephole, recurrent_mask,
+                                        zoneout_mask, has_bias, need_x, need_h0, need_weights, inplace)
     layer_norm = ln_gates is not None
     v = _extra_views(extra, H, layer_norm, ln_cell is not None, zoneout_mask is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
