@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,21 @@ from synthetic_idx import CORRUPTIONS, corrupt_idx, write_synthetic_mnist
 from lstmlab.data import DATASETS, _find_file, _read_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """torch.compile's on-disk caches in a fresh folder for this run: torch keys a cached graph by its text, not by
+    what a custom op's fake kernel says (pytorch#160472), so a cache left by older lstmlab code on the machine
+    handed back code compiled for other buffer shapes (a size-check failure in test_vmap_and_compile_of_a_variant)."""
+    folder = tempfile.mkdtemp(prefix="lstmlab-inductor-")
+    config._lstmlab_inductor_dir = folder  # type: ignore[attr-defined]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, "_lstmlab_inductor_dir", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _is_real_mnist(directory: Path) -> bool:
