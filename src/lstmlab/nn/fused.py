@@ -502,10 +502,11 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
 #
 # ``acts`` (T, B, 4H) keeps the activations i, f, g, o; with the gates' LayerNorm it keeps â = LN(x W_ih^T) instead,
 # and both backwards recompute the activations from â and r̂ (as the forward computed them): one (T, B, 4H) buffer
-# less to write and read back. ``extra`` (T, B, E) keeps what the backward needs beyond acts, cs (the state c_t
-# after zoneout) and tcs (tanh of what h reads: c_new, or LN(c_new)), each part a contiguous (T, B, width) block
-# (:func:`_extra_views`): c_new, the cell before zoneout (with zoneout; else it is cs); h_in (gates' LayerNorm); ĉ
-# (cell LayerNorm); r̂ (gates' LayerNorm); rstd_c, rstd_a, rstd_r (either LayerNorm).
+# less to write and read back. ``tcs`` (T, B, H) keeps tanh(c_new); with the cell LayerNorm ĉ = LN(c_new) instead,
+# from which the backwards recompute tanh(γ_c ĉ + β_c). ``extra`` (T, B, E) keeps what the backward needs beyond
+# acts, cs (the state c_t after zoneout) and tcs, each part a contiguous (T, B, width) block (:func:`_extra_views`):
+# c_new, the cell before zoneout (with zoneout; else it is cs); h_in (gates' LayerNorm); r̂ (gates' LayerNorm);
+# rstd_c, rstd_a, rstd_r (either LayerNorm).
 #
 # The compiled loops (csrc/lstm_variants.cpp, ops lstmlab_native::variant_forward/variant_backward) run when
 # _native_for gives them, with the same buffers: a forward of one kind and a backward of the other work together.
@@ -516,8 +517,6 @@ def _extra_parts(H: int, layer_norm: bool, cell_norm: bool, zoneout: bool) -> li
     parts = [("c_new", H)] if zoneout else []  # without zoneout c_new is c_t itself: cs
     if layer_norm:
         parts.append(("h_in", H))
-    if cell_norm:
-        parts.append(("c_hat", H))
     if layer_norm:
         parts.append(("r_hat", 4 * H))
     if layer_norm or cell_norm:
@@ -552,6 +551,11 @@ def _ln_gates(a_hat: Tensor, r_hat: Tensor, ln_gates: Tensor, bias: Tensor | Non
     """The pre-activations with the gates' LayerNorm: γ_ih â + γ_hh r̂ + b."""
     z = a_hat * ln_gates[0] + r_hat * ln_gates[1]
     return z if bias is None else z.add_(bias)
+
+
+def _cell_tanh(c_hat: Tensor, ln_cell: Tensor) -> Tensor:
+    """What h reads with the cell LayerNorm: tanh(γ_c ĉ + β_c)."""
+    return torch.tanh(torch.addcmul(ln_cell[1], c_hat, ln_cell[0]))
 
 
 def _normalize_backward(d_hat: Tensor, hat: Tensor, rstd: Tensor) -> Tensor:
@@ -622,12 +626,12 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
         torch.sigmoid(zo, out=o)
         tc = tcs[t, :n]
         if ln_cell is not None:
-            _normalize(c_new, v["c_hat"][t, :n], v["rstd"][t, :n, 0])
-            torch.tanh(torch.addcmul(ln_cell[1], v["c_hat"][t, :n], ln_cell[0]), out=tc)  # tanh(γ_c ĉ + β_c)
+            _normalize(c_new, tc, v["rstd"][t, :n, 0])  # tcs keeps ĉ
+            tanh_c = _cell_tanh(tc, ln_cell)
         else:
-            torch.tanh(c_new, out=tc)
+            tanh_c = torch.tanh(c_new, out=tc)
         h_t = out[t, :n]
-        torch.mul(o, tc, out=h_t)
+        torch.mul(o, tanh_c, out=h_t)
         if zoneout_mask is not None:  # keep the previous value with weight z: new + z * (prev - new)
             cs[t, :n] = torch.addcmul(c_new, zoneout_mask[0, t, :n], c_p - c_new)
             h_t.addcmul_(zoneout_mask[1, t, :n], h_p - h_t)
@@ -667,7 +671,8 @@ def _variant_backward_impl(
     need_weights: bool, inplace: bool = False,
 ) -> tuple[Tensor, ...]:
     """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent.
-    ``inplace``: the compiled loops may write the gradient over ``acts`` (as the plain cell's backward does)."""
+    ``inplace``: the compiled loops may write the gradient over ``acts`` (as the plain cell's backward does) and,
+    with the gates' LayerNorm, over ``extra``'s r̂."""
     T, B, H4 = acts.shape
     H = H4 // 4
     native = _native_for(acts)
@@ -686,7 +691,7 @@ def _variant_backward_impl(
     dY = acts.new_zeros(T, B, H) if ln_cell is not None else None  # ... w.r.t. γ_c ĉ + β_c
     for t in range(T - 1, -1, -1):
         n = _live(sizes, t, B)
-        tc = tcs[t, :n]
+        tc = tcs[t, :n] if ln_cell is None else _cell_tanh(tcs[t, :n], ln_cell)  # tcs keeps ĉ then
         c_prev = cs[t - 1, :n] if t > 0 else c0[:n]
         if layer_norm:  # the activations, as the forward computed them
             z = _ln_gates(acts[t, :n], v["r_hat"][t, :n], ln_gates, bias)
@@ -706,7 +711,7 @@ def _variant_backward_impl(
         dy = dh_t * o * (1 - tc * tc)  # through h = o * tanh(y)
         if ln_cell is not None:
             dY[t, :n] = dy
-            dc_t += _normalize_backward(dy * ln_cell[0], v["c_hat"][t, :n], v["rstd"][t, :n, 0])
+            dc_t += _normalize_backward(dy * ln_cell[0], tcs[t, :n], v["rstd"][t, :n, 0])
         else:
             dc_t += dy
         dZ_t = dZ[t, :n]
@@ -746,7 +751,7 @@ def _variant_backward_impl(
         if layer_norm:
             d_ln_gates = torch.stack([(dZ * acts).sum((0, 1)), (dZ * v["r_hat"]).sum((0, 1))])
         if ln_cell is not None:
-            d_ln_cell = torch.stack([(dY * v["c_hat"]).sum((0, 1)), dY.sum((0, 1))])
+            d_ln_cell = torch.stack([(dY * tcs).sum((0, 1)), dY.sum((0, 1))])
         if peephole is not None:
             c_prev_all = torch.cat([c0.unsqueeze(0), cs[:-1]]) if T else cs
             d_peep = torch.stack([(dZ[..., :H] * c_prev_all).sum((0, 1)), (dZ[..., H : 2 * H] * c_prev_all).sum((0, 1)),

@@ -314,8 +314,7 @@ struct FwdStep {
   const T* c_prev;   // (n, H)
   const T* h_prev;   // (n, H)
   T* c_new;          // (n, H) the cell before zoneout (c_t's rows themselves without zoneout)
-  T* c_hat;          // (n, H) LN(c_new) (cell LayerNorm)
-  T* tc;             // (n, H) tanh of what h reads
+  T* tc;             // (n, H) tanh of what h reads; ĉ = LN(c_new) with the cell LayerNorm
   T* h;              // (n, H) h_t (after zoneout)
   T* c;              // (n, H) c_t (after zoneout)
   const T* zc;       // zoneout weights of the previous c and h: rows of z_stride
@@ -368,16 +367,21 @@ inline void gates_row(T* __restrict zi, T* __restrict zf, T* __restrict zg, T* _
   }
 }
 
+// tanh(γ_c ĉ + β_c), what h reads with the cell LayerNorm: one expression for the forward and the backward's
+// recomputation, so that both round it alike.
+template <typename T>
+inline T cell_tanh(T gc, T ch, T bc) {
+  return tanh_accurate(gc * ch + bc);
+}
+
 // The cell LayerNorm's way out of one row: h = o * tanh(γ_c ĉ + β_c), then zoneout of c and h.
 template <typename T, bool ZONE>
 inline void cell_out_row(const T* __restrict ch, const T* __restrict gc, const T* __restrict bc,
                          const T* __restrict o, const T* __restrict cn, const T* __restrict cp,
                          const T* __restrict hp, const T* __restrict zc, const T* __restrict zh,
-                         T* __restrict tcb, T* __restrict hb, T* __restrict cb, int64_t H) {
+                         T* __restrict hb, T* __restrict cb, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
-    const T tcj = tanh_accurate(gc[j] * ch[j] + bc[j]);
-    tcb[j] = tcj;
-    T hv = o[j] * tcj;
+    T hv = o[j] * cell_tanh(gc[j], ch[j], bc[j]);
     const T c1 = cn[j];
     if constexpr (ZONE) {
       cb[j] = zone(zc[j], cp[j], c1);
@@ -464,10 +468,9 @@ void forward_rows(const FwdStep<T>& s, int64_t b0, int64_t b1) {
                                   PEEP ? s.peep + 2 * H : nullptr, cp, hp, zc, zh, cn, s.tc + b * H, s.h + b * H,
                                   s.c + b * H, H);
     if constexpr (LNC) {  // h = o * tanh(γ_c LN(c') + β_c); c' itself keeps its scale
-      T* const ch = s.c_hat + b * H;
+      T* const ch = s.tc + b * H;  // tcs keeps ĉ (the backward recomputes the tanh)
       s.rstd[b * 3] = normalize_row(cn, ch, H);
-      cell_out_row<T, ZONE>(ch, s.gain_c, s.bias_c, z + 3 * H, cn, cp, hp, zc, zh, s.tc + b * H, s.h + b * H,
-                            s.c + b * H, H);
+      cell_out_row<T, ZONE>(ch, s.gain_c, s.bias_c, z + 3 * H, cn, cp, hp, zc, zh, s.h + b * H, s.c + b * H, H);
     }
     if (s.h_next != nullptr && b < s.n_next) {
       next_input_row(s.h + b * H, s.mask == nullptr ? nullptr : s.mask + b * H, s.h_next + b * s.h_stride, H);
@@ -500,16 +503,15 @@ struct Extra {
   T* base;
   T* c_new;
   T* h_in;
-  T* c_hat;
   T* r_hat;
   T* rstd;
 };
 
-// fused.py's _extra_parts: c_new (H, zoneout; else c_new is cs); h_in (H, gates' LayerNorm); ĉ (H, cell LayerNorm);
-// r̂ (4H, gates' LayerNorm; â is in acts); rstd (3, either LayerNorm). Absent parts are null.
+// fused.py's _extra_parts: c_new (H, zoneout; else c_new is cs); h_in (H, gates' LayerNorm); r̂ (4H, gates'
+// LayerNorm; â is in acts); rstd (3, either LayerNorm; ĉ is in tcs). Absent parts are null.
 template <typename T>
 Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, bool lng, bool lnc, bool zone) {
-  const int64_t width = (zone ? H : 0) + (lng ? 5 * H : 0) + (lnc ? H : 0) + (lng || lnc ? 3 : 0);
+  const int64_t width = (zone ? H : 0) + (lng ? 5 * H : 0) + (lng || lnc ? 3 : 0);
   TORCH_CHECK(extra.dim() == 3 && extra.size(0) == T_ && extra.size(1) == B && extra.size(2) == width,
               "lstmlab_native: extra must be (T, B, ", width, ")");
   T* p = extra.data_ptr<T>();
@@ -523,7 +525,6 @@ Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, 
   e.base = p;
   e.c_new = take(zone, H);
   e.h_in = take(lng, H);
-  e.c_hat = take(lnc, H);
   e.r_hat = take(lng, 4 * H);
   e.rstd = take(lng || lnc, 3);
   return e;
@@ -549,8 +550,9 @@ int64_t zoneout_layout(const at::Tensor& zm, int64_t T, int64_t B, int64_t H, in
 // _input_rows, _stacked_weights); with it both are empty, and extra's h_in holds step 0's. Writes acts (T, B, 4H) =
 // i, f, g, o; cs, tcs, out (T, B, H) = c_t, tanh of what h reads, h_t; extra (T, B, E) as fused.py's _extra_views;
 // each later step's h_in. With the gates' LayerNorm acts holds â instead, LN(x W_ih^T), from which (and r̂) the
-// backward recomputes the activations. With batch_sizes only live rows are written (â's dead rows are zeroed); the caller
-// zeroes the buffers for a packed batch.
+// backward recomputes the activations; with the cell LayerNorm tcs holds ĉ = LN(c'), from which it recomputes the
+// tanh. With batch_sizes only live rows are written (â's dead rows are zeroed); the caller zeroes the buffers for a
+// packed batch.
 void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& ln_gates, const c10::optional<at::Tensor>& ln_cell,
@@ -672,7 +674,6 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
         s.c_prev = t == 0 ? c0p + r0 * H : cp + o1 - B * H;
         s.h_prev = t == 0 ? h0p + r0 * H : op + o1 - B * H;
         s.c_new = zone ? e.c_new + o1 : cp + o1;  // without zoneout c' is c_t
-        s.c_hat = lnc ? e.c_hat + o1 : nullptr;
         s.tc = tp + o1;
         s.h = op + o1;
         s.c = cp + o1;
@@ -701,17 +702,17 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
 constexpr int64_t kSums = 17;    // times H
 constexpr int64_t kFlushRows = 32;
 // times H: dz (4H, gate LayerNorm), dy (H, cell LayerNorm), zoneout's carry of c (H); with the gates' LayerNorm, the
-// recomputed activations (4H) and what their recomputation writes besides (c', tanh, h, c: 4H)
-constexpr int64_t kScratch = 14;
+// recomputed activations (4H) and what their recomputation writes besides (c', tanh, h, c: 4H); with the cell
+// LayerNorm, the recomputed tanh (H)
+constexpr int64_t kScratch = 15;
 
 template <typename T>
 struct BwdStep {
   int64_t H;
   const T* acts;     // (n, 4H) i, f, g, o; â with the gates' LayerNorm
-  const T* tc;       // (n, H)
+  const T* tc;       // (n, H) tanh of what h read; ĉ with the cell LayerNorm
   const T* c_prev;   // (n, H)
   const T* c_new;    // (n, H)
-  const T* c_hat;    // (n, H)
   const T* a_hat;    // (n, 4H)
   const T* r_hat;    // (n, 4H)
   const T* rstd;     // (n, 3)
@@ -720,6 +721,7 @@ struct BwdStep {
   const T* bias;     // (4H) b_ih + b_hh, or zeros (gate LayerNorm)
   const T* peep;     // (3, H)
   const T* gain_c;   // (H)
+  const T* bias_c;   // (H)
   const T* zc;
   const T* zh;
   int64_t z_stride;
@@ -889,9 +891,6 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, int64_t end
         prefetch_row(s.tc + (b + 1) * H, H);
         prefetch_row(s.c_prev + (b + 1) * H, H);
         prefetch_row(s.c_new + (b + 1) * H, H);
-        if constexpr (LNC) {
-          prefetch_row(s.c_hat + (b + 1) * H, H);
-        }
       }
     }
     T* const dc = s.dc + b * H;
@@ -906,10 +905,18 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, int64_t end
                                           zh, spill, spill + H, spill + 2 * H, spill + 3 * H, H);
     }
     const T* const a = LNG ? acts : s.acts + b * H4;
-    out_back_row<T, LNC, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, dc, a + 3 * H, s.tc + b * H, zc,
-                                    zh, carry_c, dy, dz + 3 * H, H);
+    const T* tc = s.tc + b * H;
+    if constexpr (LNC) {  // tcs keeps ĉ: the tanh as the forward computed it
+      T* const t = scratch + 14 * H;
+      for (int64_t j = 0; j < H; ++j) {
+        t[j] = cell_tanh(s.gain_c[j], tc[j], s.bias_c[j]);
+      }
+      tc = t;
+    }
+    out_back_row<T, LNC, ZONE, OUT>(s.dh + b * H, OUT ? s.d_out + b * H : nullptr, dc, a + 3 * H, tc, zc, zh,
+                                    carry_c, dy, dz + 3 * H, H);
     if constexpr (LNC) {  // y = γ_c LN(c') + β_c
-      normalize_backward_row(dy, s.gain_c, s.c_hat + b * H, s.rstd[b * 3], dc, H, part + 12 * H, part + 13 * H);
+      normalize_backward_row(dy, s.gain_c, s.tc + b * H, s.rstd[b * 3], dc, H, part + 12 * H, part + 13 * H);
     }
     cell_back_row<T, PEEP, ZONE>(a, a + H, a + 2 * H, s.c_prev + b * H, s.c_new + b * H, s.peep,
                                  PEEP ? s.peep + H : nullptr, PEEP ? s.peep + 2 * H : nullptr, carry_c, dc, dz,
@@ -1056,7 +1063,6 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         s.tc = tp + o1;
         s.c_prev = t > 0 ? cp + o1 - B * H : c0p + r0 * H;
         s.c_new = zone ? e.c_new + o1 : cp + o1;
-        s.c_hat = lnc ? e.c_hat + o1 : nullptr;
         s.a_hat = lng ? ap + o1 * 4 : nullptr;
         s.r_hat = lng ? e.r_hat + o1 * 4 : nullptr;
         s.rstd = (lng || lnc) ? e.rstd + (t * B + r0) * 3 : nullptr;
@@ -1065,6 +1071,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         s.bias = lng ? (given(bias) ? bias->data_ptr<T_>() : bias4.data_ptr<T_>()) : nullptr;
         s.peep = opt_ptr<T_>(peephole);
         s.gain_c = opt_ptr<T_>(ln_cell);
+        s.bias_c = lnc ? s.gain_c + H : nullptr;
         if (zone) {
           s.zc = zp + t * z_step + r0 * z_row;
           s.zh = s.zc + z_half;
