@@ -557,7 +557,7 @@ def test_variant_op_fake_kernels_and_opcheck(loops, layer_norm: bool) -> None:  
         torch.library.opcheck(torch.ops.lstmlab.lstm_variant_layer_backward.default,
                               (torch.randn(T, B, H), torch.randn(B, H), None, args[0], args[2], args[3], args[4],
                                args[5], None, acts, cs, tcs, xh, extra, v.get("ln_gates"), v.get("ln_cell"),
-                               v["peephole"], v["recurrent_mask"], v["zoneout_mask"], True, True, True, True))
+                               v["peephole"], v["recurrent_mask"], v["zoneout_mask"], True, True, True))
 
 
 def test_vmap_and_compile_of_a_variant() -> None:

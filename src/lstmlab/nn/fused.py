@@ -516,9 +516,7 @@ def _backward_steps(acts: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh
 def _extra_parts(H: int, layer_norm: bool, cell_norm: bool, zoneout: bool) -> list[tuple[str, int]]:
     parts = [("c_new", H)] if zoneout else []  # without zoneout c_new is c_t itself: cs
     if layer_norm:
-        parts.append(("h_in", H))
-    if layer_norm:
-        parts.append(("r_hat", 4 * H))
+        parts += [("h_in", H), ("r_hat", 4 * H)]
     if layer_norm or cell_norm:
         parts.append(("rstd", 3))
     return parts
@@ -587,8 +585,8 @@ def _variant_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weigh
     if layer_norm:  # the two products apart: every step's x2h in one matmul now, into acts (normalised there)
         xh = x.new_empty(0)
         torch.mm(x.reshape(T * B, n_in), weight_ih.t(), out=acts.view(T * B, 4 * H))
-        for t in range(T):  # rows a packed step does not reach read as zeros
-            acts[t, _live(sizes, t, B) :] = 0
+        for t in range(T if sizes is not None else 0):  # rows a packed step does not reach read as zeros
+            acts[t, sizes[t] :] = 0
         h_in = v["h_in"]
         if T:
             h_in[0] = h_in0
@@ -667,10 +665,11 @@ def _variant_backward_impl(
     d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor, weight_ih: Tensor,
     weight_hh: Tensor, bias: Tensor | None, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor, tcs: Tensor,
     xh: Tensor, extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
-    recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool,
-    need_weights: bool, inplace: bool = False,
+    recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, need_x: bool, need_h0: bool, need_weights: bool,
+    inplace: bool = False,
 ) -> tuple[Tensor, ...]:
-    """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent.
+    """(dx, dh0, dc0, dW_ih, dW_hh, db, d_ln_gates, d_ln_cell, d_peephole), each empty when not needed or absent
+    (db when ``bias``, b_ih + b_hh, is None).
     ``inplace``: the compiled loops may write the gradient over ``acts`` (as the plain cell's backward does) and,
     with the gates' LayerNorm, over ``extra``'s r̂."""
     T, B, H4 = acts.shape
@@ -679,7 +678,7 @@ def _variant_backward_impl(
     if native is not None and T and B:
         return _variant_backward_native(native, d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias, batch_sizes,
                                         acts, cs, tcs, xh, extra, ln_gates, ln_cell, peephole, recurrent_mask,
-                                        zoneout_mask, has_bias, need_x, need_h0, need_weights, inplace)
+                                        zoneout_mask, need_x, need_h0, need_weights, inplace)
     layer_norm = ln_gates is not None
     v = _extra_views(extra, H, layer_norm, ln_cell is not None, zoneout_mask is not None)
     sizes = None if batch_sizes is None else batch_sizes.tolist()
@@ -698,7 +697,7 @@ def _variant_backward_impl(
             zi, zf, zg, zo = z.split(H, dim=1)
             if peephole is not None:
                 zi, zf = zi + peephole[0] * c_prev, zf + peephole[1] * c_prev
-                zo = zo + peephole[2] * (v["c_new"][t, :n] if zoneout_mask is not None else cs[t, :n])
+                zo = zo + peephole[2] * v.get("c_new", cs)[t, :n]
             i, f, g, o = zi.sigmoid(), zf.sigmoid(), zg.tanh(), zo.sigmoid()
         else:
             i, f, g, o = acts[t, :n].split(H, dim=1)
@@ -745,8 +744,8 @@ def _variant_backward_impl(
     dx = torch.mm(dA.view(T * B, H4), weight_ih).view(T, B, weight_ih.shape[1]) if need_x else empty()
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
-        dw_ih, dw_hh, db_mm = _variant_weight_grads(torch.mm, dA, dR, x, xh, v.get("h_in"), has_bias)
-        if has_bias:
+        dw_ih, dw_hh, db_mm = _variant_weight_grads(torch.mm, dA, dR, x, xh, v.get("h_in"), bias is not None)
+        if bias is not None:
             db = dZ.sum((0, 1)) if db_mm is None else db_mm
         if layer_norm:
             d_ln_gates = torch.stack([(dZ * acts).sum((0, 1)), (dZ * v["r_hat"]).sum((0, 1))])
@@ -813,8 +812,8 @@ def _variant_backward_native(
     native: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None, x: Tensor, c0: Tensor,
     weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, batch_sizes: Tensor | None, acts: Tensor, cs: Tensor,
     tcs: Tensor, xh: Tensor, extra: Tensor, ln_gates: Tensor | None, ln_cell: Tensor | None, peephole: Tensor | None,
-    recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, has_bias: bool, need_x: bool, need_h0: bool,
-    need_weights: bool, inplace: bool = False,
+    recurrent_mask: Tensor | None, zoneout_mask: Tensor | None, need_x: bool, need_h0: bool, need_weights: bool,
+    inplace: bool = False,
 ) -> tuple[Tensor, ...]:
     """_variant_backward_impl on the compiled loops (T, B > 0): they give the gradients w.r.t. x W_ih^T (dA) and
     h_in W_hh^T (dR), the same tensor without the gates' LayerNorm, and the column sums of the bias (gates'
@@ -835,10 +834,9 @@ def _variant_backward_native(
     sums = acts.new_empty(17 * H)  # [db | dγ_ih | dγ_hh | dγ_c | dβ_c | dp_i | dp_f | dp_o]
     sizes = batch_sizes.to(torch.int64).contiguous() if batch_sizes is not None else None
     native.variant_backward(_contiguous(d_out), dh, dc, c0.contiguous(), weight_hh.contiguous(), _contiguous(bias),
-                            acts.contiguous(),
-                            cs.contiguous(), tcs.contiguous(), extra, _contiguous(ln_gates), _contiguous(ln_cell),
-                            _contiguous(peephole), _contiguous(recurrent_mask), _native_zoneout(zoneout_mask),
-                            dA, dR, sums, need_h0, sizes)
+                            acts.contiguous(), cs.contiguous(), tcs.contiguous(), extra, _contiguous(ln_gates),
+                            _contiguous(ln_cell), _contiguous(peephole), _contiguous(recurrent_mask),
+                            _native_zoneout(zoneout_mask), dA, dR, sums, need_h0, sizes)
 
     def empty() -> Tensor:  # a distinct tensor each: a custom op's outputs may not alias
         return acts.new_empty(0)
@@ -847,8 +845,8 @@ def _variant_backward_native(
     dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = (empty() for _ in range(6))
     if need_weights:
         dw_ih, dw_hh, db_mm = _variant_weight_grads(functools.partial(_mm, native), dA, dR, x, xh, v.get("h_in"),
-                                                    has_bias)
-        if has_bias:
+                                                    bias is not None)
+        if bias is not None:
             db = sums[:H4].clone() if db_mm is None else db_mm
         if layer_norm:
             d_ln_gates = sums[H4 : 3 * H4].view(2, H4).clone()
@@ -861,12 +859,12 @@ def _variant_backward_native(
 
 
 def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias, batch_sizes, acts, cs, tcs, xh,  # noqa: ANN001, ANN202
-                           extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask, has_bias, need_x,  # noqa: ANN001
-                           need_h0, need_weights):  # noqa: ANN001
+                           extra, ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask, need_x, need_h0,  # noqa: ANN001
+                           need_weights):  # noqa: ANN001
     T, B, H4 = acts.shape
     H, w = H4 // 4, need_weights
     shapes = [x.shape if need_x else (0,), (B, H) if need_h0 else (0,), (B, H) if need_h0 else (0,),
-              weight_ih.shape if w else (0,), weight_hh.shape if w else (0,), (H4,) if w and has_bias else (0,),
+              weight_ih.shape if w else (0,), weight_hh.shape if w else (0,), (H4,) if w and bias is not None else (0,),
               ln_gates.shape if w and ln_gates is not None else (0,),
               ln_cell.shape if w and ln_cell is not None else (0,),
               peephole.shape if w and peephole is not None else (0,)]
@@ -877,8 +875,8 @@ def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias,
     "lstmlab::lstm_variant_layer_backward", mutates_args=(),
     schema="""(Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor x, Tensor c0, Tensor weight_ih, Tensor weight_hh,
     Tensor? bias, Tensor? batch_sizes, Tensor acts, Tensor cs, Tensor tcs, Tensor xh, Tensor extra, Tensor? ln_gates,
-    Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, bool has_bias, bool need_x,
-    bool need_h0, bool need_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)""",
+    Tensor? ln_cell, Tensor? peephole, Tensor? recurrent_mask, Tensor? zoneout_mask, bool need_x, bool need_h0,
+    bool need_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)""",
 )
 def lstm_variant_layer_backward(*args: Any) -> tuple[Tensor, ...]:
     """The hand-written BPTT of ``lstm_layer`` with a variant; reads the saved tensors only."""
@@ -936,7 +934,7 @@ def _backward_all(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Ten
     has_bias = b_ih is not None or b_hh is not None
     if ctx.variant:
         args = (d_out, d_hT, d_cT, x, c0, w_ih, w_hh, _bias(b_ih, b_hh), batch_sizes, acts, cs, tcs, xh, extra,
-                *(variant.get(name) for name in VARIANT_ARGS), has_bias, need[0], need[1] or need[2],
+                *(variant.get(name) for name in VARIANT_ARGS), need[0], need[1] or need[2],
                 any(need[3:]) or any(need_variant))
         if _plain_eager(*args):  # the activations are ours to overwrite unless the graph is kept
             grads = _variant_backward_impl(*args, inplace=not _keep_graph())

@@ -530,6 +530,15 @@ Extra<T> extra_parts(const at::Tensor& extra, int64_t T_, int64_t B, int64_t H, 
   return e;
 }
 
+// The bias the gates' LayerNorm adds after normalising, b_ih + b_hh: the given one, or zeros when there is none
+// (an undefined tensor without the gates' LayerNorm).
+at::Tensor ln_gates_bias(const c10::optional<at::Tensor>& bias, bool lng, int64_t H4, const at::TensorOptions& opt) {
+  if (!lng) {
+    return at::Tensor();
+  }
+  return given(bias) ? *bias : at::zeros({H4}, opt);
+}
+
 // The zoneout weights: (2, T, B, H), or (2, 1, 1, H) for the same weights at every step and row.
 int64_t zoneout_layout(const at::Tensor& zm, int64_t T, int64_t B, int64_t H, int64_t* step_stride) {
   TORCH_CHECK(zm.dim() == 4 && zm.size(0) == 2 && zm.size(3) == H,
@@ -606,10 +615,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     return;
   }
   const at::Tensor flat = extra.view({-1});
-  at::Tensor zeros4;  // the bias added after the gates' LayerNorm when there is none
-  if (lng && !given(bias)) {
-    zeros4 = at::zeros({H4}, x.options());
-  }
+  const at::Tensor gates_bias = ln_gates_bias(bias, lng, H4, x.options());
   const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_forward", [&] {
     using T_ = scalar_t;
@@ -644,7 +650,7 @@ void variant_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor
     const int64_t z_half = zone ? zoneout_mask->numel() / 2 : 0;
     const T_* const gates_gain = opt_ptr<T_>(ln_gates);
     const T_* const cell_ln = opt_ptr<T_>(ln_cell);
-    const T_* const bias_p = lng ? (given(bias) ? bias->data_ptr<T_>() : zeros4.data_ptr<T_>()) : nullptr;
+    const T_* const bias_p = lng ? gates_bias.data_ptr<T_>() : nullptr;
     over_blocks(B, [&](int64_t r0, int64_t r1, int64_t) {
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = std::min(r1, live_rows(sizes, t, B)) - r0;
@@ -880,6 +886,10 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, int64_t end
   T* const acts = scratch + 6 * H;  // the gates' LayerNorm: the activations, recomputed
   T* const spill = scratch + 10 * H;
   for (int64_t b = r0; b < r1; ++b) {
+    T* const dc = s.dc + b * H;
+    T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
+    const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
+    const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
     if constexpr (LNG) {
       if (b + 1 < end) {
         prefetch_row(s.a_hat + (b + 1) * H4, H4);
@@ -892,12 +902,7 @@ void backward_some_rows(const BwdStep<T>& s, int64_t r0, int64_t r1, int64_t end
         prefetch_row(s.c_prev + (b + 1) * H, H);
         prefetch_row(s.c_new + (b + 1) * H, H);
       }
-    }
-    T* const dc = s.dc + b * H;
-    T* const dz = LNG ? scratch : s.dA + b * H4;  // the gradient w.r.t. the pre-activations
-    const T* const zc = ZONE ? s.zc + b * s.z_stride : nullptr;
-    const T* const zh = ZONE ? s.zh + b * s.z_stride : nullptr;
-    if constexpr (LNG) {  // the forward's own functions on the same â, r̂: the same activations
+      // the activations, by the forward's own functions on the same â, r̂
       ln_gates_row(s.a_hat + b * H4, s.gain_ih, s.r_hat + b * H4, s.gain_hh, s.bias, acts, H4);
       const T* const cp = s.c_prev + b * H;  // (the h_prev that zoneout would read: any H values do, unused)
       gates_row<T, PEEP, LNC, ZONE, true>(acts, acts + H, acts + 2 * H, acts + 3 * H, s.peep,
@@ -1021,7 +1026,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
   const int64_t n_slots = threads * threads;
   std::vector<double> acc(static_cast<size_t>(n_slots * kSums * H), 0.0);
   at::Tensor dh_next = at::empty_like(dh);  // the step reads dh while the matmul writes dh_next
-  const at::Tensor bias4 = lng && !given(bias) ? at::zeros({H4}, acts.options()) : at::Tensor();
+  const at::Tensor gates_bias = ln_gates_bias(bias, lng, H4, acts.options());
   const bool onednn = lstmlab::onednn_gemm(dtype);  // once per call, not per step
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstmlab_variant_backward", [&] {
     using T_ = scalar_t;
@@ -1068,7 +1073,7 @@ void variant_backward(const c10::optional<at::Tensor>& d_out, at::Tensor dh, at:
         s.rstd = (lng || lnc) ? e.rstd + (t * B + r0) * 3 : nullptr;
         s.gain_ih = gates_gain;
         s.gain_hh = lng ? gates_gain + H4 : nullptr;
-        s.bias = lng ? (given(bias) ? bias->data_ptr<T_>() : bias4.data_ptr<T_>()) : nullptr;
+        s.bias = lng ? gates_bias.data_ptr<T_>() : nullptr;
         s.peep = opt_ptr<T_>(peephole);
         s.gain_c = opt_ptr<T_>(ln_cell);
         s.bias_c = lnc ? s.gain_c + H : nullptr;
