@@ -77,6 +77,8 @@ def fused_layer(
         t is not None and t.requires_grad
         for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *variant.values())
     )
+    if save and variant.get("ln_gates") is not None:  # the LayerNorm loops and dW_ih read x whole: copy a batch_first
+        x = x.contiguous()  # view once here, not in the forward and again in the backward
     args = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save,
             *(variant.get(name) for name in VARIANT_ARGS))
     if _plain_eager(*args):
