@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from unittest import mock
 
-from lstmlab.nn import fused
+from lstmlab.nn import _native
 
 
 @contextlib.contextmanager
 def using(ops) -> Iterator[None]:  # noqa: ANN001
     """Force the fused backend onto the given step loops (None = Python), forward and backward."""
-    with mock.patch.object(fused, "_native_for", lambda x: ops):
+    with _native.forced(ops):
         yield

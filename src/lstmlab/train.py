@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -796,12 +795,10 @@ def native_build_note(backend: str, device: torch.device) -> str | None:
     background while the run starts on the Python loops), else None."""
     if backend != "fused" or device.type != "cpu":
         return None
-    if os.environ.get("LSTMLAB_NATIVE", "auto").strip().lower() in ("0", "off", "false", "no"):
-        return None
     try:
         from lstmlab.nn import _native
 
-        if _native.verify(_native.library_path()) is None:
+        if not _native.build_pending():  # ready, off, or unbuildable (the loader then says why, once)
             return None
     except Exception:  # noqa: BLE001 - a note only: whatever fails here, the run itself decides what to do
         return None

@@ -19,6 +19,8 @@ at once.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -27,19 +29,22 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 _CSRC = Path(__file__).with_name("csrc")
 # The translation units of the one library (they share csrc/*.h); the cache key covers every file in csrc.
 _SOURCES = (_CSRC / "lstm_native.cpp", _CSRC / "lstm_variants.cpp")
-# -march=native: the library is built on the machine that runs it (the CPU's flags are in the cache key);
-# -fno-trapping-math lets the compiler vectorise the branch-free exp/sigmoid/tanh; -fopenmp turns on
-# at::parallel_for, which then runs on torch's own OpenMP threads (its libgomp is already loaded).
-_CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
+# Each flag is kept only where the compiler takes it (_build_flags): -march=native (x86) or -mcpu=native (Arm), since
+# the library is built on the machine that runs it (the CPU's flags are in the cache key); -fno-trapping-math lets
+# the compiler vectorise the branch-free exp/sigmoid/tanh; -fopenmp turns on at::parallel_for, which then runs on
+# torch's own OpenMP threads (Apple clang refuses it: the loops then run serially, with the same results).
+_CFLAGS = ["-O3"]
+_OPTIONAL_CFLAGS = [("-march=native", "-mcpu=native"), ("-fno-trapping-math",), ("-fopenmp",)]
 _LOCK_STALE_S = 900.0  # a build lock older than this belongs to a dead build
 _FAILED_RETRY_S = 86400.0  # after a failed build, try again only a day later (or with LSTMLAB_NATIVE=1)
 _POLL_S = 2.0  # how often a process whose build is running looks for the finished library
@@ -71,8 +76,9 @@ def _key() -> str:
 
     h = hashlib.sha256()
     sources = [p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    flags = repr((_CFLAGS, _OPTIONAL_CFLAGS, _compiler())).encode()
     for part in (*sources, torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
-                 " ".join(_CFLAGS + _LDFLAGS).encode(), _cpu_flags().encode()):
+                 flags, _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -208,37 +214,101 @@ def build(verbose: bool = False) -> Path:
         cmd = _self_command("--compile", *(["-v"] if verbose else []))
         done = subprocess.run(cmd, capture_output=not verbose, text=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0 or verify(final) is not None:
-            tail = (done.stderr or "").strip()[-2000:]
-            raise RuntimeError(f"building the native step loops ({_CSRC}) failed: {tail}")
+            raise RuntimeError(failure_reason((done.stdout or "") + "\n" + (done.stderr or "")))
     return final
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's extension builder runs: $CXX, else c++ (cl on Windows)."""
+    return os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "c++")
+
+
+@functools.cache
+def compiler_problem() -> str | None:
+    """Why no library can be built here (one line), or None when the compiler runs. Cheap: ``CXX --version``."""
+    cxx = _compiler()
+    if sys.platform == "win32":
+        return "MSVC cannot build them (they use GCC/Clang vector extensions); no build is tried on Windows"
+    try:
+        done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return f"no C++ compiler: `{cxx}` is not installed (install g++ or clang++, or set CXX)"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"the C++ compiler `{cxx}` does not run ({type(e).__name__}: {e})"
+    if done.returncode != 0:
+        return f"the C++ compiler `{cxx}` does not run (`{cxx} --version` exited {done.returncode})"
+    return None
+
+
+def _accepts(cxx: str, flag: str, folder: Path) -> bool:
+    """Whether the compiler compiles and links a small OpenMP-using program with this flag."""
+    src = folder / "probe.cpp"
+    src.write_text("#ifdef _OPENMP\n#include <omp.h>\n#endif\nint main() {\n#ifdef _OPENMP\n"
+                   "  return omp_get_max_threads() > 0 ? 0 : 1;\n#else\n  return 0;\n#endif\n}\n")
+    try:
+        done = subprocess.run([cxx, flag, str(src), "-o", str(folder / "probe")], capture_output=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def _build_flags(folder: Path) -> list[str]:
+    """_CFLAGS plus, of each group of _OPTIONAL_CFLAGS, the first flag this compiler takes."""
+    flags = list(_CFLAGS)
+    for group in _OPTIONAL_CFLAGS:
+        taken = next((flag for flag in group if _accepts(_compiler(), flag, folder)), None)
+        if taken is not None:
+            flags.append(taken)
+    return flags
 
 
 def _compile(verbose: bool = False) -> Path:
     """Compile in this process (it loads the library as a side effect) in a temp folder, then install it."""
-    import tempfile
-
     import torch.utils.cpp_extension as cpp
 
     final = library_path()
     if verify(final) is None:
         return final
+    problem = compiler_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
     _discard(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"build-{os.getpid()}-"))
     try:
+        flags = _build_flags(work)
+        if verbose:
+            print(f"lstmlab: building with {_compiler()} {' '.join(flags)}", flush=True)
         so = cpp.load(
             name=f"lstmlab_native_{final.parent.name}",
             sources=[str(p) for p in _SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
+            extra_cflags=flags,
+            extra_ldflags=[f for f in flags if f == "-fopenmp"],
             build_directory=str(work),
             is_python_module=False,
             verbose=verbose,
         )
         _install(Path(so), final)
+        (final.parent / "FAILED.log").unlink(missing_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def failure_reason(text: str) -> str:
+    """One line of a failed build's output: the compiler's first error, else the exception's message, else the
+    last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if ": error:" in line or ": fatal error:" in line:
+            return line[:300]
+    for line in reversed(lines):
+        name, _, message = line.partition(": ")
+        if message and name.isidentifier() and name.endswith(("Error", "Exception")):
+            return message[:300]
+    return (lines[-1] if lines else "no output")[:300]
 
 
 def _process_stat(pid: int) -> list[str] | None:
@@ -274,12 +344,16 @@ def _lock_owner_alive(lock: Path) -> bool:
         pid = int(text[0])
     except (IndexError, ValueError):
         return age < _LOCK_STALE_S
+    if sys.platform == "win32":  # os.kill(pid, 0) sends CTRL_C_EVENT there: only the lock's age tells
+        return age < _LOCK_STALE_S
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # alive, owned by another user
+    except OSError:
+        return age < _LOCK_STALE_S
     fields = _process_stat(pid)
     if fields is not None and fields[0] in ("Z", "X"):
         return False  # killed, and not yet reaped by its parent
@@ -290,15 +364,34 @@ def _lock_owner_alive(lock: Path) -> bool:
     return now is not None or age < _LOCK_STALE_S  # without /proc, only the lock's age tells
 
 
+_OFF = ("0", "off", "false", "no")
+_FOREGROUND = ("1", "on", "true", "yes")
+_UNAVAILABLE = "fast loops unavailable ({}); using the Python loops (same results, slower)"
+
+
 class _Loader:
-    """Loads the library once it exists; starts at most one background build per cache entry."""
+    """Loads the library once it exists and passes its self-test; starts at most one background build per cache
+    entry; says at most one line per process about why the Python loops run instead."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.ops: Any = None
         self.disabled = False
+        self.reason: str | None = None  # why the Python loops run, once known
+        self.spoke = False
         self.next_poll = 0.0
         self.process: subprocess.Popen | None = None
+
+    def say(self, message: str) -> None:
+        """One warning line, the first time this process has something to say."""
+        if not self.spoke:
+            self.spoke = True
+            _warn(message)
+
+    def off(self, reason: str, message: str | None = None) -> None:
+        """The Python loops for the rest of this process, with one line (``message``, else the reason's)."""
+        self.ops, self.disabled, self.reason = None, True, reason
+        self.say(message or _UNAVAILABLE.format(reason))
 
     def get(self) -> Any:
         if self.ops is not None or self.disabled:
@@ -311,45 +404,64 @@ class _Loader:
                 return self.ops
             self.next_poll = now + _POLL_S
             mode = os.environ.get("LSTMLAB_NATIVE", "auto").strip().lower()
-            if mode in ("0", "off", "false", "no"):
-                self.disabled = True
+            if mode in _OFF:
+                self.disabled, self.reason = True, "LSTMLAB_NATIVE=0"
                 return None
             try:
-                path = library_path()
-                why = verify(path)
-                if why is not None and why != "missing":
-                    # never dlopen it: a truncated shared object kills the process with SIGBUS
-                    _discard(path)
-                    _warn(f"the cached native LSTM loops {path} are damaged ({why}); rebuilding them"
-                          + ("" if mode in ("1", "on", "true", "yes") else
-                             " in the background, using the Python loops meanwhile"))
-                    why = "missing"
-                if why is not None and mode in ("1", "on", "true", "yes"):
-                    build()
-                    why = verify(path)
-                if why is None:
-                    self.ops = _load(path)
-                    if self.process is not None:
-                        self.process.poll()  # reap our finished build process
-                    return self.ops
-                self._start_background_build(path)
+                self._find_or_build(library_path(), mode in _FOREGROUND)
             except Exception as e:  # noqa: BLE001 - any failure just means: run the Python loops
-                self.disabled = True
-                _warn(f"the fused LSTM's compiled loops are unavailable ({type(e).__name__}: {e}); "
-                      "using the Python loops (same results, slower at small batches)")
-            return None
+                self.off(f"{type(e).__name__}: {_first_line(e)}")
+            return self.ops
+
+    def _find_or_build(self, path: Path, foreground: bool) -> None:
+        why = verify(path)
+        if why is not None and why != "missing":
+            # never dlopen it: a truncated shared object kills the process with SIGBUS
+            _discard(path)
+            self.say(f"the cached native LSTM loops {path} are damaged ({why}); rebuilding them"
+                     + ("" if foreground else " in the background, using the Python loops meanwhile"))
+            why = "missing"
+        if why is not None and foreground:
+            build()
+            why = verify(path)
+        if why is None:
+            self._load_checked(path)
+            if self.process is not None:
+                self.process.poll()  # reap our finished build process
+            return
+        self._start_background_build(path)
+
+    def _load_checked(self, path: Path) -> None:
+        """Load the library, then hold it to the Python loops on tiny cases (self_test) before any use."""
+        try:
+            ops = _load(path)
+        except Exception as e:  # noqa: BLE001
+            self.off(f"cannot load {path}: {type(e).__name__}: {_first_line(e)}")
+            return
+        problem = self_test(ops)
+        if problem is not None:
+            self.off(f"self-test: {problem}", f"the fast loops failed their self-test ({problem}); using the Python "
+                     "loops for this process (same results, slower)")
+            return
+        self.ops = ops
 
     def _start_background_build(self, path: Path) -> None:
+        failed = path.parent / "FAILED.log"
         if self.process is not None:
             if self.process.poll() is None:
                 return  # still building
-            self.disabled = not path.exists()  # it ended without a library: do not start another
+            if not path.exists():  # it ended without a library: do not start another
+                self.off(f"the build failed: {_failed_reason(failed)}")
+            return
+        if failed.exists() and time.time() - failed.stat().st_mtime < _FAILED_RETRY_S:
+            self.off(f"{_failed_reason(failed)}; `python -m lstmlab.nn._native` retries")
+            return
+        problem = compiler_problem()
+        if problem is not None:
+            _record_failure(failed, problem)
+            self.off(problem)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        failed = path.parent / "FAILED.log"
-        if failed.exists() and time.time() - failed.stat().st_mtime < _FAILED_RETRY_S:
-            self.disabled = True
-            return
         lock = path.parent / "building.lock"
         for _ in range(2):  # a second try only after clearing a dead builder's lock
             try:
@@ -400,32 +512,109 @@ def _warn(message: str) -> None:
     print(f"lstmlab: warning: {message}", file=sys.stderr, flush=True)
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's message up to its first newline (ATen's carry a C++ stack trace after it)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _failed_reason(failed: Path) -> str:
+    try:
+        return failed.read_text().strip().splitlines()[0][:300]
+    except (OSError, IndexError):
+        return "an earlier build failed"
+
+
+def _record_failure(failed: Path, reason: str) -> None:
+    """Write why the build failed, so that no process retries for a day (a full or read-only cache: then not)."""
+    try:
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(reason.strip().splitlines()[0] + "\n")
+    except (OSError, IndexError):
+        pass
+
+
 @functools.cache
 def _loader() -> _Loader:
     # One per process: the loaded library and the build in flight are process-wide by nature.
     return _Loader()
 
 
+_AUTO = object()
+# Which loops this context forces (an ops namespace, or None for the Python loops): the self-test, the recomputation
+# after a failure and the tests pick the loops per call without touching the process-wide loader.
+_FORCED: contextvars.ContextVar[Any] = contextvars.ContextVar("lstmlab_native_forced", default=_AUTO)
+
+
+@contextlib.contextmanager
+def forced(ops: Any) -> Iterator[None]:
+    """Within this block (this thread), ``get()`` returns ``ops``: the compiled loops, or None for the Python ones."""
+    token = _FORCED.set(ops)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
 def get() -> Any:
-    """``torch.ops.lstmlab_native`` if the library is ready, else None (and a build is started)."""
-    return _loader().get()
+    """``torch.ops.lstmlab_native`` if the library is ready and passed its self-test, else None (and a build is
+    started)."""
+    ops = _FORCED.get()
+    return _loader().get() if ops is _AUTO else ops
+
+
+def fail(where: str, error: BaseException) -> None:
+    """A compiled op raised: one warning line, and the Python loops for the rest of this process."""
+    _loader().off(f"{where} raised {type(error).__name__}", (
+        f"the fast loops failed in {where} ({type(error).__name__}: {_first_line(error)}); the Python loops take "
+        "over for the rest of this process (same results, slower); please report this line and the output of "
+        "`python -m lstmlab.nn._native`"))
+
+
+def why_unavailable() -> str | None:
+    """Why this process runs the Python loops, once the loader knows (None while the library is in use or
+    still building)."""
+    return _loader().reason
+
+
+def self_test(ops: Any) -> str | None:
+    """Hold freshly loaded loops to the Python ones on tiny cases; None when they agree, else why not."""
+    try:
+        from lstmlab.nn.fused import self_test as check  # the loops' callers know what to compare
+    except ImportError:  # run as a bare script outside the package: nothing to compare with
+        return None
+    return check(ops)
+
+
+def build_pending() -> bool:
+    """Whether this process will run the Python loops only until a build (started or running) lands: what the
+    "compiling in the background" note is for. False when the library is ready, off, or cannot be built."""
+    if os.environ.get("LSTMLAB_NATIVE", "auto").strip().lower() in _OFF:
+        return False
+    path = library_path()
+    if verify(path) is None:
+        return False
+    failed = path.parent / "FAILED.log"
+    try:
+        if time.time() - failed.stat().st_mtime < _FAILED_RETRY_S:
+            return False
+    except OSError:
+        pass
+    return compiler_problem() is None
 
 
 def _background(lock: str) -> int:
     """Entry of the background build process: lowest priority, one compiler job, lock removed at the end."""
     try:
-        os.nice(19)
-    except OSError:
+        os.nice(19)  # not on Windows (no os.nice), and refused in some containers: then at normal priority
+    except (AttributeError, OSError):
         pass
     try:
         _write_lock(Path(lock), os.getpid())  # in case the process that started it died before recording us
-        _compile(verbose=True)
+        _compile()
     except Exception as e:  # noqa: BLE001 - record why, so that no process retries for a day
-        failed = library_path().parent / "FAILED.log"
-        try:
-            failed.write_text(f"{type(e).__name__}: {e}\n")
-        except OSError:
-            pass  # a full or read-only cache: the lock goes anyway, so the next command may retry
+        print(f"{type(e).__name__}: {e}", flush=True)  # the whole compiler output, into build.log
+        _record_failure(library_path().parent / "FAILED.log", failure_reason(str(e)))
         return 1
     finally:
         Path(lock).unlink(missing_ok=True)
@@ -433,15 +622,33 @@ def _background(lock: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lstmlab.nn._native``: build (or find) the library and print its path."""
+    """``python -m lstmlab.nn._native``: build (or find) the library, check it and print its path; exit 2 with one
+    line when it cannot be built or fails its self-test."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--background"]:
         return _background(argv[1])
     if argv[:1] == ["--compile"]:
-        _compile(verbose="-v" in argv)
+        try:
+            _compile(verbose="-v" in argv)
+        except Exception as e:  # noqa: BLE001 - the parent reads the reason from our output
+            print(f"{type(e).__name__}: {failure_reason(str(e))}", file=sys.stderr)
+            return 1
         return 0
-    path = build(verbose="-v" in argv)
+    try:
+        path = build(verbose="-v" in argv)
+        problem = self_test(_load(path))
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        _record_failure(library_path().parent / "FAILED.log", _first_line(e))
+        print(f"lstmlab: {_UNAVAILABLE.format(_first_line(e))}", file=sys.stderr)
+        return 2
+    if problem is not None:
+        print(f"lstmlab: the fast loops at {path} failed their self-test ({problem})", file=sys.stderr)
+        return 2
+    import torch
+
+    gemm, why = torch.ops.lstmlab_native.gemm(), torch.ops.lstmlab_native.gemm_reason()
     print(path)
+    print(f"float32 matmuls: {gemm}" + (f" ({why})" if why else ""))
     return 0
 
 

@@ -31,13 +31,16 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from lstmlab.nn.cell import LN_EPS, reference_layer
-from lstmlab.nn.masks import nothing_traces
+from lstmlab.nn.masks import nothing_traces, zoneout_mask_torch, zoneout_thresholds
+
+_T = TypeVar("_T")
 
 
 def fused_layer(
@@ -116,13 +119,32 @@ def _mm(native: Any, a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b) if native is None else native.mm(a, b)
 
 
+def _loader() -> Any:
+    """The module that builds and loads the compiled loops: imported on first use, as `python -m` runs it as a
+    script (a copy imported with this package would be a second one)."""
+    from lstmlab.nn import _native
+
+    return _native
+
+
 def _native_for(x: Tensor) -> Any:
     """The compiled step loops when they are built and support x's device and dtype, else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
-    from lstmlab.nn import _native
+    return _loader().get()
 
-    return _native.get()
+
+def _guarded(where: str, like: Tensor, run: Callable[[], _T]) -> _T:
+    """run(); if it raised on the compiled loops, one warning line and run() again on the Python loops, which take
+    over for the rest of the process. Only for calls whose inputs the compiled loops do not overwrite."""
+    if _native_for(like) is None:
+        return run()
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - whatever the compiled loops raise, the Python loops give the numbers
+        _loader().fail(where, e)
+        with _loader().forced(None):
+            return run()
 
 
 class _BufferCache:
@@ -261,7 +283,7 @@ def _live(batch_sizes: list[int] | None, t: int, B: int) -> int:
 # --- forward ------------------------------------------------------------------------------------------------------
 
 
-def _lstm_layer_impl(
+def _layer_forward(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
@@ -310,6 +332,29 @@ def _lstm_layer_impl(
     if not save:  # inference: keep nothing (four distinct tensors: a custom op's outputs may not alias)
         acts, cs, tcs, xh = (x.new_empty(0) for _ in range(4))
     return out, h_T, c_T, acts, cs, tcs, xh, x.new_empty(0)
+
+
+def _lstm_layer_impl(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+    weight_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    save: bool,
+    ln_gates: Tensor | None = None,
+    ln_cell: Tensor | None = None,
+    peephole: Tensor | None = None,
+    recurrent_mask: Tensor | None = None,
+    zoneout_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The op: :func:`_layer_forward`, on the Python loops if the compiled ones raise."""
+    args = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save, ln_gates, ln_cell,
+            peephole, recurrent_mask, zoneout_mask)
+    return _guarded("the forward", x, lambda: _layer_forward(*args))
 
 
 lstm_layer = torch.library.custom_op("lstmlab::lstm_layer", mutates_args=())(_lstm_layer_impl)
@@ -451,13 +496,14 @@ _BACKWARD_ARGS = """(Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor c0, Tenso
 @torch.library.custom_op("lstmlab::lstm_layer_backward", mutates_args=(), schema=_BACKWARD_ARGS.format(acts=""))
 def lstm_layer_backward(*args: Any) -> tuple[Tensor, ...]:
     """The hand-written BPTT of ``lstm_layer``; reads the saved tensors only."""
-    return _backward_impl(*args, inplace=False)
+    return _guarded("the backward", args[8], lambda: _backward_impl(*args, inplace=False))
 
 
 @torch.library.custom_op("lstmlab::lstm_layer_backward_", mutates_args=("acts",),
                          schema=_BACKWARD_ARGS.format(acts="(a!)"))
 def lstm_layer_backward_(*args: Any) -> tuple[Tensor, ...]:
-    """As ``lstm_layer_backward``, but may overwrite ``acts`` (a backward that frees its graph): no extra buffer."""
+    """As ``lstm_layer_backward``, but may overwrite ``acts`` (a backward that frees its graph): no extra buffer.
+    Not guarded here: after a failure acts may be half overwritten, so :func:`_backward_all` recomputes it."""
     return _backward_impl(*args, inplace=True)
 
 
@@ -882,7 +928,7 @@ def _variant_backward_fake(d_out, d_hT, d_cT, x, c0, weight_ih, weight_hh, bias,
 )
 def lstm_variant_layer_backward(*args: Any) -> tuple[Tensor, ...]:
     """The hand-written BPTT of ``lstm_layer`` with a variant; reads the saved tensors only."""
-    return _variant_backward_impl(*args)
+    return _guarded("the backward", args[9], lambda: _variant_backward_impl(*args))
 
 
 lstm_variant_layer_backward.register_fake(_variant_backward_fake)
@@ -922,48 +968,65 @@ def _backward(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor 
 
 def _backward_all(ctx: Any, d_out: Tensor | None, d_hT: Tensor | None, d_cT: Tensor | None) -> tuple:
     """The gradients of all 15 inputs."""
-    inputs, batch_sizes, variant, (acts, cs, tcs, xh, extra) = _unpack(ctx)
+    inputs, batch_sizes, variant, saved = _unpack(ctx)
     need = list(ctx.needs_input_grad[:8])
     need_variant = list(ctx.needs_input_grad[10:13])  # ln_gates, ln_cell, peephole; masks get no gradient
     need_variant += [False] * (3 - len(need_variant))
-    no_masks = (None, None)
     if torch.is_grad_enabled():  # create_graph: the gradient itself must be differentiable
         grads = _differentiable_backward(inputs, batch_sizes, variant, need + need_variant, d_out, d_hT, d_cT)
-        return (*grads[:8], None, None, *grads[8:], *no_masks)
-    if acts.dim() != 3:
+        return (*grads[:8], None, None, *grads[8:], None, None)
+    if saved[0].dim() != 3:
         raise RuntimeError("lstmlab fused LSTM: this forward kept nothing for backward (it ran without grad)")
+    grads = (d_out, d_hT, d_cT)
+    if _native_for(saved[0]) is None:
+        return _hand_backward(ctx.variant, inputs, batch_sizes, variant, saved, need, need_variant, grads)
+    try:
+        return _hand_backward(ctx.variant, inputs, batch_sizes, variant, saved, need, need_variant, grads)
+    except Exception as e:  # noqa: BLE001 - the Python loops give the numbers instead
+        _loader().fail("the backward", e)
+        with _loader().forced(None):  # the compiled backward may have overwritten the saved tensors: recompute them
+            fresh = _layer_forward(*inputs, batch_sizes, True, *(variant.get(name) for name in VARIANT_ARGS))[3:]
+            return _hand_backward(ctx.variant, inputs, batch_sizes, variant, fresh, need, need_variant, grads)
+
+
+def _hand_backward(is_variant: bool, inputs: list[Tensor | None], batch_sizes: Tensor | None,
+                   variant: dict[str, Tensor], saved: tuple[Tensor, ...], need: list[bool], need_variant: list[bool],
+                   grads: tuple[Tensor | None, Tensor | None, Tensor | None]) -> tuple:
+    """The hand-written backward of one call from its saved tensors (acts, cs, tcs, xh, extra)."""
+    acts, cs, tcs, xh, extra = saved
+    d_out, d_hT, d_cT = grads
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
-    has_bias = b_ih is not None or b_hh is not None
-    if ctx.variant:
+    no_masks = (None, None)
+    if is_variant:
         args = (d_out, d_hT, d_cT, x, c0, w_ih, w_hh, _bias(b_ih, b_hh), batch_sizes, acts, cs, tcs, xh, extra,
                 *(variant.get(name) for name in VARIANT_ARGS), need[0], need[1] or need[2],
                 any(need[3:]) or any(need_variant))
         if _plain_eager(*args):  # the activations are ours to overwrite unless the graph is kept
-            grads = _variant_backward_impl(*args, inplace=not _keep_graph())
+            result = _variant_backward_impl(*args, inplace=not _keep_graph())
         else:
-            grads = torch.ops.lstmlab.lstm_variant_layer_backward(*args)
-        dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = grads
+            result = torch.ops.lstmlab.lstm_variant_layer_backward(*args)
+        dx, dh0, dc0, dw_ih, dw_hh, db, d_ln_gates, d_ln_cell, d_peep = result
         out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, None]
-        result = [o if n else None for o, n in zip(out, need, strict=True)]
+        ours = [o if n else None for o, n in zip(out, need, strict=True)]
         if need[5] and need[6]:
-            result[6] = db.clone()  # two parameters must not share one gradient tensor
+            ours[6] = db.clone()  # two parameters must not share one gradient tensor
         extras = [g if n else None for g, n in zip((d_ln_gates, d_ln_cell, d_peep), need_variant, strict=True)]
-        return (*result, None, None, *extras, *no_masks)
+        return (*ours, None, None, *extras, *no_masks)
     # The activations are ours to overwrite unless the graph is kept for another backward (or being traced).
     inplace = not torch.compiler.is_compiling() and not _keep_graph()
     args = (d_out, d_hT, d_cT, c0, w_ih, w_hh, w_hr, batch_sizes, acts, cs, tcs, xh,
-            has_bias, need[0], need[1] or need[2], any(need[3:]))
+            b_ih is not None or b_hh is not None, need[0], need[1] or need[2], any(need[3:]))
     if _plain_eager(*args):
-        grads = _backward_impl(*args, inplace=inplace)
+        result = _backward_impl(*args, inplace=inplace)
     else:
         op = torch.ops.lstmlab.lstm_layer_backward_ if inplace else torch.ops.lstmlab.lstm_layer_backward
-        grads = op(*args)
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads
+        result = op(*args)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = result
     out = [dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr]
-    result = [o if n else None for o, n in zip(out, need, strict=True)]
+    ours = [o if n else None for o, n in zip(out, need, strict=True)]
     if need[5] and need[6]:
-        result[6] = db.clone()  # two parameters must not share one gradient tensor
-    return (*result, None, None, None, None, None, *no_masks)
+        ours[6] = db.clone()  # two parameters must not share one gradient tensor
+    return (*ours, None, None, None, None, None, *no_masks)
 
 
 def _differentiable_backward(inputs: list[Tensor | None], batch_sizes: Tensor | None, variant: dict[str, Tensor],
@@ -1024,3 +1087,68 @@ torch.library.register_vmap("lstmlab::lstm_layer", _loop_vmap(lstm_layer))
 torch.library.register_vmap("lstmlab::lstm_layer_backward", _loop_vmap(lstm_layer_backward))
 torch.library.register_vmap("lstmlab::lstm_variant_layer_backward", _loop_vmap(lstm_variant_layer_backward))
 
+
+
+# --- the compiled loops' self-test --------------------------------------------------------------------------------
+
+
+def self_test(ops: Any) -> str | None:
+    """Hold freshly loaded compiled loops to the Python loops before any use: a tiny forward and backward of the plain
+    cell and of two variant mixes, in float32 and float64, and the zoneout mask. None when they agree, else why not
+    (one line). Its own generator and no autocast or dispatch modes: it changes nothing the caller sees."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    gen = torch.Generator().manual_seed(20261207)
+    try:
+        with _disable_current_modes(), torch.autocast("cpu", enabled=False), torch.inference_mode():
+            for dtype in (torch.float32, torch.float64):
+                for mix in ((), ("ln_gates", "peephole"), ("ln_cell", "recurrent_mask", "zoneout_mask")):
+                    case = _self_test_case(dtype, mix, gen)
+                    with _loader().forced(ops):
+                        got = _self_test_run(*case)
+                    with _loader().forced(None):
+                        want = _self_test_run(*case)
+                    tol = 1e-4 if dtype == torch.float32 else 1e-9
+                    for name, g, w in zip(("out", "h_T", "c_T", "dx", "dh0", "dc0", "dW_ih", "dW_hh"), got, want,
+                                          strict=True):
+                        if g.shape != w.shape or not torch.allclose(g, w, rtol=tol, atol=tol):
+                            label = "+".join(mix) or "plain"
+                            return f"{name} of the {label} cell in {dtype} differs from the Python loops"
+            mask = torch.empty(2, 3, 5, 7)
+            ops.zoneout_mask(12345, *zoneout_thresholds(0.25, 0.5), mask)
+            if not torch.equal(mask, zoneout_mask_torch(12345, 0.25, 0.5, 3, 5, 7)):
+                return "the zoneout mask differs from torch's"
+    except Exception as e:  # noqa: BLE001 - any failure is a reason not to use them
+        return f"{type(e).__name__}: {_loader()._first_line(e)}"
+    return None
+
+
+def _self_test_case(dtype: torch.dtype, mix: tuple[str, ...], gen: torch.Generator) -> tuple:
+    """Inputs of one self-test call: T=3 steps, B=33 rows (two row blocks on two threads), I=5, H=8."""
+    T, B, n_in, H = 3, 33, 5, 8
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype) * 0.5
+
+    x, h0, c0 = rand(T, B, n_in), rand(B, H), rand(B, H)
+    weights = (rand(4 * H, n_in), rand(4 * H, H), rand(4 * H), rand(4 * H))
+    make = {"ln_gates": lambda: 1 + rand(2, 4 * H), "ln_cell": lambda: rand(2, H) + torch.tensor([[1.0], [0.0]],
+            dtype=dtype), "peephole": lambda: rand(3, H), "recurrent_mask": lambda: (rand(B, H) > 0).to(dtype) * 2,
+            "zoneout_mask": lambda: (rand(2, T, B, H) > 0.3).to(dtype)}
+    variant = {name: make[name]() for name in mix}
+    d_out, d_hT, d_cT = rand(T, B, H), rand(B, H), rand(B, H)
+    return x, h0, c0, weights, variant, (d_out, d_hT, d_cT)
+
+
+def _self_test_run(x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, variant: dict, grads: tuple) -> list[Tensor]:
+    w_ih, w_hh, b_ih, b_hh = weights
+    args = [variant.get(name) for name in VARIANT_ARGS]
+    out, h_T, c_T, acts, cs, tcs, xh, extra = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, True,
+                                                             *args)
+    if variant:
+        g = _variant_backward_impl(*grads, x, c0, w_ih, w_hh, _bias(b_ih, b_hh), None, acts, cs, tcs, xh, extra,
+                                   *args, True, True, True)
+    else:
+        g = _backward_impl(*grads, c0, w_ih, w_hh, None, None, acts, cs, tcs, xh, True, True, True, True,
+                           inplace=False)
+    return [out, h_T, c_T, *g[:5]]

@@ -73,16 +73,19 @@ def zoneout_mask_torch(seed: int, z_c: float, z_h: float, steps: int, rows: int,
 def _zoneout_mask(seed: int, z_c: float, z_h: float, steps: int, rows: int, units: int, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
     """The mask on the native library when it is built and takes this device and dtype, else in torch."""
+    from lstmlab.nn import _native  # on first use: see fused._loader
+
     native = None
     if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64):
-        from lstmlab.nn import _native
-
         native = _native.get()
-    if native is None:
-        return zoneout_mask_torch(seed, z_c, z_h, steps, rows, units, dtype, device)
-    out = torch.empty((2, steps, rows, units), dtype=dtype)
-    native.zoneout_mask(seed, *zoneout_thresholds(z_c, z_h), out)
-    return out
+    if native is not None:
+        out = torch.empty((2, steps, rows, units), dtype=dtype)
+        try:
+            native.zoneout_mask(seed, *zoneout_thresholds(z_c, z_h), out)
+            return out
+        except Exception as e:  # noqa: BLE001 - the same bits in torch
+            _native.fail("the zoneout mask", e)
+    return zoneout_mask_torch(seed, z_c, z_h, steps, rows, units, dtype, device)
 
 
 @torch.library.custom_op("lstmlab::zoneout_mask", mutates_args=())

@@ -241,9 +241,13 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// Which GEMM the float32 matmuls run on: "onednn" or "at::mm" (what lstmlab bench reports).
+// Which GEMM the float32 matmuls run on: "onednn" or "at::mm" (what lstmlab bench reports), and why not oneDNN.
 std::string gemm_name() {
   return lstmlab::onednn_gemm(at::kFloat) ? "onednn" : "at::mm";
+}
+
+std::string gemm_reason() {
+  return lstmlab::onednn_off_reason();
 }
 
 }  // namespace
@@ -257,6 +261,7 @@ TORCH_LIBRARY(lstmlab_native, m) {
       "Tensor(b!) dh, Tensor(c!) dc, bool need_dh0, Tensor? batch_sizes) -> ()");
   m.def("mm(Tensor a, Tensor b) -> Tensor");
   m.def("gemm() -> str");
+  m.def("gemm_reason() -> str");
 }
 
 TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
@@ -267,4 +272,5 @@ TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
 
 TORCH_LIBRARY_IMPL(lstmlab_native, CatchAll, m) {
   m.impl("gemm", &gemm_name);
+  m.impl("gemm_reason", &gemm_reason);
 }
