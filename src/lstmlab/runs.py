@@ -5,13 +5,13 @@ same weights, bit for bit."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import random
 import secrets
 import shutil
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -69,11 +69,72 @@ def clear_run(folder: Path) -> None:
             from None
 
 
+def _file_locks() -> bool:
+    """Whether this platform has kernel file locks: fcntl's flock (POSIX) or msvcrt's byte-range locks (Windows)."""
+    for name in ("fcntl", "msvcrt"):
+        try:
+            __import__(name)
+            return True
+        except ImportError:
+            pass
+    return False
+
+
+def _lock_fd(fd: int) -> bool:
+    """Try to lock an open file exclusively, without waiting: True when taken, False when another process holds
+    it; other OS errors raise. flock where there is fcntl, else a byte-range lock (Windows): the kernel drops either
+    when its process dies, however it dies."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        return True
+    import msvcrt
+
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EDEADLK):
+            return False
+        raise
+    return True
+
+
+def _read_holder(fd: int) -> str:
+    """The pid the lock file holds (the holder wrote it), for the message a second writer gets."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    except OSError:
+        return "?"  # Windows: the holder's locked byte cannot be read
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (POSIX; elsewhere assume it does: a stale marker is removed by hand)."""
+    if sys.platform == "win32":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 class RunLock:
     """An exclusive lock on a run folder, held for the whole run (``flock`` on ``FOLDER/.lock``).
 
     The kernel drops a ``flock`` when its process dies, however it dies, so the lock of a killed run is simply
-    taken over; the file holds the owner's pid only for the message a second writer gets.
+    taken over; the file holds the owner's pid only for the message a second writer gets. Where neither fcntl nor
+    msvcrt exists, the lock is the file's existence (created with O_EXCL), taken over when its pid is not alive.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -81,36 +142,69 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.fd: int | None = None
 
+    def _busy(self, holder: str) -> LstmlabError:
+        return LstmlabError(f"{self.folder} is in use by another `lstmlab train` (pid {holder}); wait for it "
+                            "to end, or pick another --out")
+
     def acquire(self) -> RunLock:
         """Take the lock or raise a one-line LstmlabError naming the process that holds it."""
+        if not _file_locks():
+            return self._acquire_marker()
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise write_error(self.path, e) from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                taken = _lock_fd(fd)
             except OSError as e:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise write_error(self.path, e) from None
-                raise LstmlabError(f"{self.folder} is in use by another `lstmlab train` (pid {holder}); wait for it "
-                                   "to end, or pick another --out") from None
+                raise write_error(self.path, e) from None
+            if not taken:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise self._busy(holder) from None
             try:  # the previous owner may have deleted the file between our open and our lock: lock the new one
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
             except FileNotFoundError:
                 pass
             os.close(fd)
+        self._write_pid(fd)
+        self.fd = fd
+        return self
+
+    def _write_pid(self, fd: int) -> None:
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as e:
             os.close(fd)
             raise write_error(self.path, e) from None
-        self.fd = fd
-        return self
+
+    def _acquire_marker(self) -> RunLock:
+        """The lock as a file created with O_EXCL, for platforms with neither fcntl nor msvcrt."""
+        for _ in range(2):  # a second try only after removing a dead holder's marker
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    holder = self.path.read_text().strip() or "?"
+                    age = time.time() - self.path.stat().st_mtime
+                except OSError:
+                    holder, age = "?", 0.0
+                # a dead holder's marker, or one left empty for a minute (its writer died before writing its pid)
+                if (not _pid_alive(int(holder)) if holder.isdigit() else age > 60):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise self._busy(holder) from None
+            except OSError as e:
+                raise write_error(self.path, e) from None
+            self._write_pid(fd)
+            self.fd = fd
+            return self
+        raise self._busy("?")
 
     def release(self) -> None:
         """Delete the lock file and drop the lock (in that order, so nobody locks a file about to vanish)."""

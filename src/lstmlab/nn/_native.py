@@ -454,7 +454,7 @@ class _Loader:
                 self.off(f"the build failed: {_failed_reason(failed)}")
             return
         if failed.exists() and time.time() - failed.stat().st_mtime < _FAILED_RETRY_S:
-            self.off(f"{_failed_reason(failed)}; `python -m lstmlab.nn._native` retries")
+            self.off(_failed_reason(failed))
             return
         problem = compiler_problem()
         if problem is not None:
