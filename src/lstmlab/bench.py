@@ -226,9 +226,12 @@ def benchmark(
             for batch in batch_sizes:
                 rows.extend(_bench_one(m, batch, seq_len, input_size, hidden_size, layers, backends, repeats,
                                        warmup, min_samples, dev, seed, clock, variant))
+    from lstmlab.machine import summary
+
     for row in rows:
         row["fused_loops"] = loops
         row["allocator"] = allocator
+        row["machine"] = summary()
     return rows
 
 
@@ -253,7 +256,11 @@ def _prepare_native() -> str:
     while _native.get() is None and time.monotonic() < deadline:  # another process may be just finishing
         time.sleep(0.5)
     ops = _native.get()
-    return "python" if ops is None else f"native, float32 matmuls on {ops.gemm()}"
+    if ops is None:
+        why = _native.why_unavailable()
+        return "python" + (f" ({why})" if why else "")
+    gemm, why = ops.gemm(), ops.gemm_reason()
+    return f"native, float32 matmuls on {gemm}" + (f" -- {why.split(': ')[0]}" if why else "")
 
 
 def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size: int, layers: int,
@@ -447,7 +454,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "samples/s = median of repeats; "
         f"x torch = ratio to plain nn.LSTM in this run; x ref = ratio to the same variant on the reference backend; "
         f"memory = {first['memory_measure']}"
-        + (f"; fused step loops: {first['fused_loops']}" if first.get("fused_loops") else ""),
+        + (f"; fused step loops: {first['fused_loops']}" if first.get("fused_loops") else "")
+        + (f"; machine: {first['machine']}" if first.get("machine") else ""),
         f"{'backend':<10} {'B':>6} {'mode':<8} {'samples/s':>11} {'x torch':>8} {'x ref':>8} {'peak MiB':>9}  variant",
     ]
 
