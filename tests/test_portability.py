@@ -174,6 +174,31 @@ def test_no_compiler_is_one_line_per_run_and_never_compiling(mnist_dir: Path, tm
     assert "Traceback" not in cli.stderr
 
 
+def test_a_compiler_that_fails_is_one_line_naming_its_error(mnist_dir: Path, tmp_path: Path) -> None:
+    """A compiler that runs but cannot build the loops: the background build records its first error, and every
+    later run says it in one line instead of compiling again."""
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "broken c++ 1.0"; exit 0; }\n'
+                   'echo "lstm_native.cpp:1:1: error: simulated failure" >&2\nexit 1\n')
+    cxx.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = _env(CXX=str(cxx), LSTMLAB_CACHE_DIR=str(cache), LSTMLAB_NATIVE="auto")
+    first = _train(tmp_path, mnist_dir, env, "first")
+    assert first.returncode == 0, first.stderr
+    deadline = time.monotonic() + 300  # the background builder outlives a short run
+    while (not list(cache.glob("native/*/FAILED.log")) or list(cache.glob("native/*/building.lock"))) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (failed,) = cache.glob("native/*/FAILED.log")
+    assert failed.read_text().strip() == "lstm_native.cpp:1:1: error: simulated failure"
+    second = _train(tmp_path, mnist_dir, env, "second")
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.strip().splitlines() == [
+        "lstmlab: warning: fast loops unavailable (lstm_native.cpp:1:1: error: simulated failure); using the Python "
+        "loops (same results, slower)"]
+    assert (tmp_path / "second" / "best.safetensors").is_file()
+
+
 def test_an_unwritable_cache_is_one_line(mnist_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
