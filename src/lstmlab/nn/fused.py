@@ -334,27 +334,11 @@ def _layer_forward(
     return out, h_T, c_T, acts, cs, tcs, xh, x.new_empty(0)
 
 
-def _lstm_layer_impl(
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Tensor | None,
-    bias_hh: Tensor | None,
-    weight_hr: Tensor | None,
-    batch_sizes: Tensor | None,
-    save: bool,
-    ln_gates: Tensor | None = None,
-    ln_cell: Tensor | None = None,
-    peephole: Tensor | None = None,
-    recurrent_mask: Tensor | None = None,
-    zoneout_mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The op: :func:`_layer_forward`, on the Python loops if the compiled ones raise."""
-    args = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, save, ln_gates, ln_cell,
-            peephole, recurrent_mask, zoneout_mask)
-    return _guarded("the forward", x, lambda: _layer_forward(*args))
+@functools.wraps(_layer_forward)  # the same signature: the op's schema is inferred from it
+def _lstm_layer_impl(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+    # The op: _layer_forward, on the Python loops if the compiled ones raise.
+    x = args[0] if args else kwargs["x"]
+    return _guarded("the forward", x, lambda: _layer_forward(*args, **kwargs))
 
 
 lstm_layer = torch.library.custom_op("lstmlab::lstm_layer", mutates_args=())(_lstm_layer_impl)
