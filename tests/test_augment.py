@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lstmlab.train import random_erase, random_flip, random_shift
+from lstmlab.training.augment import random_erase, random_flip, random_shift
 
 
 def shifted(image: torch.Tensor, dy: int, dx: int, s: int) -> torch.Tensor:

@@ -172,7 +172,7 @@ class _FakeClock:
 
 def test_time_budget_ends_training_on_the_clock(mnist_dir, tmp_path):
     """--time-budget stops a run whose iterations would last far longer, with the schedule annealed by then."""
-    from lstmlab.train import recipe, train
+    from lstmlab.training import recipe, train
 
     budget = 1.5
     config = recipe("default")
@@ -197,10 +197,10 @@ def test_time_budget_ends_training_on_the_clock(mnist_dir, tmp_path):
 
 def test_a_scheduled_validation_that_uses_up_the_budget_is_the_closing_one():
     """After a validation the deadline is asked again: one more step and another validation would overrun."""
-    from lstmlab.train import _Deadline
+    from lstmlab.training.guards import Deadline
 
     now = [0.0]
-    deadline = _Deadline(10.0, val_fraction=1.0, start=0.0, clock=lambda: now[0])
+    deadline = Deadline(10.0, val_fraction=1.0, start=0.0, clock=lambda: now[0])
     for _ in range(7):  # 1 s steps
         now[0] += 1.0
         assert not deadline.step_done()
@@ -222,7 +222,7 @@ def test_console_script_has_no_traceback(tmp_path):
 
 def test_real_data_training_reaches_floor(mnist_dir, real_mnist, tmp_path):
     """A short real run: 400 Adam steps on MNIST rows must already beat 93% test accuracy."""
-    from lstmlab.train import recipe, train
+    from lstmlab.training import recipe, train
 
     config = recipe("default")
     config.train.iterations = 400

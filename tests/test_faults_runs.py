@@ -250,17 +250,17 @@ def test_lock_in_process(tmp_path):
 
 
 def test_divergence_rule():
-    from lstmlab.train import DIVERGE_WARMUP, _Guard
+    from lstmlab.training.guards import DIVERGE_WARMUP, Guard
 
-    healthy = _Guard()
+    healthy = Guard()
     assert all(healthy.check(2.3 - 0.01 * k, k) is None for k in range(200))
-    assert "nan" in _Guard().check(float("nan"), 1)
-    exploding = _Guard()
+    assert "nan" in Guard().check(float("nan"), 1)
+    exploding = Guard()
     losses = [2.3] * DIVERGE_WARMUP + [50.0] * 30
     messages = [exploding.check(v, k) for k, v in enumerate(losses, 1)]
     first = next(k for k, m in enumerate(messages, 1) if m)
     assert first > DIVERGE_WARMUP and "over 3x" in messages[first - 1]
-    early = _Guard()  # an explosion within the warm-up is caught against the first step's loss
+    early = Guard()  # an explosion within the warm-up is caught against the first step's loss
     messages = [early.check(v, k) for k, v in enumerate([2.3, 2.3, 80.0, 90.0], 1)]
     assert messages[:2] == [None, None] and "over 3x its reference 2.3" in messages[2]
 

@@ -387,12 +387,12 @@ def test_curves_use_the_fine_loss_and_note_too_few_points(small_run):
 
 
 def test_interrupt_line_says_what_is_kept(tmp_path):
-    from lstmlab.train import _interrupted
+    from lstmlab.training.stopping import interrupted
 
     class Stub:
         saved_iter, iteration, total = 500, 730, 2000
 
-    line = _interrupted(Stub(), tmp_path, KeyboardInterrupt()).message
+    line = interrupted(Stub(), tmp_path, KeyboardInterrupt()).message
     assert "keeps the checkpoint of iteration 500" in line and "last.safetensors" in line
     assert f"lstmlab train --resume {tmp_path}" in line
 
@@ -414,7 +414,7 @@ def test_native_build_note(monkeypatch):
     import torch
 
     from lstmlab.nn import _native
-    from lstmlab.train import native_build_note
+    from lstmlab.training.report import native_build_note
 
     monkeypatch.setattr(_native, "verify", lambda path: "missing")
     note = native_build_note("fused", torch.device("cpu"))

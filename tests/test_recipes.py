@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lstmlab.data import FASHION_SYSTEM_DIR, FILE_NAMES
-from lstmlab.train import recipe, train
+from lstmlab.training import recipe, train
 
 
 def _has_fashion() -> bool:

@@ -95,7 +95,7 @@ def test_the_fast_and_fashion_recipes() -> None:
 
 
 def test_the_pixel_recipes_and_the_view_picks_them() -> None:
-    from lstmlab.train import PIXEL_LR
+    from lstmlab.training.recipes import PIXEL_LR
 
     for view in ("pixels", "permuted"):
         config = _config("--view", view)

@@ -14,7 +14,7 @@ ITERATIONS = 300  # ~94% on the real MNIST test set with H=64, in about 5-15 s o
 
 def trained_run(base: Path, mnist_dir: Path) -> Path:
     """A run folder (metrics.csv, summary.json, best/last.safetensors) of a briefly trained rows-view model."""
-    from lstmlab.train import train
+    from lstmlab.training import train
 
     out = base / "lstmlab-trained-run"
     if (out / "summary.json").is_file():

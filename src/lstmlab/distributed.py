@@ -313,7 +313,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, data: Any, permut
     """``evaluate_model`` over all of ``images``: each rank evaluates its contiguous shard and the loss sums and
     confusion counts are added up, so every rank gets the whole split's EvalResult (the counts exactly, the loss
     to the last bits) in 1/W of the time."""
-    from lstmlab.evaluate import EvalResult, evaluate_model
+    from lstmlab.training.evaluation import EvalResult, evaluate_model
 
     w = world()
     if w.size == 1:

@@ -1,0 +1,297 @@
+"""The training loop: a run's moving parts stepped one batch at a time, validated every ``eval_every`` steps and
+checkpointed whole, so that a resumed run goes on exactly where it stopped."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lstmlab import distributed
+from lstmlab.checkpoint import save_checkpoint
+from lstmlab.config import Config
+from lstmlab.errors import LstmlabError
+from lstmlab.fileio import atomic_write_text
+from lstmlab.model import SequenceClassifier
+from lstmlab.runs import optimizer_state, rng_state, save_state, set_optimizer_state, set_rng_state
+from lstmlab.selection import StaleLossSelection
+from lstmlab.train_args import DRY_RUN_ITERATIONS
+from lstmlab.training.augment import random_erase, random_flip, random_shift
+from lstmlab.training.folder import LOSS_FIELDS, metrics_csv
+from lstmlab.training.guards import Deadline, Diverged, Guard
+from lstmlab.training.optim import make_optimizer, set_schedule
+from lstmlab.training.splits import Data
+
+LOSS_POINTS = 20  # losses.csv gets about this many rows per evaluation interval (every step for short intervals)
+
+
+class Trainer:
+    """A run's moving parts (model, optimizer, data order, RNGs, metrics, best so far), stepped one batch at a
+    time and checkpointed whole at every evaluation, so that a resumed run goes on exactly where it stopped."""
+
+    def __init__(self, config: Config, data: Data, out: Path, run_id: str, device: torch.device,
+                 dry_run: bool, clock: Callable[[], float]) -> None:
+        m, t = config.model, config.train
+        self.config, self.data, self.out, self.run_id = config, data, out, run_id
+        self.device, self.clock = device, clock
+        self.model = SequenceClassifier(m).to(device)
+        self.forward = distributed.wrap(self.model)  # DDP under torchrun: a step's gradients averaged over ranks
+        self.optimizer = make_optimizer(self.model, t)
+        self.generator = torch.Generator().manual_seed(t.seed)  # data order and shifts
+        self.steps_per_epoch = math.ceil(len(data.train_y) / t.batch_size)
+        total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        if dry_run:  # a dry run's default length is a few steps; the CLI passes --iterations as t.iterations
+            total = t.iterations if t.iterations is not None else DRY_RUN_ITERATIONS
+        self.total = total
+        self.log_every = max(1, t.eval_every // LOSS_POINTS)
+        self.loss_rows: list[dict[str, Any]] = []
+        self.fine, self.fine_n = 0.0, 0  # the loss since the last losses.csv row
+        self.tensorboard: Any = None  # a SummaryWriter when --tensorboard
+        self.dry_run = dry_run
+        self.data_dir: str | None = None  # where the data came from, for summary.json
+        self.iteration, self.epoch, self.batch = 0, 0, 0
+        self.order: Tensor | None = None  # this epoch's shuffled indices; ``batch`` of them are used
+        self.selection = None  # --select stale-loss: the loss record that picks each epoch's samples
+        if t.select == "stale-loss":
+            self.selection = StaleLossSelection(len(data.train_y), t.select_beta, t.select_floor, t.select_warmup)
+        self.rows: list[dict[str, Any]] = []
+        self.best_acc, self.best_iter, self.saved_iter = -1.0, 0, 0
+        self.running, self.running_n = 0.0, 0
+        self.guard = Guard()
+        self.resumes: list[int] = []
+        self.saved_world_size = distributed.world().size  # processes of the job that wrote the resumed state
+        self.finished = False
+        self.elapsed_before = 0.0  # training seconds of the processes before this one
+        self.start = clock()
+        self.deadline = None
+        if t.time_budget is not None:
+            self.deadline = Deadline(t.time_budget, len(data.val_y) / t.batch_size, self.start, clock)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every process of the run."""
+        return self.elapsed_before + self.clock() - self.start
+
+    def next_batch(self) -> Tensor:
+        """The next batch's indices: the epoch's order drawn from the generator when the epoch starts, as
+        ``data.batch_indices`` does."""
+        n, size = len(self.data.train_y), self.config.train.batch_size
+        while self.order is None or self.batch * size >= len(self.order):  # (a selective epoch may keep none)
+            if self.order is not None:
+                self.epoch += 1
+            if self.selection is None:
+                self.order = torch.randperm(n, generator=self.generator)
+            else:
+                self.order = self.selection.epoch_order(self.epoch, self.generator)
+            self.batch = 0
+        idx = self.order[self.batch * size : (self.batch + 1) * size]
+        self.batch += 1
+        return idx
+
+    def step(self, idx: Tensor) -> float:
+        """One optimisation step on the batch ``idx``; returns the learning rate used."""
+        from lstmlab.data import to_sequence
+
+        d, t = self.config.data, self.config.train
+        batch = self.data.train_x[idx]  # (B, 28, 28) uint8
+        if d.augment_shift:  # the whole global batch, on every rank: the generator moves as in one process
+            batch = random_shift(batch, d.augment_shift, self.generator)
+        if d.augment_flip:
+            batch = random_flip(batch, self.generator)
+        if d.augment_erase:
+            batch = random_erase(batch, d.augment_erase, self.generator)
+        part, weight = distributed.my_part(len(idx))  # this rank's slice of the global batch (all of it alone)
+        x = to_sequence(batch[part], d.view, d.mean, d.std, self.data.permutation).to(self.device)  # (b, T, I)
+        y = self.data.train_y[idx[part]].to(self.device)
+        progress = self.iteration / self.total
+        if self.deadline is not None:  # the clock may be further along than the step count (rank 0's clock)
+            progress = max(progress, distributed.from_main(self.deadline.progress()))
+        lr = set_schedule(self.optimizer, t, progress)
+        losses = F.cross_entropy(self.forward(x), y, reduction="none",  # (b,): selection keeps each one
+                                 label_smoothing=t.label_smoothing)
+        loss = losses.mean()
+        if self.selection is not None:
+            self.selection.record(idx, distributed.whole_batch(losses.detach(), len(idx)))
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if weight != 1.0 else loss).backward()
+        if t.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
+        self.optimizer.step()
+        self.iteration += 1
+        loss_value = distributed.average(loss.item() * weight)  # the global batch's mean loss, on every rank
+        problem = self.guard.check(loss_value, self.iteration)
+        if problem:
+            raise self.diverged(problem)
+        self.running += loss_value
+        self.running_n += 1
+        self.fine += loss_value
+        self.fine_n += 1
+        if self.iteration % self.log_every == 0:
+            mean = self.fine / self.fine_n
+            self.loss_rows.append({"iteration": self.iteration,
+                                   "epoch": round(self.iteration / self.steps_per_epoch, 4),
+                                   "train_loss": round(mean, 6), "lr": lr})
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar("loss/train", mean, self.iteration)
+                self.tensorboard.add_scalar("lr", lr, self.iteration)
+            self.fine, self.fine_n = 0.0, 0
+        return lr
+
+    def diverged(self, problem: str) -> Diverged:
+        """The one-line error of a diverged run, saying what is kept."""
+        if self.saved_iter:
+            kept = f"{self.out / 'last.safetensors'} keeps iteration {self.saved_iter}, the last good one"
+        else:
+            kept = "no checkpoint was saved before"
+        fix = "lower --lr" if self.config.train.clip is not None else "lower --lr or set --clip"
+        return Diverged(f"training diverged: {problem}; {fix} ({kept})")
+
+    def evaluate_and_save(self, lr: float, log: Callable[[str], None]) -> None:
+        """Validate, log the textbook's line, and checkpoint: best/last, metrics.csv, then the resume state."""
+        eval_start = self.clock()
+        d, m = self.config.data, self.config.model
+        val = None
+        if len(self.data.val_y):
+            val = distributed.evaluate(self.model, self.data.val_x, self.data.val_y, d, self.data.permutation,
+                                       num_classes=m.num_classes)  # under torchrun: each rank a shard, summed
+            if not math.isfinite(val.loss):
+                raise self.diverged(f"the validation loss became {val.loss} at iteration {self.iteration}")
+        self.model.train()
+        mean_loss = self.running / max(self.running_n, 1)
+        self.rows.append({
+            "iteration": self.iteration,
+            "epoch": round(self.iteration / self.steps_per_epoch, 4),
+            "train_loss": round(mean_loss, 6),
+            "val_loss": round(val.loss, 6) if val else "",
+            "val_accuracy": round(val.accuracy, 6) if val else "",
+            "lr": lr,
+            "elapsed_s": round(self.elapsed(), 3),
+            "run_id": self.run_id,
+            "trained_fraction": round(len(self.order) / len(self.data.train_y), 4) if self.order is not None else 1.0,
+        })
+        # The textbook's line: Loss is the mean training loss since the last line, Accuracy on validation.
+        shown = f"{100 * val.accuracy:.2f}" if val else "n/a"
+        log(f"Iteration: {self.iteration}. Loss: {mean_loss:.4f}. Accuracy: {shown}")
+        self.running, self.running_n = 0.0, 0
+        meta = {"iteration": self.iteration, "val_accuracy": val.accuracy if val else None, "run_id": self.run_id}
+        writes = distributed.is_main()  # every rank keeps the books, rank 0 alone writes them
+        if val is None or val.accuracy > self.best_acc:
+            self.best_acc, self.best_iter = (val.accuracy if val else 0.0), self.iteration
+            if writes:
+                save_checkpoint(self.out / "best.safetensors", self.model, self.config, self.data.permutation, meta)
+        if writes:
+            save_checkpoint(self.out / "last.safetensors", self.model, self.config, self.data.permutation, meta)
+            atomic_write_text(self.out / "metrics.csv", metrics_csv(self.rows))
+            atomic_write_text(self.out / "losses.csv", metrics_csv(self.loss_rows, LOSS_FIELDS))
+        if self.tensorboard is not None:
+            self.write_tensorboard(mean_loss, val)
+        self.saved_iter = self.iteration
+        self.save_state()
+        if self.deadline is not None:  # the run state's write counts too: it is part of the closing evaluation
+            self.deadline.eval_done(self.clock() - eval_start)
+
+    def write_tensorboard(self, train_loss: float, val: Any) -> None:
+        """Scalars of this evaluation, and a histogram per gate of the layers' activations on a validation batch."""
+        from lstmlab.inspect import GATE_NAMES, record
+
+        tb, it = self.tensorboard, self.iteration
+        tb.add_scalar("loss/train_since_last_eval", train_loss, it)
+        if val is not None:
+            tb.add_scalar("loss/val", val.loss, it)
+            tb.add_scalar("accuracy/val", val.accuracy, it)
+        if len(self.data.val_y):
+            from lstmlab.data import to_sequence
+
+            d = self.config.data
+            x = to_sequence(self.data.val_x[:128], d.view, d.mean, d.std, self.data.permutation).to(self.device)
+            rec = record(self.model, x, max_prefix_steps=0)  # the per-step probabilities are not drawn here
+            for layer in rec.layers:
+                suffix = f"layer{layer.layer + 1}" + ("_reverse" if layer.direction else "")
+                for name in GATE_NAMES:
+                    tb.add_histogram(f"gates_{suffix}/{name}", layer[name].float().cpu(), it)
+        self.model.train()
+        tb.flush()
+
+    def save_state(self) -> None:
+        """Everything --resume needs, as one atomic file written after the others (by rank 0, with every rank's
+        random stream)."""
+        ranks_rng = distributed.rank_rng_states()  # a collective: every rank calls it
+        if not distributed.is_main():
+            return
+        tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        tensors.update(ranks_rng)
+        optim_tensors, optim_info = optimizer_state(self.optimizer)
+        rng_tensors, rng_info = rng_state()
+        tensors.update(optim_tensors)
+        tensors.update(rng_tensors)
+        tensors["rng.data"] = self.generator.get_state()
+        if self.order is not None:
+            tensors["order"] = self.order
+        if self.selection is not None:
+            tensors.update(self.selection.state())
+        info = {
+            "run_id": self.run_id, "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch,
+            "finished": self.finished, "rows": self.rows, "best_acc": self.best_acc, "best_iter": self.best_iter,
+            "running": self.running, "running_n": self.running_n, "guard": vars(self.guard),
+            "elapsed": self.elapsed(), "deadline": self.deadline.state() if self.deadline else None,
+            "resumes": self.resumes, "rng": rng_info, "optimizer": optim_info, "threads": torch.get_num_threads(),
+            "loss_rows": self.loss_rows, "fine": self.fine, "fine_n": self.fine_n,
+            "world_size": distributed.world().size,
+        }
+        save_state(self.out, tensors, info)
+
+    def restore(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        """Undo ``save_state``: the weights, the optimizer, every RNG and the position in the data."""
+        if info.get("run_id") != self.run_id:
+            raise LstmlabError(f"{self.out}: the saved state belongs to run {info.get('run_id')}, not to "
+                               f"{self.run_id}; start again with --overwrite")
+        weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(weights)
+        set_optimizer_state(self.optimizer, tensors, info["optimizer"])
+        self.generator.set_state(tensors["rng.data"])
+        set_rng_state(tensors, info["rng"])
+        self.saved_world_size = info.get("world_size", 1)
+        self.order = tensors.get("order")
+        if self.selection is not None:
+            self.selection.load(tensors)
+        for name in ("iteration", "epoch", "batch", "finished", "rows", "best_acc", "best_iter", "running",
+                     "running_n", "resumes"):
+            setattr(self, name, info[name])
+        vars(self.guard).update(info["guard"])
+        self.loss_rows, self.fine, self.fine_n = info.get("loss_rows", []), info.get("fine", 0.0), info.get("fine_n", 0)
+        self.saved_iter = self.iteration
+        distributed.restore_rank_rng(tensors, self.saved_world_size, self.config.train.seed, self.iteration)
+        self.elapsed_before = info["elapsed"]
+        self.resumes.append(self.iteration)
+        if self.deadline is not None and info["deadline"] is not None:
+            self.deadline.restore(info["deadline"])
+            self.deadline.start = self.start - self.elapsed_before  # the budget already used stays used
+
+    def loop(self, log: Callable[[str], None], quiet: bool) -> None:
+        """Step until the iterations or the time budget run out, evaluating every ``eval_every`` steps."""
+        from tqdm import tqdm
+
+        t = self.config.train
+        self.finished = self.finished or self.iteration >= self.total
+        bar = tqdm(total=self.total, initial=self.iteration, disable=quiet, desc="train", unit="it",
+                   dynamic_ncols=True, leave=False)
+        self.model.train()
+        try:
+            while not self.finished:
+                lr = self.step(self.next_batch())
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.running / max(self.running_n, 1):.4f}", refresh=False)
+                self.finished = (self.deadline is not None and distributed.any_rank(self.deadline.step_done())) \
+                    or self.iteration >= self.total
+                if self.iteration % t.eval_every == 0 or self.finished:
+                    self.evaluate_and_save(lr, log)
+                    # A scheduled validation that used up the time is the closing one: no step and validation more.
+                    self.finished = self.finished or (
+                        self.deadline is not None and distributed.any_rank(self.deadline.out_of_time()))
+        finally:
+            bar.close()
+
