@@ -45,7 +45,7 @@ phase_end() {  # phase_end OK|FAIL|SKIP [detail]
 }
 
 # Run a command inside the arm64 tree: a private binfmt_misc instance with qemu-aarch64-static (F: opened now,
-# so it need not exist inside the tree), ids 0-65535 mapped to themselves, the host's /dev bound in, a fresh /proc, then chroot. Lower priority:
+# so it need not exist inside the tree), ids 0-65535 mapped to themselves, the host's /dev and /sys bound in, a fresh /proc, then chroot. Lower priority:
 # the machine is shared. Environment is reset to a small known one.
 in_arm() {
   nice -n 10 unshare --user --mount --pid --fork --propagation private /bin/sh -c '
@@ -56,6 +56,7 @@ in_arm() {
       printf "%s" ":qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F" \
         > /proc/sys/fs/binfmt_misc/register
       mount --rbind /dev "$root/dev"
+      mount --rbind /sys "$root/sys"   # torch'"'"'s cpuinfo reads /sys/devices/system/cpu
       mount -t proc proc "$root/proc"
       exec env -i PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
         LANG=C.UTF-8 OMP_NUM_THREADS=1 MAX_JOBS=1 ${ARM_ENV:-} chroot "$root" "$@"
@@ -113,13 +114,14 @@ echo "   $(in_arm /usr/bin/python3 -c 'import platform, sys; print(platform.mach
 # qemu), with --no-deps and torch's requirements named here, since pip evaluates environment markers against the
 # host. The venv itself is made by the tree's python3.
 phase "venv + aarch64 wheels (torch $torch_version)"
-stamp="$dir/.venv-done-torch-$torch_version"
+# setuptools: torch.utils.cpp_extension imports it to build the compiled loops
+pkgs=("torch==$torch_version" numpy tqdm safetensors ninja setuptools filelock "typing-extensions>=4.10"
+      "sympy>=1.13.3" mpmath "networkx>=2.5.1" jinja2 markupsafe "fsspec>=0.8.5")
+stamp="$dir/.venv-done-$(echo "${pkgs[*]}" | md5sum | cut -c1-12)"   # a new package list makes a new venv
 if [ -f "$stamp" ]; then
   phase_end OK "cached: $root$venv"
 else
   rm -rf "$root$venv" "$dir"/.venv-done-*
-  pkgs=("torch==$torch_version" numpy tqdm safetensors ninja filelock "typing-extensions>=4.10" "sympy>=1.13.3"
-        mpmath "networkx>=2.5.1" jinja2 markupsafe "fsspec>=0.8.5")
   if in_arm /usr/bin/python3 -m venv --without-pip "$venv" > "$dir/logs/venv.log" 2>&1 &&
      python3 -m pip install -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
        --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --python-version 3.11 \
