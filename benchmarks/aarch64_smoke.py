@@ -103,7 +103,7 @@ def main() -> int:
         res.update({f"grad {n}": p.grad for n, p in model.named_parameters()})
         return res
 
-    I, H, L, T, B = 8, 16, 2, 7, 4
+    n_in, H, L, T, B = 8, 16, 2, 7, 4
     cases = [
         ("plain", dict()),
         ("plain bidirectional batch_first", dict(bidirectional=True, batch_first=True)),
@@ -112,14 +112,14 @@ def main() -> int:
     ]
     for name, kw in cases:
         torch.manual_seed(0)
-        fused = lstmlab.LSTM(I, H, L, backend="fused", **kw)
+        fused = lstmlab.LSTM(n_in, H, L, backend="fused", **kw)
         with torch.no_grad():  # move the variants' parameters off their neutral init (ones / zeros)
             for p in fused.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-        reference = lstmlab.LSTM(I, H, L, backend="reference", **kw)
+        reference = lstmlab.LSTM(n_in, H, L, backend="reference", **kw)
         reference.load_state_dict(fused.state_dict())
         d = 2 if kw.get("bidirectional") else 1
-        x = torch.randn((B, T, I) if kw.get("batch_first") else (T, B, I))
+        x = torch.randn((B, T, n_in) if kw.get("batch_first") else (T, B, n_in))
         hx = (torch.randn(L * d, B, H), torch.randn(L * d, B, H))
         w = torch.randn((B, T, d * H) if kw.get("batch_first") else (T, B, d * H))
         got, want = run(fused, x, hx, w), run(reference, x, hx, w)
@@ -129,7 +129,7 @@ def main() -> int:
         else:
             compare(f"{name} fp32: fused ({loops}) vs reference backend", got, want, TOL["float32"])
         if "cell" not in kw:
-            torch_lstm = nn.LSTM(I, H, L, batch_first=kw.get("batch_first", False),
+            torch_lstm = nn.LSTM(n_in, H, L, batch_first=kw.get("batch_first", False),
                                  bidirectional=kw.get("bidirectional", False))
             torch_lstm.load_state_dict(fused.state_dict())
             compare(f"{name} fp32: fused ({loops}) vs torch.nn.LSTM", got, run(torch_lstm, x, hx, w), TOL["float32"])
