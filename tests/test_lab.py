@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cli_run import run_cli
@@ -390,7 +391,8 @@ def test_interrupt_line_says_what_is_kept(tmp_path):
     from lstmlab.training.stopping import interrupted
 
     class Stub:
-        saved_iter, iteration, total = 500, 730, 2000
+        saved_iter, total = 500, 2000
+        at = SimpleNamespace(iteration=730)
 
     line = interrupted(Stub(), tmp_path, KeyboardInterrupt()).message
     assert "keeps the checkpoint of iteration 500" in line and "last.safetensors" in line

@@ -30,7 +30,7 @@ def report(tr: Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
     test = evaluate_model(best.model, data.test_x, data.test_y, config.data, data.permutation,
                           num_classes=config.model.num_classes)
     if dry_run:
-        print(f"Dry run: the test below is on {len(data.test_y)} images after {tr.iteration} iterations, "
+        print(f"Dry run: the test below is on {len(data.test_y)} images after {tr.at.iteration} iterations, "
               "not a real result")
     if quiet:  # one line even when quiet: the number the run was for
         print(format_report(test, DATASETS[config.data.dataset].classes).splitlines()[0])
@@ -42,15 +42,15 @@ def report(tr: Trainer, quiet: bool, dry_run: bool) -> dict[str, Any]:
         "test_loss": test.loss,
         "per_class_accuracy": test.per_class_accuracy,
         "confusion_matrix": test.confusion,
-        "best_val_accuracy": tr.best_acc if len(data.val_y) else None,
-        "best_iteration": tr.best_iter,
-        "iterations": tr.iteration,
-        "epochs": round(tr.iteration / tr.steps_per_epoch, 4),
-        "data_epochs": tr.epoch + (tr.batch * config.train.batch_size / len(tr.order) if tr.order is not None
+        "best_val_accuracy": tr.at.best_acc if len(data.val_y) else None,
+        "best_iteration": tr.at.best_iter,
+        "iterations": tr.at.iteration,
+        "epochs": round(tr.at.iteration / tr.steps_per_epoch, 4),
+        "data_epochs": tr.at.epoch + (tr.at.batch * config.train.batch_size / len(tr.order) if tr.order is not None
                                    and len(tr.order) else 0.0),
         "train_seconds": round(train_seconds, 3),
-        "samples_per_second": round(tr.iteration * config.train.batch_size / max(train_seconds, 1e-9), 1),
-        "resumed_at": tr.resumes,
+        "samples_per_second": round(tr.at.iteration * config.train.batch_size / max(train_seconds, 1e-9), 1),
+        "resumed_at": tr.at.resumes,
         "device": str(tr.device),
         "backend": resolve_backend(config.model.backend, tr.device),
         "torch_version": torch.__version__,
@@ -90,7 +90,7 @@ def end_message(out: Path, tr: Trainer, dry_run: bool, kept: bool) -> str:
     if tr.tensorboard is not None:
         names.append("tensorboard/")
     what = "Dry run saved" if dry_run else "Saved"
-    lines = [f"{what} in {out}/: {', '.join(names)} (best = iteration {tr.best_iter})"]
+    lines = [f"{what} in {out}/: {', '.join(names)} (best = iteration {tr.at.best_iter})"]
     if dry_run:
         lines.append("These files come from a dry run (marked dry_run in run.json and summary.json).")
     hints = [(f"lstmlab plot {out}", "loss curves, confusion matrix, mistakes"),
@@ -121,8 +121,8 @@ def log_start(tr: Trainer, log: Callable[[str], None], run: dict[str, Any]) -> N
         low, high, threads = t.batch_size // size, -(-t.batch_size // size), torch.get_num_threads()
         log(f"{size} processes (torchrun, DistributedDataParallel), each with {threads} thread"
             f"{'s' if threads > 1 else ''} and {low if low == high else f'{low}-{high}'} images of every batch")
-    if tr.resumes:
-        log(f"Resuming at iteration {tr.iteration} of {tr.total}")
+    if tr.at.resumes:
+        log(f"Resuming at iteration {tr.at.iteration} of {tr.total}")
         if tr.saved_world_size != size:
             log(f"warning: the run's last checkpoint was written by {tr.saved_world_size} processes, this job has "
                 f"{size}: the batches are the same, the result differs in the last bits from an uninterrupted run")

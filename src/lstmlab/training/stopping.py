@@ -54,7 +54,7 @@ def interrupted(tr: Trainer | None, out: Path, error: BaseException) -> Interrup
     else:
         kept = f"no checkpoint yet (the first comes at iteration {tr.config.train.eval_every}), so it starts again " \
                "from iteration 0"
-    return Interrupted(f"{how} at iteration {tr.iteration} of {tr.total}; {kept}: continue with {command}", code)
+    return Interrupted(f"{how} at iteration {tr.at.iteration} of {tr.total}; {kept}: continue with {command}", code)
 
 
 @contextlib.contextmanager

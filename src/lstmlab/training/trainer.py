@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,39 @@ from lstmlab.training.splits import Data
 LOSS_POINTS = 20  # losses.csv gets about this many rows per evaluation interval (every step for short intervals)
 
 
+_NEWER = {"newer": True}  # a Progress field that state files of earlier versions lack
+
+
+@dataclass
+class Progress:
+    """Where a run is: the loop's own state, saved into state.safetensors field by field (as JSON) at every
+    evaluation and restored the same way by ``--resume``. A field added here is saved and restored with no other
+    change; give it ``metadata=_NEWER`` so that state files written before it existed restore its default."""
+
+    iteration: int = 0
+    epoch: int = 0  # data epochs begun (``batch`` of this one's order used)
+    batch: int = 0
+    finished: bool = False
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv
+    loss_rows: list[dict[str, Any]] = field(default_factory=list, metadata=_NEWER)  # losses.csv
+    best_acc: float = -1.0
+    best_iter: int = 0
+    running: float = 0.0  # the training loss since the last evaluation, and its count
+    running_n: int = 0
+    fine: float = field(default=0.0, metadata=_NEWER)  # the training loss since the last losses.csv row
+    fine_n: int = field(default=0, metadata=_NEWER)
+    resumes: list[int] = field(default_factory=list)  # the iterations the run was resumed at
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON-ready values."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, info: dict[str, Any]) -> Progress:
+        """Undo ``to_json``; a field missing from the file is a KeyError unless it is newer than the file."""
+        return cls(**{f.name: info[f.name] for f in fields(cls) if f.name in info or not f.metadata.get("newer")})
+
+
 class Trainer:
     """A run's moving parts (model, optimizer, data order, RNGs, metrics, best so far), stepped one batch at a
     time and checkpointed whole at every evaluation, so that a resumed run goes on exactly where it stopped."""
@@ -49,23 +83,17 @@ class Trainer:
             total = t.iterations if t.iterations is not None else DRY_RUN_ITERATIONS
         self.total = total
         self.log_every = max(1, t.eval_every // LOSS_POINTS)
-        self.loss_rows: list[dict[str, Any]] = []
-        self.fine, self.fine_n = 0.0, 0  # the loss since the last losses.csv row
+        self.at = Progress()  # where the run is (what --resume restores besides tensors and RNGs)
         self.tensorboard: Any = None  # a SummaryWriter when --tensorboard
         self.dry_run = dry_run
         self.data_dir: str | None = None  # where the data came from, for summary.json
-        self.iteration, self.epoch, self.batch = 0, 0, 0
         self.order: Tensor | None = None  # this epoch's shuffled indices; ``batch`` of them are used
         self.selection = None  # --select stale-loss: the loss record that picks each epoch's samples
         if t.select == "stale-loss":
             self.selection = StaleLossSelection(len(data.train_y), t.select_beta, t.select_floor, t.select_warmup)
-        self.rows: list[dict[str, Any]] = []
-        self.best_acc, self.best_iter, self.saved_iter = -1.0, 0, 0
-        self.running, self.running_n = 0.0, 0
+        self.saved_iter = 0  # the iteration of the last checkpoint
         self.guard = Guard()
-        self.resumes: list[int] = []
         self.saved_world_size = distributed.world().size  # processes of the job that wrote the resumed state
-        self.finished = False
         self.elapsed_before = 0.0  # training seconds of the processes before this one
         self.start = clock()
         self.deadline = None
@@ -80,16 +108,16 @@ class Trainer:
         """The next batch's indices: the epoch's order drawn from the generator when the epoch starts, as
         ``data.batch_indices`` does."""
         n, size = len(self.data.train_y), self.config.train.batch_size
-        while self.order is None or self.batch * size >= len(self.order):  # (a selective epoch may keep none)
+        while self.order is None or self.at.batch * size >= len(self.order):  # (a selective epoch may keep none)
             if self.order is not None:
-                self.epoch += 1
+                self.at.epoch += 1
             if self.selection is None:
                 self.order = torch.randperm(n, generator=self.generator)
             else:
-                self.order = self.selection.epoch_order(self.epoch, self.generator)
-            self.batch = 0
-        idx = self.order[self.batch * size : (self.batch + 1) * size]
-        self.batch += 1
+                self.order = self.selection.epoch_order(self.at.epoch, self.generator)
+            self.at.batch = 0
+        idx = self.order[self.at.batch * size : (self.at.batch + 1) * size]
+        self.at.batch += 1
         return idx
 
     def step(self, idx: Tensor) -> float:
@@ -107,7 +135,7 @@ class Trainer:
         part, weight = distributed.my_part(len(idx))  # this rank's slice of the global batch (all of it alone)
         x = to_sequence(batch[part], d.view, d.mean, d.std, self.data.permutation).to(self.device)  # (b, T, I)
         y = self.data.train_y[idx[part]].to(self.device)
-        progress = self.iteration / self.total
+        progress = self.at.iteration / self.total
         if self.deadline is not None:  # the clock may be further along than the step count (rank 0's clock)
             progress = max(progress, distributed.from_main(self.deadline.progress()))
         lr = set_schedule(self.optimizer, t, progress)
@@ -121,24 +149,24 @@ class Trainer:
         if t.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
         self.optimizer.step()
-        self.iteration += 1
+        self.at.iteration += 1
         loss_value = distributed.average(loss.item() * weight)  # the global batch's mean loss, on every rank
-        problem = self.guard.check(loss_value, self.iteration)
+        problem = self.guard.check(loss_value, self.at.iteration)
         if problem:
             raise self.diverged(problem)
-        self.running += loss_value
-        self.running_n += 1
-        self.fine += loss_value
-        self.fine_n += 1
-        if self.iteration % self.log_every == 0:
-            mean = self.fine / self.fine_n
-            self.loss_rows.append({"iteration": self.iteration,
-                                   "epoch": round(self.iteration / self.steps_per_epoch, 4),
+        self.at.running += loss_value
+        self.at.running_n += 1
+        self.at.fine += loss_value
+        self.at.fine_n += 1
+        if self.at.iteration % self.log_every == 0:
+            mean = self.at.fine / self.at.fine_n
+            self.at.loss_rows.append({"iteration": self.at.iteration,
+                                   "epoch": round(self.at.iteration / self.steps_per_epoch, 4),
                                    "train_loss": round(mean, 6), "lr": lr})
             if self.tensorboard is not None:
-                self.tensorboard.add_scalar("loss/train", mean, self.iteration)
-                self.tensorboard.add_scalar("lr", lr, self.iteration)
-            self.fine, self.fine_n = 0.0, 0
+                self.tensorboard.add_scalar("loss/train", mean, self.at.iteration)
+                self.tensorboard.add_scalar("lr", lr, self.at.iteration)
+            self.at.fine, self.at.fine_n = 0.0, 0
         return lr
 
     def diverged(self, problem: str) -> Diverged:
@@ -159,12 +187,12 @@ class Trainer:
             val = distributed.evaluate(self.model, self.data.val_x, self.data.val_y, d, self.data.permutation,
                                        num_classes=m.num_classes)  # under torchrun: each rank a shard, summed
             if not math.isfinite(val.loss):
-                raise self.diverged(f"the validation loss became {val.loss} at iteration {self.iteration}")
+                raise self.diverged(f"the validation loss became {val.loss} at iteration {self.at.iteration}")
         self.model.train()
-        mean_loss = self.running / max(self.running_n, 1)
-        self.rows.append({
-            "iteration": self.iteration,
-            "epoch": round(self.iteration / self.steps_per_epoch, 4),
+        mean_loss = self.at.running / max(self.at.running_n, 1)
+        self.at.rows.append({
+            "iteration": self.at.iteration,
+            "epoch": round(self.at.iteration / self.steps_per_epoch, 4),
             "train_loss": round(mean_loss, 6),
             "val_loss": round(val.loss, 6) if val else "",
             "val_accuracy": round(val.accuracy, 6) if val else "",
@@ -175,21 +203,20 @@ class Trainer:
         })
         # The textbook's line: Loss is the mean training loss since the last line, Accuracy on validation.
         shown = f"{100 * val.accuracy:.2f}" if val else "n/a"
-        log(f"Iteration: {self.iteration}. Loss: {mean_loss:.4f}. Accuracy: {shown}")
-        self.running, self.running_n = 0.0, 0
-        meta = {"iteration": self.iteration, "val_accuracy": val.accuracy if val else None, "run_id": self.run_id}
+        log(f"Iteration: {self.at.iteration}. Loss: {mean_loss:.4f}. Accuracy: {shown}")
+        meta = {"iteration": self.at.iteration, "val_accuracy": val.accuracy if val else None, "run_id": self.run_id}
         writes = distributed.is_main()  # every rank keeps the books, rank 0 alone writes them
-        if val is None or val.accuracy > self.best_acc:
-            self.best_acc, self.best_iter = (val.accuracy if val else 0.0), self.iteration
+        if val is None or val.accuracy > self.at.best_acc:
+            self.at.best_acc, self.at.best_iter = (val.accuracy if val else 0.0), self.at.iteration
             if writes:
                 save_checkpoint(self.out / "best.safetensors", self.model, self.config, self.data.permutation, meta)
         if writes:
             save_checkpoint(self.out / "last.safetensors", self.model, self.config, self.data.permutation, meta)
-            atomic_write_text(self.out / "metrics.csv", metrics_csv(self.rows))
-            atomic_write_text(self.out / "losses.csv", metrics_csv(self.loss_rows, LOSS_FIELDS))
+            atomic_write_text(self.out / "metrics.csv", metrics_csv(self.at.rows))
+            atomic_write_text(self.out / "losses.csv", metrics_csv(self.at.loss_rows, LOSS_FIELDS))
         if self.tensorboard is not None:
             self.write_tensorboard(mean_loss, val)
-        self.saved_iter = self.iteration
+        self.saved_iter = self.at.iteration
         self.save_state()
         if self.deadline is not None:  # the run state's write counts too: it is part of the closing evaluation
             self.deadline.eval_done(self.clock() - eval_start)
@@ -198,7 +225,7 @@ class Trainer:
         """Scalars of this evaluation, and a histogram per gate of the layers' activations on a validation batch."""
         from lstmlab.inspect import GATE_NAMES, record
 
-        tb, it = self.tensorboard, self.iteration
+        tb, it = self.tensorboard, self.at.iteration
         tb.add_scalar("loss/train_since_last_eval", train_loss, it)
         if val is not None:
             tb.add_scalar("loss/val", val.loss, it)
@@ -234,13 +261,9 @@ class Trainer:
         if self.selection is not None:
             tensors.update(self.selection.state())
         info = {
-            "run_id": self.run_id, "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch,
-            "finished": self.finished, "rows": self.rows, "best_acc": self.best_acc, "best_iter": self.best_iter,
-            "running": self.running, "running_n": self.running_n, "guard": vars(self.guard),
-            "elapsed": self.elapsed(), "deadline": self.deadline.state() if self.deadline else None,
-            "resumes": self.resumes, "rng": rng_info, "optimizer": optim_info, "threads": torch.get_num_threads(),
-            "loss_rows": self.loss_rows, "fine": self.fine, "fine_n": self.fine_n,
-            "world_size": distributed.world().size,
+            **self.at.to_json(), "run_id": self.run_id, "guard": vars(self.guard), "elapsed": self.elapsed(),
+            "deadline": self.deadline.state() if self.deadline else None, "rng": rng_info, "optimizer": optim_info,
+            "threads": torch.get_num_threads(), "world_size": distributed.world().size,
         }
         save_state(self.out, tensors, info)
 
@@ -258,15 +281,12 @@ class Trainer:
         self.order = tensors.get("order")
         if self.selection is not None:
             self.selection.load(tensors)
-        for name in ("iteration", "epoch", "batch", "finished", "rows", "best_acc", "best_iter", "running",
-                     "running_n", "resumes"):
-            setattr(self, name, info[name])
+        self.at = Progress.from_json(info)
         vars(self.guard).update(info["guard"])
-        self.loss_rows, self.fine, self.fine_n = info.get("loss_rows", []), info.get("fine", 0.0), info.get("fine_n", 0)
-        self.saved_iter = self.iteration
-        distributed.restore_rank_rng(tensors, self.saved_world_size, self.config.train.seed, self.iteration)
+        self.saved_iter = self.at.iteration
+        distributed.restore_rank_rng(tensors, self.saved_world_size, self.config.train.seed, self.at.iteration)
         self.elapsed_before = info["elapsed"]
-        self.resumes.append(self.iteration)
+        self.at.resumes.append(self.at.iteration)
         if self.deadline is not None and info["deadline"] is not None:
             self.deadline.restore(info["deadline"])
             self.deadline.start = self.start - self.elapsed_before  # the budget already used stays used
@@ -276,21 +296,21 @@ class Trainer:
         from tqdm import tqdm
 
         t = self.config.train
-        self.finished = self.finished or self.iteration >= self.total
-        bar = tqdm(total=self.total, initial=self.iteration, disable=quiet, desc="train", unit="it",
+        self.at.finished = self.at.finished or self.at.iteration >= self.total
+        bar = tqdm(total=self.total, initial=self.at.iteration, disable=quiet, desc="train", unit="it",
                    dynamic_ncols=True, leave=False)
         self.model.train()
         try:
-            while not self.finished:
+            while not self.at.finished:
                 lr = self.step(self.next_batch())
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.running / max(self.running_n, 1):.4f}", refresh=False)
-                self.finished = (self.deadline is not None and distributed.any_rank(self.deadline.step_done())) \
-                    or self.iteration >= self.total
-                if self.iteration % t.eval_every == 0 or self.finished:
+                bar.set_postfix(loss=f"{self.at.running / max(self.at.running_n, 1):.4f}", refresh=False)
+                self.at.finished = (self.deadline is not None and distributed.any_rank(self.deadline.step_done())) \
+                    or self.at.iteration >= self.total
+                if self.at.iteration % t.eval_every == 0 or self.at.finished:
                     self.evaluate_and_save(lr, log)
                     # A scheduled validation that used up the time is the closing one: no step and validation more.
-                    self.finished = self.finished or (
+                    self.at.finished = self.at.finished or (
                         self.deadline is not None and distributed.any_rank(self.deadline.out_of_time()))
         finally:
             bar.close()
