@@ -77,7 +77,7 @@ def test_bad_arguments(kwargs: dict) -> None:
 
 def _config(*argv: str):  # noqa: ANN202
     from lstmlab.cli import build_parser
-    from lstmlab.train import config_from_args
+    from lstmlab.config.flags import config_from_args
 
     return config_from_args(build_parser().parse_args(["train", *argv]))
 
@@ -95,7 +95,7 @@ def test_the_fast_and_fashion_recipes() -> None:
 
 
 def test_the_pixel_recipes_and_the_view_picks_them() -> None:
-    from lstmlab.training.recipes import PIXEL_LR
+    from lstmlab.config.recipes import PIXEL_LR
 
     for view in ("pixels", "permuted"):
         config = _config("--view", view)

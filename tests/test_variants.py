@@ -795,8 +795,7 @@ def test_old_configs_load_as_the_plain_cell_and_bad_variants_are_one_line_errors
 def test_train_flags_set_the_variant_in_the_config() -> None:
     import argparse
 
-    from lstmlab.train import config_from_args
-    from lstmlab.train_args import add_arguments
+    from lstmlab.config.flags import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lstmlab.config.schema import zoneout_arg
 from lstmlab.errors import LstmlabError
 from lstmlab.fileio import atomic_write_text
-from lstmlab.train_args import zoneout_arg
 
 BACKENDS = ("reference", "fused", "torch")
 MODES = ("train", "forward")

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # commands whose flags live in a torch-free module of their own, so that `lstmlab COMMAND --help` is quick
-ARGUMENTS: dict[str, str] = {"train": "lstmlab.train_args"}
+ARGUMENTS: dict[str, str] = {"train": "lstmlab.config.flags"}
 
 EPILOG = """examples:
   lstmlab train --data-dir /path/to/mnist     train the default recipe, saving runs/<dataset>-<view>-<time>/

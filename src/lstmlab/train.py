@@ -12,17 +12,17 @@ import argparse
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 from lstmlab import distributed
 from lstmlab.config import Config, validate_config
+from lstmlab.config.flags import add_arguments, config_from_args, flag_of, given_settings
+from lstmlab.config.recipes import recipe
+from lstmlab.config.schema import DRY_RUN_ITERATIONS
 from lstmlab.errors import LstmlabError
 from lstmlab.runs import read_run_json
-from lstmlab.train_args import DRY_RUN_ITERATIONS, add_arguments
 from lstmlab.training.folder import saved_config
-from lstmlab.training.recipes import recipe
 from lstmlab.training.run import resume, train
 from lstmlab.training.stopping import (
     Interrupted,
@@ -32,42 +32,6 @@ from lstmlab.training.stopping import (
 )
 
 __all__ = ["add_arguments", "config_from_args", "recipe", "resume", "run", "train"]
-
-
-_SECTIONS = {
-    "model": ("hidden_size", "num_layers", "bidirectional", "dropout", "forget_bias", "backend", "cell", "zoneout",
-              "recurrent_dropout"),
-    "data": ("dataset", "view", "val_size", "normalize", "augment_shift", "augment_flip", "augment_erase"),
-    "train": ("optimizer", "lr", "weight_decay", "label_smoothing", "schedule", "batch_size", "epochs", "iterations",
-              "eval_every", "clip", "time_budget", "seed", "device", "select", "select_beta", "select_floor",
-              "select_warmup"),
-}
-
-
-def _flag(name: str) -> str:
-    return "--layers" if name == "num_layers" else "--" + name.replace("_", "-")
-
-
-def _implied_recipe(args: argparse.Namespace) -> str:
-    """The recipe a run without --recipe starts from: the view's (pixels, permuted) or the dataset's."""
-    view = getattr(args, "view", None)
-    if view in ("pixels", "permuted"):
-        return view
-    return "fashion" if getattr(args, "dataset", None) == "fashion-mnist" else "default"
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The recipe, with every flag the user gave laid over it."""
-    name = args.recipe or _implied_recipe(args)
-    config = recipe(name)
-    for section, names in _SECTIONS.items():
-        given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-        setattr(config, section, replace(getattr(config, section), **given))
-    if args.epochs is not None and args.iterations is None:
-        config.train.iterations = None  # an explicit --epochs replaces the recipe's iteration count
-    if any(getattr(args, n, None) is not None for names in _SECTIONS.values() for n in names):
-        config.recipe = f"{name}+flags"
-    return config
 
 
 def _check_resume_flags(args: argparse.Namespace) -> None:
@@ -83,12 +47,12 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
         raise LstmlabError(f"--dry-run: {args.resume} is not a dry run; drop the flag")
     if args.recipe is not None and saved.recipe.split("+")[0] != args.recipe:
         raise LstmlabError(f"--recipe {args.recipe} differs from the run's ({saved.recipe}); drop the flag")
-    for section, names in _SECTIONS.items():
-        for n in names:
-            given, was = getattr(args, n, None), getattr(getattr(saved, section), n)
-            if given is not None and given != was:
-                raise LstmlabError(f"{_flag(n)} {given} differs from the run's {was}; --resume continues a run "
-                                   "with its saved config, so drop the flag")
+    for section, values in given_settings(args).items():
+        for name, given in values.items():
+            was = getattr(getattr(saved, section), name)
+            if given != was:
+                raise LstmlabError(f"{flag_of(section, name)} {given} differs from the run's {was}; --resume "
+                                   "continues a run with its saved config, so drop the flag")
 
 
 def _say_interrupted(message: str) -> None:

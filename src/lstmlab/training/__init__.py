@@ -8,8 +8,8 @@ together as :func:`train` and :func:`resume`; ``stopping`` handles Ctrl-C, SIGTE
 
 from __future__ import annotations
 
+from lstmlab.config.recipes import recipe
 from lstmlab.training.guards import Diverged
-from lstmlab.training.recipes import recipe
 from lstmlab.training.run import resume, train
 from lstmlab.training.stopping import Interrupted
 

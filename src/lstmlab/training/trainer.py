@@ -16,12 +16,12 @@ from torch import Tensor
 from lstmlab import distributed
 from lstmlab.checkpoint import save_checkpoint
 from lstmlab.config import Config
+from lstmlab.config.schema import DRY_RUN_ITERATIONS
 from lstmlab.errors import LstmlabError
 from lstmlab.fileio import atomic_write_text
 from lstmlab.model import SequenceClassifier
 from lstmlab.runs import optimizer_state, rng_state, save_state, set_optimizer_state, set_rng_state
 from lstmlab.selection import StaleLossSelection
-from lstmlab.train_args import DRY_RUN_ITERATIONS
 from lstmlab.training.augment import random_erase, random_flip, random_shift
 from lstmlab.training.folder import LOSS_FIELDS, metrics_csv
 from lstmlab.training.guards import Deadline, Diverged, Guard
