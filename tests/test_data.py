@@ -20,7 +20,6 @@ from synthetic_idx import synthetic_split, write_bytes, write_idx, write_synthet
 
 from lstmlab.data import (
     DATASETS,
-    FASHION_SYSTEM_DIR,
     FILE_NAMES,
     VIEWS,
     batch_indices,
@@ -34,6 +33,8 @@ from lstmlab.data import (
     train_val_split,
 )
 from lstmlab.errors import LstmlabError
+
+FASHION_SYSTEM_DIR = DATASETS["fashion-mnist"].system_dir
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -87,7 +87,7 @@ def test_plot_needs_data_only_for_the_mistakes(small_run, capsys, monkeypatch, t
             info["data_dir"] = str(tmp_path / "gone")
             text = json.dumps(info).encode()
         (moved / name).write_bytes(text)
-    monkeypatch.setattr("lstmlab.data.DATASETS", _no_mirrors(), raising=True)
+    monkeypatch.setattr("lstmlab.data.registry.DATASETS", _no_mirrors(), raising=True)
     out2 = tmp_path / "figs2"
     code, printed, err = _run(capsys, "plot", str(moved), "--out-dir", str(out2))
     assert code == 0, err
@@ -108,6 +108,17 @@ def _no_mirrors():
 # 2. LSTMLAB_DATA pointing at MNIST does not block Fashion-MNIST; the offline error names the Debian package
 
 
+def _fashion_system_dir(monkeypatch, folder):
+    """The registry with Fashion-MNIST's system folder moved to ``folder``."""
+    from dataclasses import replace
+
+    from lstmlab.data import registry
+
+    table = dict(registry.DATASETS)
+    table["fashion-mnist"] = replace(table["fashion-mnist"], system_dir=folder)
+    monkeypatch.setattr(registry, "DATASETS", table)
+
+
 def test_lstmlab_data_for_mnist_does_not_block_fashion(mnist_dir, real_mnist, monkeypatch, tmp_path):
     from lstmlab import data
 
@@ -117,7 +128,7 @@ def test_lstmlab_data_for_mnist_does_not_block_fashion(mnist_dir, real_mnist, mo
     fashion.mkdir()
     for base in data.DATASETS["fashion-mnist"].files:
         (fashion / base).write_bytes(b"")  # only their presence matters to the resolver
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", fashion)
+    _fashion_system_dir(monkeypatch, fashion)
     monkeypatch.setenv("LSTMLAB_DATA", str(mnist_dir))
     assert data.resolve_data_dir("fashion-mnist", download=False) == fashion
     assert data.resolve_data_dir("mnist", download=False) == Path(mnist_dir)
@@ -129,7 +140,7 @@ def test_offline_fashion_error_names_the_debian_package(monkeypatch, tmp_path):
 
     monkeypatch.setenv("LSTMLAB_DATA", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "no-package")
+    _fashion_system_dir(monkeypatch, tmp_path / "no-package")
     with pytest.raises(LstmlabError) as e:
         data.resolve_data_dir("fashion-mnist", mirrors=[], quiet=True)
     assert "apt-get install dataset-fashion-mnist" in str(e.value)

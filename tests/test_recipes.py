@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lstmlab.data import FASHION_SYSTEM_DIR, FILE_NAMES
+from lstmlab.data import DATASETS, FILE_NAMES
 from lstmlab.training import recipe, train
+
+FASHION_SYSTEM_DIR = DATASETS["fashion-mnist"].system_dir
 
 
 def _has_fashion() -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lstmlab.data import registry as data_registry
 from lstmlab.errors import LstmlabError
 
 # Upper bounds of the flags: far above anything this lab trains, far below what overflows or exhausts memory.
@@ -24,10 +25,10 @@ MAX_EPOCHS = 10_000
 MAX_ITERATIONS = 10**9
 MAX_LR = 1e6
 MAX_SEED = 2**64 - 1  # torch's generators take a 64-bit seed
-# The names each registry holds (lstmlab.data.DATASETS/VIEWS, lstmlab.nn: BACKENDS, CELLS), spelled here so that
-# the flags need no torch; tests/test_config.py holds them equal.
-DATASETS = ("mnist", "fashion-mnist")
-VIEWS = ("rows", "pixels", "permuted")
+DATASETS = tuple(data_registry.DATASETS)  # from the torch-free dataset registry: a new entry there is a choice here
+VIEWS = tuple(data_registry.VIEWS)
+# The names lstmlab.nn's modules hold (BACKENDS, CELLS), spelled here so that the flags need no torch;
+# tests/test_config.py holds them equal.
 BACKENDS = ("auto", "reference", "fused", "torch")
 CELLS = ("lstm", "peephole", "layernorm")
 SELECTIONS = ("none", "stale-loss")
