@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstmlab.training.optim import schedule
+from lstmlab.training.schedules import schedule
 
 
 def test_onecycle_follows_torch_onecycle() -> None:

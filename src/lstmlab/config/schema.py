@@ -16,6 +16,7 @@ from typing import Any
 
 from lstmlab.data import registry as data_registry
 from lstmlab.errors import LstmlabError
+from lstmlab.training.schedules import SCHEDULES
 
 # Upper bounds of the flags: far above anything this lab trains, far below what overflows or exhausts memory.
 MAX_HIDDEN_SIZE = 4096
@@ -139,7 +140,7 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, flag="--label-smoothing", metavar="S", group="optimisation", low=0, high=1,
                                      high_open=True, help="train towards 1-S on the label and S spread over the "
                                      "classes; validation and test losses stay plain cross-entropy")
-    schedule: str = setting("onecycle", flag="--schedule", group="optimisation", choices=("none", "onecycle", "cosine"),
+    schedule: str = setting("onecycle", flag="--schedule", group="optimisation", choices=tuple(SCHEDULES),
                             help="learning-rate schedule")
     batch_size: int = setting(256, flag="--batch-size", metavar="B", group="optimisation", low=1, high=MAX_BATCH_SIZE,
                               help="images per step")

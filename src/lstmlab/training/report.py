@@ -15,7 +15,7 @@ from lstmlab.nn.lstm import resolve_backend
 from lstmlab.runs import TENSORBOARD_DIR
 from lstmlab.training.evaluation import evaluate_model, format_report
 from lstmlab.training.folder import summary_json
-from lstmlab.training.optim import SCHEDULE_NAMES
+from lstmlab.training.schedules import SCHEDULES
 from lstmlab.training.trainer import Trainer
 
 
@@ -111,7 +111,7 @@ def log_start(tr: Trainer, log: Callable[[str], None], run: dict[str, Any]) -> N
         f"lstmlab{': DRY RUN on small subsets,' if tr.dry_run else ':'} {d.dataset}/{d.view} "
         f"(T={data.seq_len}, I={m.input_size}), {len(data.train_y)} train / "
         f"{len(data.val_y)} val / {len(data.test_y)} test, H={m.hidden_size} x{m.num_layers}"
-        f"{' bi' if m.bidirectional else ''}, {t.optimizer} lr {t.lr:g} ({SCHEDULE_NAMES[t.schedule]}), "
+        f"{' bi' if m.bidirectional else ''}, {t.optimizer} lr {t.lr:g} ({SCHEDULES[t.schedule].label}), "
         f"batch {t.batch_size}, "
         f"{tr.total} iterations{f' or {t.time_budget:g} s' if t.time_budget else ''} on {tr.device}, backend "
         f"{resolve_backend(m.backend, tr.device)}, run {tr.run_id}"
