@@ -356,7 +356,7 @@ def test_out_without_permission_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(Path, "mkdir", refuse)
     code, err = _run(capsys, "train", *TINY, "--data-dir", str(tmp_path), "--out", str(tmp_path / "new" / "run"))
-    _one_line(code, err, str(tmp_path / "new" / "run"), "Permission denied", "folder you own")
+    _one_line(code, err, str(tmp_path / "new" / "run"), "permission denied", "choose another path")
 
 
 def _mount_tmpfs(where: Path, options: str) -> None:
@@ -394,7 +394,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_files(mnist_dir, tmp_path, caps
     run_dir = mount_point / "run"
     code, err = _run(capsys, "train", *TINY, "--dry-run", "--hidden-size", "64", "--data-dir", str(mnist_dir),
                      "--out", str(run_dir))
-    _one_line(code, err, "No space left on device", str(run_dir), "free some space")
+    _one_line(code, err, "the disk is full", str(run_dir), "free some space")
     assert _snapshot(earlier) == before
     assert not list(run_dir.glob(".*"))  # no temp file, no lock left behind
     (mount_point / "filler").unlink()

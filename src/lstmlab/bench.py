@@ -26,7 +26,7 @@ from typing import Any
 
 from lstmlab.config.schema import zoneout_arg
 from lstmlab.errors import LstmlabError
-from lstmlab.fileio import atomic_write_text
+from lstmlab.files import atomic_write_text
 
 BACKENDS = ("reference", "fused", "torch")
 MODES = ("train", "forward")
@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (or JSON)."""
-    from lstmlab.oserrors import check_writable, os_error
+    from lstmlab.files import check_writable, os_error
 
     if args.json not in (None, "-"):
         check_writable(args.json, "--json")  # before the minutes of timing, not after
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         try:
             atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
-        except LstmlabError:  # already one line (fileio words its own OS errors)
+        except LstmlabError:  # already one line (files words its own OS errors)
             raise
         except OSError as e:
             raise os_error(e, args.json, "write") from None

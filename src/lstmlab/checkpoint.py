@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lstmlab.config import MAX_HIDDEN_SIZE, MAX_LAYERS, Config, validate_config
 from lstmlab.errors import LstmlabError
-from lstmlab.fileio import atomic_write_bytes
+from lstmlab.files import atomic_write_bytes
 from lstmlab.model import SequenceClassifier
 
 FORMAT = "lstmlab-checkpoint"

@@ -39,7 +39,7 @@ def export_onnx(ckpt: Checkpoint, path: str | Path) -> float:
     """Write ``ckpt``'s classifier to ``path`` as ONNX (input ``x`` (B, T, I), output ``logits`` (B, C)), checked in
     onnxruntime at a batch size other than the traced one; returns that check's largest absolute difference."""
     from lstmlab.data import VIEWS
-    from lstmlab.fileio import atomic_write_bytes
+    from lstmlab.files import atomic_write_bytes
 
     onnx, _ = _onnx()
     model = ckpt.model.eval()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lstmlab.errors import LstmlabError
-from lstmlab.fileio import atomic_write_bytes
+from lstmlab.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,7 +54,7 @@ def figure_format(path: str | Path, flag: str = "--out") -> str:
 
 def check_figure_path(path: str | Path, flag: str = "--out") -> Path:
     """Before drawing: the suffix is a known format and the file can be written there; returns the path."""
-    from lstmlab.oserrors import check_writable
+    from lstmlab.files import check_writable
 
     if Path(path).is_dir():  # "a folder" says more than "no suffix"
         check_writable(path, flag)
@@ -65,7 +65,7 @@ def check_figure_path(path: str | Path, flag: str = "--out") -> Path:
 def save_figure(fig: Figure, path: str | Path, flag: str = "--out") -> Path:
     """Save a figure atomically (temp file beside it, then rename) in the format its suffix names (PNG, JPEG, PDF,
     SVG); returns the path. An OS error (read-only, full disk, ...) is a one-line error and the old file stays."""
-    from lstmlab.oserrors import os_error
+    from lstmlab.files import os_error
 
     path = Path(path)
     if path.is_dir():
@@ -76,7 +76,7 @@ def save_figure(fig: Figure, path: str | Path, flag: str = "--out") -> Path:
     fig.savefig(buf, format=kind, dpi=fig.dpi, **options)
     try:
         atomic_write_bytes(path, buf.getvalue())
-    except LstmlabError:  # already one line (fileio words its own OS errors)
+    except LstmlabError:  # already one line (files words its own OS errors)
         raise
     except OSError as e:
         raise os_error(e, path, "write") from None
@@ -327,7 +327,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, data_dir: s
     if folder is None:
         raise LstmlabError(f"{given} is not a run (no run.json or summary.json beside it); pass the --out folder of "
                            "`lstmlab train` or a checkpoint in it")
-    from lstmlab.oserrors import check_writable_dir
+    from lstmlab.files import check_writable_dir
 
     out = Path(out_dir) if out_dir else folder
     check_writable_dir(out, "--out-dir" if out_dir else "RUN_DIR")  # before the minutes of work, not after

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lstmlab.errors import LstmlabError
-from lstmlab.fileio import atomic_write_bytes, atomic_write_text, write_error
+from lstmlab.files import atomic_write_bytes, atomic_write_text, write_error
 
 RUN_JSON = "run.json"  # written first: the run's id and config, so that even a run killed at once can resume
 STATE_FILE = "state.safetensors"  # weights + everything else --resume needs, one atomic file

@@ -83,7 +83,7 @@ def _download_one(
     """Fetch ``base``.gz from the first mirror that serves it intact; None on success, else why not."""
     import urllib.request
 
-    from lstmlab.oserrors import os_error
+    from lstmlab.files import os_error
 
     failures = []
     limit = KNOWN_SIZES.get(base, MAX_IDX_BYTES) if verify else MAX_IDX_BYTES

@@ -18,7 +18,7 @@ import torch
 from lstmlab import distributed
 from lstmlab.config import Config, ModelConfig, validate_config
 from lstmlab.errors import LstmlabError
-from lstmlab.fileio import advice
+from lstmlab.files import advice
 from lstmlab.runs import (
     RUN_JSON,
     TENSORBOARD_DIR,
@@ -54,7 +54,7 @@ def make_folder(out: Path) -> bool:
     except FileExistsError:
         raise LstmlabError(f"--out {out}: a part of the path is a file, not a folder; pick another --out") from None
     except OSError as e:
-        raise LstmlabError(f"--out {out}: cannot create it ({e.strerror or e}); {advice(e)}") from None
+        raise LstmlabError(f"--out {out}: cannot create it: {advice(e)}") from None
     return not existed
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lstmlab import distributed
-from lstmlab.fileio import atomic_write_text
+from lstmlab.files import atomic_write_text
 from lstmlab.nn.lstm import resolve_backend
 from lstmlab.runs import TENSORBOARD_DIR
 from lstmlab.training.evaluation import evaluate_model, format_report

@@ -18,7 +18,7 @@ from lstmlab.checkpoint import save_checkpoint
 from lstmlab.config import Config
 from lstmlab.config.schema import DRY_RUN_ITERATIONS
 from lstmlab.errors import LstmlabError
-from lstmlab.fileio import atomic_write_text
+from lstmlab.files import atomic_write_text
 from lstmlab.model import SequenceClassifier
 from lstmlab.runs import optimizer_state, rng_state, save_state, set_optimizer_state, set_rng_state
 from lstmlab.selection import StaleLossSelection
