@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fashion-MNIST for the accuracy-floor test (tests/test_recipes.py): Debian's dataset-fashion-mnist, under CI only
+# Fashion-MNIST for the accuracy-floor test (tests/training/test_recipes.py): Debian's dataset-fashion-mnist, under CI only
 # (CI=true), where that test must run; elsewhere it skips when the package is missing.
 set -euo pipefail
 

@@ -5,7 +5,7 @@ must then be loaded (a silent fallback to the Python loops is a FAIL). Each case
 outputs, final states and every gradient (input, initial states, parameters) with ``torch.nn.LSTM`` holding the
 same weights (plain cell) and with lstmlab's gate-level ``reference`` backend: in float32 within atol = rtol =
 1e-5, and in float64 (fused vs reference) within 1e-10. The LayerNorm cell in float32 is held, as in
-tests/test_variants.py, to the reference's own accuracy (its backward multiplies by 1/std, so any two fp32
+tests/nn/test_variants.py, to the reference's own accuracy (its backward multiplies by 1/std, so any two fp32
 orders of operations land apart by more than 1e-5): each tensor's error from the float64 result (relative to
 1 + |x|) at most 10 x (the fp32 reference's error + 3e-5). One PASS/FAIL line per comparison; exit 1 on a FAIL.
 """

@@ -29,7 +29,7 @@ MAX_SEED = 2**64 - 1  # torch's generators take a 64-bit seed
 DATASETS = tuple(data_registry.DATASETS)  # from the torch-free dataset registry: a new entry there is a choice here
 VIEWS = tuple(data_registry.VIEWS)
 # The names lstmlab.nn's modules hold (BACKENDS, CELLS), spelled here so that the flags need no torch;
-# tests/test_config.py holds them equal.
+# tests/config/test_config.py holds them equal.
 BACKENDS = ("auto", "reference", "fused", "torch")
 CELLS = ("lstm", "peephole", "layernorm")
 SELECTIONS = ("none", "stale-loss")

@@ -17,7 +17,7 @@ from cli_run import run_cli
 
 from lstmlab.cli import COMMANDS, VERSION, build_parser, main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--quiet", "--batch-size", "32", "--hidden-size", "8", "--val-size", "500", "--device", "cpu"]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "lstm_from_gates.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "lstm_from_gates.ipynb"
 
 
 def test_notebook_runs_top_to_bottom(mnist_dir, real_mnist, tmp_path, monkeypatch):

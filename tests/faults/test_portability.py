@@ -20,7 +20,7 @@ from lstmlab.cli import main
 from lstmlab.nn import _native
 from lstmlab.runs import RunLock
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHORT = ["train", "--quiet", "--batch-size", "16", "--hidden-size", "8", "--iterations", "12", "--eval-every", "6",
          "--val-size", "200", "--seed", "3", "--threads", "1"]
 
@@ -53,7 +53,7 @@ def test_native_loops_pass_with_onednn_capped_at_avx2(native_ops, tmp_path: Path
     assert (name == "at::mm") == bool(reason), gemm.stdout  # at::mm always comes with its reason
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         str(REPO / "tests" / "test_fused.py"), str(REPO / "tests" / "test_variants.py"),
+         str(REPO / "tests" / "nn" / "test_fused.py"), str(REPO / "tests" / "nn" / "test_variants.py"),
          "-k", "native or onednn or autocast"],
         capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
