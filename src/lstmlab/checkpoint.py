@@ -210,6 +210,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise LstmlabError(f"checkpoint {path} does not exist; pass the .safetensors file a training run wrote")
     metadata, entries = read_header(path)
+    config, meta = _header_config(path, metadata)
+    expected = _expected_tensors(path, config, entries)
+    tensors = _read_tensors(path, entries, expected)
+    permutation = tensors.pop("permutation", None)
+    if permutation is not None:
+        n = expected["permutation"][1][0]
+        if not torch.equal(permutation.sort().values, torch.arange(n, dtype=permutation.dtype)):
+            raise LstmlabError(f"{path}: the stored permutation is not a permutation of 0..{n - 1}; {_FIX}")
+        permutation = permutation.long()
+    model = SequenceClassifier(config.model)
+    state = {k.removeprefix("model."): v for k, v in tensors.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise LstmlabError(f"{path}: weights do not match the saved config ({first})") from None
+    model.to(map_location).eval()
+    return Checkpoint(model=model, config=config, permutation=permutation, meta=meta)
+
+
+def _header_config(path: Path, metadata: dict[str, str]) -> tuple[Config, dict[str, Any]]:
+    """The config and meta of an lstmlab checkpoint's header, checked."""
     if metadata.get("format") != FORMAT:
         raise LstmlabError(f"{path} is a safetensors file but not an lstmlab checkpoint (no lstmlab metadata)")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -227,7 +249,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise LstmlabError(f"{path}: the checkpoint's config is damaged ({e}); {_FIX}") from None
     except LstmlabError as e:
         raise LstmlabError(f"{path}: the checkpoint's config is invalid: {e}; {_FIX}") from None
+    return config, meta
 
+
+def _expected_tensors(path: Path, config: Config, entries: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Name -> (dtype, shape) of every tensor the config's model needs, each checked against the header's entry."""
     from lstmlab.data import VIEWS
 
     try:
@@ -253,7 +279,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if entry.shape != shape:
             raise LstmlabError(f"{path}: weights do not match the saved config ({name} has shape "
                                f"{list(entry.shape)}, the config gives {list(shape)}); {_FIX}")
+    return expected
 
+
+def _read_tensors(path: Path, entries: dict[str, Any], expected: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The expected tensors, read from the file; floating ones must be finite."""
     try:
         with open(path, "rb") as f:
             tensors = {name: _read_tensor(f, entries[name]) for name in expected}
@@ -262,19 +292,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LstmlabError(f"{path}: tensor {name} holds NaN or infinite values (a diverged run?); {_FIX}")
-    permutation = tensors.pop("permutation", None)
-    if permutation is not None:
-        if not torch.equal(permutation.sort().values, torch.arange(steps * inputs, dtype=permutation.dtype)):
-            raise LstmlabError(
-                f"{path}: the stored permutation is not a permutation of 0..{steps * inputs - 1}; {_FIX}"
-            )
-        permutation = permutation.long()
-    model = SequenceClassifier(config.model)
-    state = {k.removeprefix("model."): v for k, v in tensors.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise LstmlabError(f"{path}: weights do not match the saved config ({first})") from None
-    model.to(map_location).eval()
-    return Checkpoint(model=model, config=config, permutation=permutation, meta=meta)
+    return tensors

@@ -205,36 +205,43 @@ def resolve_data_dir(
     Files already present are verified when loaded (``load_dataset``), not here.
     """
     info = dataset_info(name)
-    if data_dir is None:
-        found = _from_environment(info)
-        if found is not None:
-            return found
-    else:
-        source = "--data-dir"
-        directory = Path(data_dir).expanduser()
-        if not directory.is_dir():
-            raise LstmlabError(f"{source} {directory} is not a directory; {FIX_HINT}")
-        try:
-            os.listdir(directory)  # an unreadable folder would otherwise look empty
-        except OSError as e:
-            raise LstmlabError(f"cannot read {source} {directory}: {e.strerror or e}; fix its permissions or "
-                               f"{FIX_HINT}") from None
-        directory = _given_dir(directory, info)
-        missing = _missing(directory, info)
-        if missing:
-            raise LstmlabError(
-                f"{source} {directory} lacks {', '.join(missing)} (raw or .gz) of {info.name}; "
-                f"pass --data-dir DIR holding the four IDX files"
-            )
-        return directory
-
+    if data_dir is not None:
+        return _given_data_dir(Path(data_dir).expanduser(), info)
+    found = _from_environment(info)
+    if found is not None:
+        return found
     if info.system_dir is not None and info.system_dir.is_dir() and not _missing(info.system_dir, info):
         return info.system_dir
-
     directory = cache_dir(info.name)
     missing = _missing(directory, info) if directory.is_dir() else list(info.files)
-    if not missing:
-        return directory
+    if missing:
+        _download_missing(directory, info, missing, download, mirrors, timeout, _verify_default(verify), quiet)
+    return directory
+
+
+def _given_data_dir(directory: Path, info: DatasetInfo) -> Path:
+    """--data-dir: it, or its ``<name>/`` sub-folder, must hold the dataset; anything else is a one-line error."""
+    source = "--data-dir"
+    if not directory.is_dir():
+        raise LstmlabError(f"{source} {directory} is not a directory; {FIX_HINT}")
+    try:
+        os.listdir(directory)  # an unreadable folder would otherwise look empty
+    except OSError as e:
+        raise LstmlabError(f"cannot read {source} {directory}: {e.strerror or e}; fix its permissions or "
+                           f"{FIX_HINT}") from None
+    directory = _given_dir(directory, info)
+    missing = _missing(directory, info)
+    if missing:
+        raise LstmlabError(
+            f"{source} {directory} lacks {', '.join(missing)} (raw or .gz) of {info.name}; "
+            f"pass --data-dir DIR holding the four IDX files"
+        )
+    return directory
+
+
+def _download_missing(directory: Path, info: DatasetInfo, missing: list[str], download: bool,
+                      mirrors: Sequence[str] | None, timeout: float, verify: bool, quiet: bool) -> None:
+    """Download the ``missing`` files into the cache folder ``directory``, or say in one line why not."""
     if not download:
         raise LstmlabError(
             f"{info.name} is not in {directory} (missing {', '.join(missing)}){_env_note(info)} and downloading is "
@@ -247,7 +254,7 @@ def resolve_data_dir(
     urls = tuple(mirrors) if mirrors is not None else info.mirrors
     failed = {}
     for base in missing:
-        why = _download_one(base, directory, info, urls, timeout, _verify_default(verify), quiet)
+        why = _download_one(base, directory, info, urls, timeout, verify, quiet)
         if why is not None:
             failed[base] = why
     if failed:
@@ -256,7 +263,6 @@ def resolve_data_dir(
             f"could not download {', '.join(failed)} of {info.name} from any mirror ({first}: {why}){_env_note(info)}; "
             f"{_offline_hint(info)}"
         )
-    return directory
 
 
 # ---------------------------------------------------------------------------------------------
