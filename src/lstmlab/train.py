@@ -15,13 +15,13 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from lstmlab import distributed
 from lstmlab.config import Config, validate_config
 from lstmlab.config.flags import add_arguments, config_from_args, flag_of, given_settings
 from lstmlab.config.recipes import recipe
 from lstmlab.config.schema import DRY_RUN_ITERATIONS
 from lstmlab.errors import LstmlabError
 from lstmlab.runs import read_run_json
+from lstmlab.training import distributed
 from lstmlab.training.folder import saved_config
 from lstmlab.training.run import resume, train
 from lstmlab.training.stopping import (

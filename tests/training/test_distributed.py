@@ -22,7 +22,7 @@ import torch
 from run_files import assert_same_weights, wait_for_state, weights
 from synthetic_idx import write_synthetic_mnist
 
-from lstmlab import distributed
+from lstmlab.training import distributed
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch has no gloo backend")

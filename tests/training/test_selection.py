@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstmlab.selection import StaleLossSelection
+from lstmlab.training.selection import StaleLossSelection
 
 
 def test_warmup_epochs_train_on_everything() -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from lstmlab import distributed
 from lstmlab.config import Config, ModelConfig, validate_config
 from lstmlab.errors import LstmlabError
 from lstmlab.files import advice
@@ -29,6 +28,7 @@ from lstmlab.runs import (
     run_contents,
     write_run_json,
 )
+from lstmlab.training import distributed
 
 # trained_fraction: of the training split, in the data epoch under way (below 1 with --select); run_id stays last
 METRIC_FIELDS = ["iteration", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "trained_fraction",

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from lstmlab import distributed
 from lstmlab.files import atomic_write_text
 from lstmlab.nn.lstm import resolve_backend
 from lstmlab.runs import TENSORBOARD_DIR
+from lstmlab.training import distributed
 from lstmlab.training.evaluation import evaluate_model, format_report
 from lstmlab.training.folder import summary_json
 from lstmlab.training.schedules import SCHEDULES

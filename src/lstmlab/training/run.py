@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from lstmlab import distributed
 from lstmlab.config import Config, validate_config
 from lstmlab.device import resolve_device
 from lstmlab.errors import LstmlabError
 from lstmlab.nn.lstm import resolve_backend
 from lstmlab.runs import STATE_FILE, load_state, read_run_json
+from lstmlab.training import distributed
 from lstmlab.training.folder import (
     check_free,
     finished_summary,

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lstmlab import distributed
 from lstmlab.runs import RUN_JSON
+from lstmlab.training import distributed
 
 if TYPE_CHECKING:
     from lstmlab.training.trainer import Trainer

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmlab import distributed
 from lstmlab.checkpoint import save_checkpoint
 from lstmlab.config import Config
 from lstmlab.config.schema import DRY_RUN_ITERATIONS
@@ -21,11 +20,12 @@ from lstmlab.errors import LstmlabError
 from lstmlab.files import atomic_write_text
 from lstmlab.model import SequenceClassifier
 from lstmlab.runs import optimizer_state, rng_state, save_state, set_optimizer_state, set_rng_state
-from lstmlab.selection import StaleLossSelection
+from lstmlab.training import distributed
 from lstmlab.training.augment import random_erase, random_flip, random_shift
 from lstmlab.training.folder import LOSS_FIELDS, metrics_csv
 from lstmlab.training.guards import Deadline, Diverged, Guard
 from lstmlab.training.optim import make_optimizer, set_schedule
+from lstmlab.training.selection import StaleLossSelection
 from lstmlab.training.splits import Data
 
 LOSS_POINTS = 20  # losses.csv gets about this many rows per evaluation interval (every step for short intervals)
