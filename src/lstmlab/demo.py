@@ -80,7 +80,7 @@ class EvolutionFigure:
     drawn bold. One thread at a time per object."""
 
     def __init__(self, probs: Tensor, names: list[str], view: str, digit: Tensor) -> None:
-        from lstmlab.plots import new_figure
+        from lstmlab.analysis.figures import new_figure
 
         p = probs.detach().float().cpu().numpy()  # (T, C)
         self.names, self.steps = names, np.arange(1, len(p) + 1)
@@ -130,7 +130,7 @@ class EvolutionFigure:
             canvas.restore_region(self._background)
         for artist in self._dynamic():
             self.fig.draw_artist(artist)
-        from lstmlab.plots import rgba_to_rgb
+        from lstmlab.analysis.figures import rgba_to_rgb
 
         return rgba_to_rgb(canvas.buffer_rgba())
 
@@ -166,7 +166,7 @@ class FigureCache:
 
     def render(self, rec: Any, digit: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(gates figure, evolution figure or None) as RGB arrays for one recording."""
-        from lstmlab.gates import GatesFigure
+        from lstmlab.analysis.gates import GatesFigure
 
         with self.lock:
             if self.gates is None:
@@ -210,7 +210,7 @@ class StepData:
 def step_data(rec: Any, digit: Tensor, names: list[str], view: str, permutation: Tensor | None = None) -> StepData:
     """The step view's data from a recording of the last layer's forward direction: its six gates and states, then
     a variant model's own terms, as the gates figure draws them."""
-    from lstmlab.gates import panel_values, panels, unit_order
+    from lstmlab.analysis.gates import panel_values, panels, unit_order
 
     layer = rec.get(-1, 0)
     rows = unit_order(layer, 0, "change")  # as the gates figure: units sorted by when their gates change most
@@ -328,7 +328,7 @@ def _paint_input(frame: np.ndarray, data: StepData, step: int, top: int) -> None
 def _paint_panels(frame: np.ndarray, data: StepData, step: int, x0: int, top: int) -> None:
     """Each heatmap of ``data.values``, three to a row from (x0, top): units x steps so far, the current column
     marked."""
-    from lstmlab.gates import PANELS, VARIANT_PANELS
+    from lstmlab.analysis.gates import PANELS, VARIANT_PANELS
 
     pw, ph = STEP_PANEL
     steps = data.steps
@@ -369,7 +369,7 @@ def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True,
     keeps serving. ``figure_cache`` (one per checkpoint, shared by the server's threads) makes the figures cheap;
     without it they are drawn from scratch. Safe to call from several threads at once.
     """
-    from lstmlab.inspect import record
+    from lstmlab.analysis.recording import record
     from lstmlab.predict import class_names, model_input, preprocess_image
 
     try:

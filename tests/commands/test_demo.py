@@ -153,10 +153,10 @@ def test_step_view_of_a_pixel_model(tmp_path: Path, view: str) -> None:
 
 def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
     """The demo paints the heatmaps' pixels itself; the picture is matplotlib's but for anti-aliased edges."""
+    from lstmlab.analysis.figures import figure_to_array
+    from lstmlab.analysis.gates import GatesFigure
+    from lstmlab.analysis.recording import record
     from lstmlab.demo import DPI
-    from lstmlab.gates import GatesFigure
-    from lstmlab.inspect import record
-    from lstmlab.plots import figure_to_array
     from lstmlab.predict import class_names, model_input, preprocess_image
 
     digit = preprocess_image(seven())
@@ -194,8 +194,8 @@ def variant_checkpoint(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path
 def test_demo_shows_a_variant_models_own_terms(variant_checkpoint) -> None:
     """The step view and the gates figure of a variant model add its own panels (peepholes, zoneout) below the six
     gates, in more rows; refilled figures equal new ones."""
+    from lstmlab.analysis.gates import PANELS
     from lstmlab.demo import DPI, STEP_PANEL, FigureCache, predict_drawing, render_step
-    from lstmlab.gates import PANELS
 
     own = ["peep_i", "peep_f", "peep_o", "zone_c", "zone_h"]
     r = predict_drawing(variant_checkpoint, seven())

@@ -1,4 +1,4 @@
-"""``lstmlab.inspect.record``: the recorded gates are the model's own computation, on every backend."""
+"""``lstmlab.analysis.recording.record``: the recorded gates are the model's own computation, on every backend."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from lstmlab.analysis.recording import GATE_NAMES, LayerRecord, record
 from lstmlab.config import ModelConfig
 from lstmlab.errors import LstmlabError
-from lstmlab.inspect import GATE_NAMES, LayerRecord, record
 from lstmlab.model import SequenceClassifier
 from lstmlab.nn.lstm import _layer_backends
 

@@ -188,9 +188,9 @@ def test_gates_figure_title_and_unit_order(small_run):
     pytest.importorskip("matplotlib")
     import numpy as np
 
+    from lstmlab.analysis.gates import UNIT_ORDERS, GatesFigure, unit_order
+    from lstmlab.analysis.recording import record
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.gates import UNIT_ORDERS, GatesFigure, unit_order
-    from lstmlab.inspect import record
     from lstmlab.runs import run_name
 
     ckpt = load_checkpoint(small_run / "best.safetensors")
@@ -213,9 +213,9 @@ def test_gates_figure_counts_steps_rows_and_columns_from_one(small_run):
     pytest.importorskip("matplotlib")
     import torch
 
+    from lstmlab.analysis.gates import GatesFigure
+    from lstmlab.analysis.recording import record
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.gates import GatesFigure
-    from lstmlab.inspect import record
 
     ckpt = load_checkpoint(small_run / "best.safetensors")
     x = torch.rand(1, 28, 28)
@@ -237,9 +237,9 @@ def test_gates_figure_unit_labels_follow_a_new_recording(small_run):
     pytest.importorskip("matplotlib")
     import torch
 
+    from lstmlab.analysis.gates import GatesFigure, unit_order
+    from lstmlab.analysis.recording import record
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.gates import GatesFigure, unit_order
-    from lstmlab.inspect import record
 
     ckpt = load_checkpoint(small_run / "best.safetensors")
     names = [str(k) for k in range(10)]
@@ -384,7 +384,7 @@ def test_short_runs_log_the_loss_finely(small_run):
 
 def test_curves_use_the_fine_loss_and_note_too_few_points(small_run):
     pytest.importorskip("matplotlib")
-    from lstmlab.plots import curves_figure, read_losses, read_metrics
+    from lstmlab.analysis.figures import curves_figure, read_losses, read_metrics
 
     metrics = read_metrics(small_run / "metrics.csv")
     losses = read_losses(small_run / "losses.csv")

@@ -60,9 +60,9 @@ def _a_one() -> torch.Tensor:
 @pytest.mark.parametrize(("view", "bidirectional", "layers"), [("rows", False, 2), ("rows", True, 1),
                                                                ("pixels", True, 1), ("permuted", False, 1)])
 def test_gates_figure_any_model(tmp_path: Path, view: str, bidirectional: bool, layers: int) -> None:
-    from lstmlab.gates import gates_figure
-    from lstmlab.inspect import record
-    from lstmlab.plots import save_figure
+    from lstmlab.analysis.figures import save_figure
+    from lstmlab.analysis.gates import gates_figure
+    from lstmlab.analysis.recording import record
 
     torch.manual_seed(0)
     steps, inputs = (28, 28) if view == "rows" else (784, 1)
@@ -80,8 +80,8 @@ def test_gates_figure_any_model(tmp_path: Path, view: str, bidirectional: bool, 
 
 
 def test_gates_figure_refuses_bad_step() -> None:
-    from lstmlab.gates import gates_figure
-    from lstmlab.inspect import record
+    from lstmlab.analysis.gates import gates_figure
+    from lstmlab.analysis.recording import record
 
     model = SequenceClassifier(ModelConfig(hidden_size=8, backend="reference")).eval()
     rec = record(model, torch.zeros(1, 28, 28))
@@ -138,9 +138,9 @@ def _variant_model(**variant: object) -> SequenceClassifier:
 def test_gates_figure_of_a_variant(tmp_path: Path, variant: dict, own: list[str], phrase: str, height: int) -> None:
     """A variant's own terms get panels below the six gates, titled by what they are, steps counted from 1 and units
     in the figure's order; the plain cell keeps exactly its six panels and size."""
-    from lstmlab.gates import PANELS, VARIANT_PANELS, GatesFigure, unit_order
-    from lstmlab.inspect import record
-    from lstmlab.plots import save_figure
+    from lstmlab.analysis.figures import save_figure
+    from lstmlab.analysis.gates import PANELS, VARIANT_PANELS, GatesFigure, unit_order
+    from lstmlab.analysis.recording import record
 
     image = _a_one()
     rec = record(_variant_model(**variant), (image.float() / 255)[None], zoneout="sample",
@@ -162,9 +162,9 @@ def test_gates_figure_of_a_variant(tmp_path: Path, variant: dict, own: list[str]
 
 def test_variant_gates_figure_refills_like_a_new_one() -> None:
     """update and to_array (the demo's blitting path) with a variant's panels: the pixels of a new figure."""
-    from lstmlab.gates import GatesFigure
-    from lstmlab.inspect import record
-    from lstmlab.plots import figure_to_array
+    from lstmlab.analysis.figures import figure_to_array
+    from lstmlab.analysis.gates import GatesFigure
+    from lstmlab.analysis.recording import record
 
     model = _variant_model(cell="layernorm", zoneout=0.2)
     one, other = _a_one(), _a_one().T.contiguous()

@@ -511,7 +511,7 @@ def test_bench_json_on_read_only_disk(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_save_figure_os_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever the OS says while writing (here: permission denied, as non-root users get it), one line."""
     pytest.importorskip("matplotlib")
-    import lstmlab.plots as plots
+    import lstmlab.analysis.figures as plots
     from lstmlab.errors import LstmlabError
 
     def refuse(path, data):  # noqa: ANN001, ANN202

@@ -760,8 +760,8 @@ def test_forward_and_backward_on_different_loops(native_ops) -> None:  # noqa: A
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "layernorm"])
 def test_model_config_builds_the_variant_and_inspect_records_its_gates(cell: str) -> None:
     from lstmlab import ModelConfig, SequenceClassifier
+    from lstmlab.analysis.recording import record
     from lstmlab.config import Config, validate_config
-    from lstmlab.inspect import record
 
     config = ModelConfig(cell=cell, zoneout=[0.1, 0.2], recurrent_dropout=0.1, num_layers=2, bidirectional=True)
     validate_config(Config(model=config))

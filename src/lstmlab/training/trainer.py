@@ -223,7 +223,7 @@ class Trainer:
 
     def write_tensorboard(self, train_loss: float, val: Any) -> None:
         """Scalars of this evaluation, and a histogram per gate of the layers' activations on a validation batch."""
-        from lstmlab.inspect import GATE_NAMES, record
+        from lstmlab.analysis.recording import GATE_NAMES, record
 
         tb, it = self.tensorboard, self.at.iteration
         tb.add_scalar("loss/train_since_last_eval", train_loss, it)
