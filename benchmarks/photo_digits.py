@@ -113,7 +113,7 @@ def render(mask: np.ndarray, kind: str, rng: np.random.Generator) -> Image.Image
 
 
 def _module_at(rev: str):
-    """``lstmlab.predict`` as it was at git revision ``rev``, imported under another name."""
+    """``lstmlab.commands.predict`` as it was at git revision ``rev``, imported under another name."""
     root = Path(__file__).resolve().parents[1]
     text = subprocess.run(["git", "show", f"{rev}:src/lstmlab/predict.py"], cwd=root, check=True,
                           capture_output=True, text=True).stdout
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.commands.predict import predict_images, preprocess_image
     from lstmlab.data import load_dataset
     from lstmlab.errors import LstmlabError
-    from lstmlab.predict import predict_images, preprocess_image
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(args.checkpoint)

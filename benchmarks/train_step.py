@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lstmlab import bench
+from lstmlab.commands import bench
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,14 +17,14 @@ VERSION = "0.1.0"  # kept equal to lstmlab.__version__ by a test; read here with
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("lstmlab.train", "train a sequence classifier (downloads the data if needed)"),
-    "evaluate": ("lstmlab.evaluate", "loss, accuracy, per-class accuracy and confusion matrix on a split"),
-    "bench": ("lstmlab.bench", "samples/s of each LSTM backend against nn.LSTM"),
-    "predict": ("lstmlab.predict", "classify your own images of digits"),
-    "gates": ("lstmlab.gates", "draw the gate activations of a model reading one image"),
-    "plot": ("lstmlab.plots", "loss/accuracy curves, confusion matrix and mistakes of a run"),
-    "export": ("lstmlab.export", "write a trained classifier as ONNX (runs in onnxruntime)"),
-    "demo": ("lstmlab.demo", "draw a digit in the browser and watch the LSTM read it"),
+    "train": ("lstmlab.commands.train", "train a sequence classifier (downloads the data if needed)"),
+    "evaluate": ("lstmlab.commands.evaluate", "loss, accuracy, per-class accuracy and confusion matrix on a split"),
+    "bench": ("lstmlab.commands.bench", "samples/s of each LSTM backend against nn.LSTM"),
+    "predict": ("lstmlab.commands.predict", "classify your own images of digits"),
+    "gates": ("lstmlab.commands.gates", "draw the gate activations of a model reading one image"),
+    "plot": ("lstmlab.commands.plot", "loss/accuracy curves, confusion matrix and mistakes of a run"),
+    "export": ("lstmlab.commands.export", "write a trained classifier as ONNX (runs in onnxruntime)"),
+    "demo": ("lstmlab.commands.demo", "draw a digit in the browser and watch the LSTM read it"),
 }
 
 # commands whose flags live in a torch-free module of their own, so that `lstmlab COMMAND --help` is quick

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lstmlab import cli
-from lstmlab.bench import BACKENDS
+from lstmlab.commands.bench import BACKENDS
 
 
 def test_bench_json_has_a_row_per_backend(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,7 +73,7 @@ def test_bench_bad_flags_are_user_errors(capsys: pytest.CaptureFixture[str], fla
 def test_bench_variants_rows_ratios_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     """--variants: each variant on reference and fused, with plain nn.LSTM timed in turns with them; "x torch" is
     the ratio to that nn.LSTM, "x ref" to the same variant on the reference backend."""
-    from lstmlab.bench import VARIANTS, variant_label
+    from lstmlab.commands.bench import VARIANTS, variant_label
 
     argv = ["bench", "--batch-sizes", "3", "--seq-len", "2", "--input-size", "2", "--hidden-size", "3",
             "--repeats", "1", "--warmup", "0", "--min-samples", "1", "--variants", "--json"]

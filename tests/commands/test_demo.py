@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 
 def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
-    from lstmlab.demo import DPI, FigureCache, predict_drawing
+    from lstmlab.commands.demo import DPI, FigureCache, predict_drawing
 
     r = predict_drawing(checkpoint, {"background": None, "layers": [], "composite": seven()})
     assert r.ok and r.digit is not None and r.digit.shape == (28, 28)
@@ -94,7 +94,7 @@ def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
 def test_step_view_counts_rows_from_one(checkpoint) -> None:
     """The step view shows the rows read so far lit, the rest dimmed, the current one marked; the caption, the
     slider and the message all count rows from 1."""
-    from lstmlab.demo import predict_drawing, render_step, step_caption
+    from lstmlab.commands.demo import predict_drawing, render_step, step_caption
 
     r = predict_drawing(checkpoint, seven(), figures=False)
     data = r.step_data
@@ -123,9 +123,9 @@ def test_step_view_of_a_pixel_model(tmp_path: Path, view: str) -> None:
     import torch
 
     from lstmlab.checkpoint import load_checkpoint, save_checkpoint
+    from lstmlab.commands.demo import predict_drawing, render_step, step_caption
     from lstmlab.config import Config, DataConfig, ModelConfig
     from lstmlab.data import make_permutation
-    from lstmlab.demo import predict_drawing, render_step, step_caption
     from lstmlab.model import SequenceClassifier
 
     torch.manual_seed(0)
@@ -156,8 +156,8 @@ def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
     from lstmlab.analysis.figures import figure_to_array
     from lstmlab.analysis.gates import GatesFigure
     from lstmlab.analysis.recording import record
-    from lstmlab.demo import DPI
-    from lstmlab.predict import class_names, model_input, preprocess_image
+    from lstmlab.commands.demo import DPI
+    from lstmlab.commands.predict import class_names, model_input, preprocess_image
 
     digit = preprocess_image(seven())
     rec = record(checkpoint.model, model_input(checkpoint, digit[None]))
@@ -175,8 +175,8 @@ def variant_checkpoint(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path
     import torch
 
     from lstmlab.checkpoint import load_checkpoint
+    from lstmlab.commands.train import train
     from lstmlab.config import Config, DataConfig, ModelConfig, TrainConfig
-    from lstmlab.train import train
 
     out = tmp_path_factory.mktemp("variant-run")
     config = Config(model=ModelConfig(hidden_size=16, cell="peephole", zoneout=0.1),
@@ -195,7 +195,7 @@ def test_demo_shows_a_variant_models_own_terms(variant_checkpoint) -> None:
     """The step view and the gates figure of a variant model add its own panels (peepholes, zoneout) below the six
     gates, in more rows; refilled figures equal new ones."""
     from lstmlab.analysis.gates import PANELS
-    from lstmlab.demo import DPI, STEP_PANEL, FigureCache, predict_drawing, render_step
+    from lstmlab.commands.demo import DPI, STEP_PANEL, FigureCache, predict_drawing, render_step
 
     own = ["peep_i", "peep_f", "peep_o", "zone_c", "zone_h"]
     r = predict_drawing(variant_checkpoint, seven())
@@ -221,7 +221,7 @@ def test_predict_drawing_from_many_threads(checkpoint) -> None:
     the same drawing gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lstmlab.demo import FigureCache, predict_drawing
+    from lstmlab.commands.demo import FigureCache, predict_drawing
 
     def cache() -> FigureCache:
         return FigureCache(checkpoint.permutation, [str(k) for k in range(10)], checkpoint.config.data.view)
@@ -238,7 +238,7 @@ def test_predict_drawing_from_many_threads(checkpoint) -> None:
 
 
 def test_drawing_size_cap(checkpoint) -> None:
-    from lstmlab.demo import MAX_DRAWING_PIXELS, predict_drawing
+    from lstmlab.commands.demo import MAX_DRAWING_PIXELS, predict_drawing
 
     huge = Image.new("L", (2500, 2000), 255)  # 5 MP: over the demo's cap, under the CLI's 40 MP
     assert 2500 * 2000 > MAX_DRAWING_PIXELS
@@ -247,7 +247,7 @@ def test_drawing_size_cap(checkpoint) -> None:
 
 
 def test_predict_drawing_blank_and_odd_inputs(checkpoint) -> None:
-    from lstmlab.demo import BLANK_MESSAGE, predict_drawing
+    from lstmlab.commands.demo import BLANK_MESSAGE, predict_drawing
 
     blank_inputs = [None, {"background": None, "layers": [], "composite": None},
                     {"composite": Image.new("RGBA", (400, 400), (0, 0, 0, 0))},
@@ -260,7 +260,7 @@ def test_predict_drawing_blank_and_odd_inputs(checkpoint) -> None:
 
 
 def test_demo_binds_localhost_and_never_shares(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lstmlab.demo import launch
+    from lstmlab.commands.demo import launch
 
     args = build_parser().parse_args(["demo", "model.safetensors"])
     assert (args.host, args.port) == ("127.0.0.1", 7860)
@@ -294,7 +294,7 @@ def test_demo_without_gradio_is_a_one_line_hint(monkeypatch: pytest.MonkeyPatch,
 def served(checkpoint, tmp_path_factory: pytest.TempPathFactory):
     """The app on 127.0.0.1 at a free port, served from a thread for the module's tests."""
     _require("gradio")
-    from lstmlab.demo import build_app, launch
+    from lstmlab.commands.demo import build_app, launch
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))  # served files stay in the test's tmp
@@ -307,7 +307,7 @@ def served(checkpoint, tmp_path_factory: pytest.TempPathFactory):
 
 def test_busy_port_is_a_one_line_error(checkpoint) -> None:
     _require("gradio")
-    from lstmlab.demo import build_app, launch
+    from lstmlab.commands.demo import build_app, launch
     from lstmlab.errors import LstmlabError
 
     with socket.socket() as busy:

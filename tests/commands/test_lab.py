@@ -411,7 +411,7 @@ def test_interrupt_line_says_what_is_kept(tmp_path):
 
 
 def test_interrupt_line_starts_a_new_line_on_a_terminal(monkeypatch, capsys):
-    from lstmlab import train
+    from lstmlab.commands import train
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     train._say_interrupted("interrupted at iteration 3")

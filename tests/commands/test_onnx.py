@@ -103,7 +103,7 @@ def test_predict_refuses_an_onnx_file_lstmlab_did_not_write(tmp_path: Path, caps
 def test_load_onnx_refuses_a_permutation_that_is_not_one(run_dir: Path, tmp_path: Path):
     from lstmlab.checkpoint import load_checkpoint
     from lstmlab.errors import LstmlabError
-    from lstmlab.export import export_onnx, load_onnx
+    from lstmlab.onnxfile import export_onnx, load_onnx
 
     out = tmp_path / "model.onnx"
     export_onnx(load_checkpoint(run_dir / "best.safetensors"), out)

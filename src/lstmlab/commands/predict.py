@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise LstmlabError(f"--top must be at least 1, got {args.top}")
     if str(args.checkpoint).endswith(".onnx"):
-        from lstmlab.export import load_onnx
+        from lstmlab.onnxfile import load_onnx
 
         ckpt = load_onnx(args.checkpoint)
     else:

@@ -1,4 +1,5 @@
-"""``lstmlab export``: a trained classifier as an ONNX file that onnxruntime runs without lstmlab or torch.
+"""A trained classifier as an ONNX file that onnxruntime runs without lstmlab or torch, and back
+(``lstmlab export`` writes one, ``lstmlab predict model.onnx`` reads one).
 
 The LSTM goes out as ONNX's own ``LSTM`` operator (lstmlab.LSTM hands ONNX export to PyTorch's kernel path,
 which the exporters map to it), the batch size stays free, and the checkpoint's config rides along in the
@@ -7,7 +8,6 @@ file's metadata so that ``lstmlab predict model.onnx IMAGE`` preprocesses images
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import warnings
@@ -124,24 +124,3 @@ def load_onnx(path: str | Path) -> Checkpoint:
         raise LstmlabError(f"onnxruntime cannot load {path} ({type(e).__name__}); export the checkpoint again") \
             from None
     return Checkpoint(model=model, config=config, permutation=permutation)  # type: ignore[arg-type]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``lstmlab export``."""
-    parser.add_argument("checkpoint", metavar="RUN",
-                        help="a run folder written by `lstmlab train` (its best.safetensors) or any checkpoint")
-    parser.add_argument("output", help="the .onnx file to write (run it with `lstmlab predict OUTPUT IMAGE`)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``lstmlab export``: the classifier of a run or checkpoint as an ONNX file."""
-    from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.runs import checkpoint_path
-
-    if not str(args.output).endswith(".onnx"):
-        raise LstmlabError(f"the output {args.output} should end in .onnx")
-    ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
-    err = export_onnx(ckpt, args.output)
-    print(f"Wrote {args.output}: ONNX opset {OPSET}, input x (batch, T, I), output logits; "
-          f"onnxruntime agrees with the checkpoint to {err:.1e}")
-    return 0
