@@ -33,6 +33,7 @@ FRAME = 28  # ... centred by mass in a 28x28 frame
 STROKE = 2.6  # median MNIST stroke width in pixels (2 * area / boundary of the ink above 50%)
 WORK_SIDE = 160  # big images are first averaged down to this longest side before stroke estimation
 LIGHT_SIDE = 96  # the background's lighting is estimated at this longest side: it changes slowly, and it is cheap
+EVEN_SPREAD = 0.08  # a border whose 10th-90th percentiles are closer than this (of 0..1) is an evenly lit background
 
 
 def _pil():
@@ -168,26 +169,40 @@ def _detail_skew(a: np.ndarray) -> float:
     return float((detail**3).mean() / max(float((detail**2).mean()) ** 1.5, 1e-12))
 
 
+def _erode_dilate(t: Tensor, k: int, dilate: bool) -> Tensor:
+    """k x k grey dilation (or erosion) of a (1, 1, H, W) tensor, separable; max_pool2d's padding never wins."""
+    sign = 1.0 if dilate else -1.0
+    x = torch.nn.functional.max_pool2d(sign * t, (1, k), stride=1, padding=(0, k // 2))
+    return sign * torch.nn.functional.max_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0))
+
+
+def _local_stroke_width(small: np.ndarray, widest: int) -> float:
+    """Stroke width in pixels of ``small`` (light on dark) under any lighting: 2 * area / boundary of what stands
+    out of an opening ``widest`` pixels wide (a top-hat: strokes stay whole, shadows and gradients go)."""
+    t = torch.from_numpy(np.ascontiguousarray(small, dtype=np.float32))[None, None]
+    tophat = (t - _erode_dilate(_erode_dilate(t, widest, False), widest, True))[0, 0].numpy()
+    tophat = _box_blur(tophat, 1)  # one noisy pixel is not a stroke
+    return _stroke_width((tophat > 0.5 * float(tophat.max())).astype(np.float32))
+
+
 def _remove_lighting(a: np.ndarray, inverted: bool = False) -> np.ndarray:
     """Ink (light on dark, ``a`` in 0..1) with the background's own level at each pixel taken away.
 
     The background is estimated at ``LIGHT_SIDE`` pixels a side by a grey opening (erase every bright structure
-    narrower than a sixth of the image: strokes) then smoothed, so a shadow, a lamp's gradient or a tinted
-    corner is background however dark it is. When the picture was dark ink on light paper (``inverted``), the
-    residual is divided by the local paper brightness: ink under a shadow is as dark relative to its paper as ink
-    in the light, so both come out equally strong.
+    narrower than the opening: strokes) then smoothed, so a shadow, a lamp's gradient or a tinted corner is
+    background however dark it is. The opening is a sixth of the image, and at least three stroke widths, so a bold
+    stroke is never taken for background. When the picture was dark ink on light paper (``inverted``), the residual
+    is divided by the local paper brightness: ink under a shadow is as dark relative to its paper as ink in the
+    light, so both come out equally strong.
     """
     h, w = a.shape
     f = min(1.0, LIGHT_SIDE / max(h, w))
     small = _resize(a, max(1, round(w * f)), max(1, round(h * f))) if f < 1 else a
-    k = max(3, round(max(small.shape) / 6)) | 1  # odd; strokes are a tenth of a digit, lighting changes slower
+    side = max(small.shape)
+    widest = max(3, round(side / 2.5)) | 1  # a stroke a fifth of a digit as wide as the image fits well inside
+    k = min(max(3, round(side / 6), round(3 * _local_stroke_width(small, widest))), widest) | 1
     t = torch.from_numpy(np.ascontiguousarray(small, dtype=np.float32))[None, None]
-    def grow(x: Tensor) -> Tensor:  # k x k max filter, separable; max_pool2d's padding never wins
-        x = torch.nn.functional.max_pool2d(x, (1, k), stride=1, padding=(0, k // 2))
-        return torch.nn.functional.max_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0))
-
-    t = -grow(-t)  # erosion: the ink goes, the lighting stays
-    t = grow(t)  # dilation: back to the lighting's extent
+    t = _erode_dilate(_erode_dilate(t, k, False), k, True)  # opening: the ink goes, the lighting stays
     s = max(1, k // 3) | 1  # smooth the opening's flat steps ...
     smooth = torch.nn.functional.avg_pool2d(t, s, stride=1, padding=s // 2, count_include_pad=False)
     t = torch.maximum(t, smooth)  # ... but never below the opening: a hard shadow edge stays hard, not half ink
@@ -205,14 +220,91 @@ def _remove_lighting(a: np.ndarray, inverted: bool = False) -> np.ndarray:
     return np.clip(ink, 0.0, None).astype(np.float32)
 
 
+def _even_ink(a: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """Ink of an evenly lit picture (light on dark): what rises above the border's level and its noise; nothing else
+    is touched, so soft stroke edges stay as they are."""
+    level = float(np.percentile(border, 90))
+    noise = 1.4826 * float(np.median(np.abs(border - np.median(border))))
+    return np.clip(a - (level + 3.0 * noise), 0.0, None).astype(np.float32)
+
+
+def _ink(a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(ink light on dark with no background left, whether the background was even) of a gray picture in 0..1.
+
+    Polarity: MNIST is light ink on a dark background. An evenly lit border tells which is background; under
+    uneven light (or ink on the edges) the ink is the side on which the details stand out of their surroundings.
+    Only an uneven background has its lighting removed: a clean picture keeps its strokes exactly.
+    """
+    low, background, high = np.percentile(_border(a), [10, 50, 90])
+    even = high - low < EVEN_SPREAD
+    if even and abs(background - 0.5) >= 0.1:
+        inverted = background > 0.5
+    else:
+        inverted = _detail_skew(a) < 0
+    if inverted:
+        a = 1.0 - a
+    return (_even_ink(a, _border(a)) if even else _remove_lighting(a, inverted)), even
+
+
+def _crop(ink: np.ndarray, even: bool, fixed_scale: bool) -> np.ndarray:
+    """The ink scaled to 0..1 and cropped to its bounding box; ``LstmlabError`` when there is no ink."""
+    smooth = max(1, round(max(ink.shape) / 150))  # about a pixel of a 150-pixel digit: below any stroke's width
+    blurred = _box_blur(ink, smooth)
+    contrast = float(blurred.max())  # the ink's level, not one noisy pixel's
+    if contrast <= (0.1 if fixed_scale else 1e-6):
+        raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
+    ink = np.clip(ink / contrast, 0.0, 1.0)
+    if not even:
+        ink[ink < 0.15] = 0.0  # paper texture and JPEG noise under uneven light are not ink
+    # Crop on a lightly smoothed copy: single noisy pixels of a photo must not stretch the box. Under even light the
+    # faintest stroke edges are part of the digit (MNIST's box holds them): any ink next to more ink counts.
+    if even:
+        ys, xs = np.nonzero((ink > 0) & (blurred > 0.05 * contrast))
+    else:
+        ys, xs = np.nonzero(blurred > 0.25 * contrast)
+    return ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def _thicken(ink: np.ndarray) -> np.ndarray:
+    """A thin pen on a big canvas would vanish at 20x20: dilate its strokes to about MNIST's width there."""
+    side = max(ink.shape)
+    width = _stroke_width(ink)
+    if width * BOX / side < 0.8 * STROKE:
+        k = int(round(STROKE * side / BOX - width))
+        k += 1 - k % 2  # odd, so the dilation is centred
+        if k > 1:
+            return _dilate(ink, k)
+    return ink
+
+
+def _centre(ink: np.ndarray) -> Tensor:
+    """Ink in 0..1 cropped to its box -> scaled into 20x20 keeping its aspect ratio, centred by mass in 28x28."""
+    scale = BOX / max(ink.shape)
+    out_w = max(1, min(BOX, round(ink.shape[1] * scale)))
+    out_h = max(1, min(BOX, round(ink.shape[0] * scale)))
+    small = np.clip(_resize(ink, out_w, out_h), 0.0, None)
+    small /= max(float(small.max()), 1e-6)
+    total = float(small.sum())
+    rows, cols = np.indices(small.shape)
+    cy = float((rows * small).sum()) / total + 0.5  # centre of mass, in pixel-centre coordinates
+    cx = float((cols * small).sum()) / total + 0.5
+    top = int(np.clip(round(FRAME / 2 - cy), 0, FRAME - out_h))
+    left = int(np.clip(round(FRAME / 2 - cx), 0, FRAME - out_w))
+    frame = np.zeros((FRAME, FRAME), dtype=np.float32)
+    frame[top : top + out_h, left : left + out_w] = small
+    return torch.from_numpy(np.round(frame * 255.0).astype(np.uint8))
+
+
 def preprocess_image(img: PILImage.Image) -> Tensor:
     """Any picture of one digit -> an MNIST-style uint8 tensor (28, 28): white ink on black, centred.
 
     Steps: any mode (1, L, P, RGB, RGBA composited on white, LA, I;16, I, F) to grayscale; dark ink on a
-    light background is inverted (decided by an evenly lit border, else by which way the details stand out); the
-    background's level is estimated at every pixel (uneven light, shadows) and removed, relative to the paper's
-    brightness, along with the noise; crop to the ink's bounding box; thin strokes are thickened to MNIST's width;
-    scale into 20x20 keeping the aspect ratio; centre by centre of mass in 28x28. A blank image raises ``LstmlabError``.
+    light background is inverted (decided by an evenly lit border, else by which way the details stand out); only
+    when the background is uneven (shadows, a lamp's gradient) is its level estimated at every pixel and removed,
+    relative to the paper's brightness, along with the noise; crop to the ink's bounding box; thin strokes are
+    thickened to MNIST's width; scale into 20x20 keeping the aspect ratio; centre by centre of mass in 28x28. An
+    evenly lit picture of bold strokes thus goes through crop, 20x20 and centring only. A blank image raises
+    ``LstmlabError``.
     """
     Image = _pil()
     if not isinstance(img, Image.Image):
@@ -226,64 +318,16 @@ def preprocess_image(img: PILImage.Image) -> Tensor:
         img.seek(0)  # an animation: read its first frame
     from PIL import ImageOps
 
-    img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-    a, fixed_scale = _to_gray(img)
-
-    # Polarity: MNIST is light ink on a dark background. An evenly lit border tells which is background; under
-    # uneven light (or ink on the edges) the ink is the side on which the details stand out of their surroundings.
-    low, background, high = np.percentile(_border(a), [10, 50, 90])
-    if high - low < 0.2 and abs(background - 0.5) >= 0.1:
-        inverted = background > 0.5
-    else:
-        inverted = _detail_skew(a) < 0
-    if inverted:
-        a = 1.0 - a
-    ink = _remove_lighting(a, inverted)
-    smooth = max(1, round(max(ink.shape) / 150))  # about a pixel of a 150-pixel digit: below any stroke's width
-    blurred = _box_blur(ink, smooth)
-    contrast = float(blurred.max())  # the ink's level, not one noisy pixel's
-    if contrast <= (0.1 if fixed_scale else 1e-6):
-        raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
-    ink = np.clip(ink / contrast, 0.0, 1.0)
-    ink[ink < 0.15] = 0.0  # paper texture and JPEG noise are not ink
-
-    # Crop on a lightly smoothed copy: single noisy pixels of a photo must not stretch the box.
-    mask = blurred > 0.25 * contrast
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        raise LstmlabError("the image is blank: no digit found (draw or write a digit, dark on light or light on dark)")
-    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]  # crop to the ink's bounding box
-
-    side = max(ink.shape)
-    if side > WORK_SIDE:  # average big images down first so stroke estimation and dilation stay cheap
-        f = WORK_SIDE / side
-        ink = _resize(ink, max(1, round(ink.shape[1] * f)), max(1, round(ink.shape[0] * f)))
-        ink /= max(float(ink.max()), 1e-6)
-        side = max(ink.shape)
-    scale = BOX / side
-    width = _stroke_width(ink)
-    if width * scale < 0.8 * STROKE:  # a thin pen on a big canvas would vanish at 20x20: thicken it
-        k = int(round(STROKE / scale - width))
-        k += 1 - k % 2  # odd, so the dilation is centred
-        if k > 1:
-            ink = _dilate(ink, k)
-            side = max(ink.shape)
-            scale = BOX / side
-
-    out_w = max(1, min(BOX, round(ink.shape[1] * scale)))
-    out_h = max(1, min(BOX, round(ink.shape[0] * scale)))
-    small = np.clip(_resize(ink, out_w, out_h), 0.0, None)
-    small /= max(float(small.max()), 1e-6)
-
-    total = float(small.sum())
-    rows, cols = np.indices(small.shape)
-    cy = float((rows * small).sum()) / total + 0.5  # centre of mass, in pixel-centre coordinates
-    cx = float((cols * small).sum()) / total + 0.5
-    top = int(np.clip(round(FRAME / 2 - cy), 0, FRAME - out_h))
-    left = int(np.clip(round(FRAME / 2 - cx), 0, FRAME - out_w))
-    frame = np.zeros((FRAME, FRAME), dtype=np.float32)
-    frame[top : top + out_h, left : left + out_w] = small
-    return torch.from_numpy(np.round(frame * 255.0).astype(np.uint8))
+    a, fixed_scale = _to_gray(ImageOps.exif_transpose(img))  # phone photos store their rotation in EXIF
+    ink, even = _ink(a)
+    ink = _crop(ink, even, fixed_scale)
+    work = ink
+    if max(ink.shape) > WORK_SIDE:  # average big images down first so stroke estimation and dilation stay cheap
+        f = WORK_SIDE / max(ink.shape)
+        work = _resize(ink, max(1, round(ink.shape[1] * f)), max(1, round(ink.shape[0] * f)))
+        work /= max(float(work.max()), 1e-6)
+    thick = _thicken(work)
+    return _centre(ink if thick is work else thick)  # strokes bold enough go to 20x20 in one resampling, not two
 
 
 def load_digit(path: str | Path) -> Tensor:
@@ -360,6 +404,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each (PNG, JPEG, ...)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
     parser.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
+    parser.add_argument("--save-input", metavar="DIR", help="write the 28x28 image the model read for each image "
+                        "into DIR (NAME-input.png) and name it beside the answer, to see what went wrong")
 
 
 def _read_all(paths: list[str]) -> tuple[list[tuple[str, Tensor]], dict[str, str]]:
@@ -374,6 +420,52 @@ def _read_all(paths: list[str]) -> tuple[list[tuple[str, Tensor]], dict[str, str
         except Exception as e:  # noqa: BLE001 - a decoder bug on one odd file must not cost the other answers
             errors[p] = f"cannot read image {p} ({type(e).__name__}: {e})".replace("\n", " ")
     return digits, errors
+
+
+def _input_names(paths: list[str]) -> dict[str, str]:
+    """A distinct ``NAME-input.png`` for each image path (a counter where two images share a name)."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for p in paths:
+        stem, k = Path(p).stem or "image", 1
+        name = f"{stem}-input.png"
+        while name in taken:
+            k += 1
+            name = f"{stem}-{k}-input.png"
+        taken.add(name)
+        names[p] = name
+    return names
+
+
+def check_folder(folder: Path) -> None:
+    """Make ``folder`` and prove it writable before any work, so a bad --save-input costs nothing."""
+    from lstmlab.fileio import atomic_write_bytes, write_error
+
+    if folder.exists() and not folder.is_dir():
+        raise LstmlabError(f"--save-input {folder} is a file, not a folder; give a folder")
+    probe = folder / ".lstmlab-write-check"
+    atomic_write_bytes(probe, b"")
+    try:
+        probe.unlink()
+    except OSError as e:
+        raise write_error(probe, e) from None
+
+
+def save_inputs(folder: Path, digits: list[tuple[str, Tensor]]) -> dict[str, str]:
+    """Write each preprocessed digit as a 28x28 PNG into ``folder`` (atomically); image path -> written path."""
+    import io
+
+    from lstmlab.fileio import atomic_write_bytes
+
+    Image = _pil()
+    names = _input_names([p for p, _ in digits])
+    written = {}
+    for p, digit in digits:
+        buffer = io.BytesIO()
+        Image.fromarray(digit.numpy()).save(buffer, "PNG")
+        atomic_write_bytes(folder / names[p], buffer.getvalue())
+        written[p] = str(folder / names[p])
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -391,6 +483,9 @@ def run(args: argparse.Namespace) -> int:
         ckpt = load_onnx(args.checkpoint)
     else:
         ckpt = load_checkpoint(args.checkpoint)
+    folder = Path(args.save_input) if args.save_input else None
+    if folder is not None:
+        check_folder(folder)
     paths = [str(p) for p in args.images]
     digits, errors = _read_all(paths)
     results: dict[str, Prediction] = {}
@@ -398,6 +493,7 @@ def run(args: argparse.Namespace) -> int:
         images = torch.stack([d for _, d in digits])  # (N, 28, 28)
         answers = predict_images(ckpt, images, [p for p, _ in digits], k=args.top)
         results = {r.source: r for r in answers}
+    saved = save_inputs(folder, digits) if folder is not None else {}  # all written before any answer is printed
     records = []
     for p in paths:  # in the order given, each image once
         if p in errors:
@@ -405,8 +501,8 @@ def run(args: argparse.Namespace) -> int:
             records.append({"image": p, "error": errors[p]})
         elif p in results:
             if not args.json:
-                print(format_prediction(results[p]), flush=True)
-            records.append(results[p].to_dict())
+                print(format_prediction(results[p]) + (f"  input: {saved[p]}" if p in saved else ""), flush=True)
+            records.append(results[p].to_dict() | ({"input": saved[p]} if p in saved else {}))
     if args.json:
         print(json.dumps(records, indent=2))
     return 2 if errors else 0
