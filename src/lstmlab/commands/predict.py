@@ -439,7 +439,7 @@ def _input_names(paths: list[str]) -> dict[str, str]:
 
 def check_folder(folder: Path) -> None:
     """Make ``folder`` and prove it writable before any work, so a bad --save-input costs nothing."""
-    from lstmlab.fileio import atomic_write_bytes, write_error
+    from lstmlab.files import atomic_write_bytes, write_error
 
     if folder.exists() and not folder.is_dir():
         raise LstmlabError(f"--save-input {folder} is a file, not a folder; give a folder")
@@ -455,7 +455,7 @@ def save_inputs(folder: Path, digits: list[tuple[str, Tensor]]) -> dict[str, str
     """Write each preprocessed digit as a 28x28 PNG into ``folder`` (atomically); image path -> written path."""
     import io
 
-    from lstmlab.fileio import atomic_write_bytes
+    from lstmlab.files import atomic_write_bytes
 
     Image = _pil()
     names = _input_names([p for p, _ in digits])
