@@ -115,8 +115,13 @@ def render(mask: np.ndarray, kind: str, rng: np.random.Generator) -> Image.Image
 def _module_at(rev: str):
     """``lstmlab.commands.predict`` as it was at git revision ``rev``, imported under another name."""
     root = Path(__file__).resolve().parents[1]
-    text = subprocess.run(["git", "show", f"{rev}:src/lstmlab/predict.py"], cwd=root, check=True,
-                          capture_output=True, text=True).stdout
+    for where in ("src/lstmlab/commands/predict.py", "src/lstmlab/predict.py"):  # its home now, and before
+        shown = subprocess.run(["git", "show", f"{rev}:{where}"], cwd=root, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"no predict.py at git revision {rev}: {shown.stderr.strip()}")
+    text = shown.stdout
     path = Path(tempfile.mkdtemp(prefix="lstmlab-before-")) / "predict_before.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("lstmlab_predict_before", path)

@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 
 def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
-    from lstmlab.commands.demo import DPI, FigureCache, predict_drawing
+    from lstmlab.commands.demo import DPI, FigureCache, input_picture, predict_drawing
 
     r = predict_drawing(checkpoint, {"background": None, "layers": [], "composite": seven()})
     assert r.ok and r.digit is not None and r.digit.shape == (28, 28)
@@ -78,6 +78,8 @@ def test_predict_drawing(checkpoint, real_mnist: bool) -> None:
     # the gates figure is its heatmaps only (the input and the guess are shown once, elsewhere on the page)
     assert r.gates.shape[1] == 17 * DPI and 6 * DPI < r.gates.shape[0] < 9 * DPI
     assert r.step_data is not None and r.step_data.steps == 28 and r.step_data.digit.shape == (28, 28)
+    shown = input_picture(r.digit)  # the page's picture of the input: the very pixels the model read, enlarged
+    assert shown.shape == (224, 224) and np.array_equal(shown[::8, ::8], r.digit.numpy())
     # A later drawing refills the same figures (only what changes is redrawn): the pixels equal a fresh drawing's.
     cache = FigureCache(checkpoint.permutation, list(r.probabilities), checkpoint.config.data.view)
     one = predict_drawing(checkpoint, np.asarray(seven("RGB", width=40)), figure_cache=cache)
@@ -329,11 +331,13 @@ def test_app_through_gradio_client(served: str, tmp_path: Path, real_mnist: bool
     def editor(path: Path) -> dict:
         return {"background": None, "layers": [], "composite": client_mod.handle_file(str(path)), "id": None}
 
-    step_view, label, evolution, gates, message, _, caption = client.predict(editor(blank), api_name="/predict")
-    assert (step_view, evolution, gates) == (None, None, None) and not label  # gradio sends an empty Label as {}
+    # gradio sends an empty Label as {}
+    step_view, label, evolution, gates, message, _, caption, seen = client.predict(editor(blank), api_name="/predict")
+    assert (step_view, evolution, gates, seen) == (None, None, None, None) and not label
     assert "blank" in message and not caption
     # The app keeps serving after a blank canvas.
-    step_view, label, evolution, gates, message, slider, caption = client.predict(editor(drawn), api_name="/predict")
+    step_view, label, evolution, gates, message, slider, caption, seen = client.predict(editor(drawn),
+                                                                                        api_name="/predict")
     assert slider["value"] == 28 and caption.startswith("**Row 28 of 28**")  # the step view opens at the last row
     assert len(label["confidences"]) >= 3
     if real_mnist:  # a model trained on the synthetic stand-in has never seen a digit
@@ -342,6 +346,9 @@ def test_app_through_gradio_client(served: str, tmp_path: Path, real_mnist: bool
     for path in (step_view, evolution, gates):
         with Image.open(path) as img:
             assert np.asarray(img.convert("L")).std() > 20
+    with Image.open(seen) as img:  # the 28x28 input the model read, each pixel an 8x8 square
+        shown = np.asarray(img.convert("L"))
+    assert shown.shape == (224, 224) and (shown[::8, ::8] > 128).sum() >= 20
 
 
 def _chromium() -> tuple[str, str]:

@@ -49,6 +49,16 @@ class DrawingResult:
     step_data: StepData | None = None  # for the step-by-step view (slider and play)
 
 
+INPUT_SCALE = 8  # the 28x28 input shown 224 pixels a side, each of its pixels a visible square
+
+
+def input_picture(digit: Tensor) -> np.ndarray:
+    """The uint8 (28, 28) input the model read, enlarged ``INPUT_SCALE`` times with square pixels (no smoothing):
+    what ``lstmlab predict --save-input`` writes, as the page shows it."""
+    a = digit.cpu().numpy().astype(np.uint8)
+    return np.repeat(np.repeat(a, INPUT_SCALE, axis=0), INPUT_SCALE, axis=1)
+
+
 def drawing_to_image(drawing: Any):
     """A Gradio sketchpad value (dict with ``composite``), a PIL image or an array -> PIL image or None."""
     from PIL import Image
@@ -428,14 +438,15 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
     def handle(drawing):
         r = predict_drawing(ckpt, drawing, figure_cache=figures)
         if not r.ok:
-            return None, None, None, None, r.message, None, gr.update(value=1, interactive=False), ""
+            return None, None, None, None, r.message, None, gr.update(value=1, interactive=False), "", None
         data = r.step_data
         last = data.steps
         return (render_step(data, last), r.probabilities, r.evolution, r.gates, r.message, data,
-                gr.update(value=last, maximum=last, interactive=True), step_caption(data, last))
+                gr.update(value=last, maximum=last, interactive=True), step_caption(data, last),
+                input_picture(r.digit))
 
     def clear():
-        return None, None, None, None, "", None, gr.update(value=1, interactive=False), ""
+        return None, None, None, None, "", None, gr.update(value=1, interactive=False), "", None
 
     def scrub(data, step):
         if data is None:
@@ -468,6 +479,8 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
             with gr.Column(scale=1):
                 message = gr.Markdown(elem_id="message")
                 label = gr.Label(num_top_classes=3, label="prediction", elem_id="prediction")
+                seen = gr.Image(label="what the model read: your drawing as its 28 x 28 input", format="png",
+                                elem_id="model-input", height=240)
                 evolution = gr.Image(label=f"the guess after each {word} (counted from 1)", format="jpeg",
                                      elem_id="evolution")
         step_view = gr.Image(label=f"step by step: what the LSTM has read, its gates (hidden units top to bottom, "
@@ -483,7 +496,7 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
         gates = gr.Image(label=f"inside the LSTM: gates and states at every {word}", format="jpeg",
                          elem_id="gates")
         state = gr.State(None)
-        outputs = [step_view, label, evolution, gates, message, state, slider, caption]
+        outputs = [step_view, label, evolution, gates, message, state, slider, caption, seen]
         button.click(handle, inputs=pad, outputs=outputs, api_name="predict", concurrency_limit=CONCURRENCY)
         pad.clear(clear, outputs=outputs, js=SELECT_BRUSH_JS, api_name=False, queue=False)
         # Scrubbing and playing are pure numpy on the session's own arrays: no lock, their own concurrency slots.
