@@ -231,14 +231,18 @@ def _even_ink(a: np.ndarray, border: np.ndarray) -> np.ndarray:
 def _ink(a: np.ndarray) -> tuple[np.ndarray, bool]:
     """(ink light on dark with no background left, whether the background was even) of a gray picture in 0..1.
 
-    Polarity: MNIST is light ink on a dark background. An evenly lit border tells which is background; under
-    uneven light (or ink on the edges) the ink is the side on which the details stand out of their surroundings.
-    Only an uneven background has its lighting removed: a clean picture keeps its strokes exactly.
+    Polarity: MNIST is light ink on a dark background. A border that is mostly one even level tells which is
+    background, even where a bold digit touches the edges; otherwise the ink is the side on which the details stand
+    out of their surroundings. Only an uneven background has its lighting removed: a clean picture keeps its strokes.
     """
-    low, background, high = np.percentile(_border(a), [10, 50, 90])
+    border = _border(a)
+    low, background, high = np.percentile(border, [10, 50, 90])
     even = high - low < EVEN_SPREAD
-    if even and abs(background - 0.5) >= 0.1:
-        inverted = background > 0.5
+    light = background > 0.5
+    # Ink touching the edges is at most the 30% of the border on the ink's side; the rest is the background's level.
+    bulk = np.percentile(border, [30, 90] if light else [10, 70])
+    if abs(background - 0.5) >= 0.1 and bulk[1] - bulk[0] < EVEN_SPREAD:
+        inverted = light
     else:
         inverted = _detail_skew(a) < 0
     if inverted:
