@@ -113,9 +113,10 @@ def render(mask: np.ndarray, kind: str, rng: np.random.Generator) -> Image.Image
 
 
 def _module_at(rev: str):
-    """``lstmlab.commands.predict`` as it was at git revision ``rev``, imported under another name."""
+    """The preprocessing module (today lstmlab.analysis.inputs) as it was at git revision ``rev``, imported under
+    another name."""
     root = Path(__file__).resolve().parents[1]
-    for where in ("src/lstmlab/commands/predict.py", "src/lstmlab/predict.py"):  # its home now, and before
+    for where in ("src/lstmlab/analysis/inputs.py", "src/lstmlab/commands/predict.py", "src/lstmlab/predict.py"):
         shown = subprocess.run(["git", "show", f"{rev}:{where}"], cwd=root, capture_output=True, text=True)
         if shown.returncode == 0:
             break
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", metavar="DIR", help="write the first 10 images of each set here, to look at")
     args = parser.parse_args(argv)
 
+    from lstmlab.analysis.inputs import predict_images, preprocess_image
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.commands.predict import predict_images, preprocess_image
     from lstmlab.data import load_dataset
     from lstmlab.errors import LstmlabError
 

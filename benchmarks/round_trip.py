@@ -101,7 +101,7 @@ def read_back(load_digit: Callable[[Path], torch.Tensor], paths: list[Path]) -> 
 
 def top1(ckpt, images: torch.Tensor, labels: torch.Tensor) -> float:  # noqa: ANN001 - a Checkpoint
     """Top-1 in % of ``ckpt`` on uint8 images (N, 28, 28)."""
-    from lstmlab.commands.predict import predict_images
+    from lstmlab.analysis.inputs import predict_images
 
     got = torch.tensor([r.label for r in predict_images(ckpt, images, [""] * len(images))])
     return 100.0 * (got == labels).float().mean().item()
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from photo_digits import _module_at
 
+    from lstmlab.analysis.inputs import load_digit
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.commands.predict import load_digit
     from lstmlab.data import load_dataset
 
     torch.set_num_threads(1)

@@ -157,9 +157,9 @@ def test_painted_figure_matches_matplotlibs(checkpoint) -> None:
     """The demo paints the heatmaps' pixels itself; the picture is matplotlib's but for anti-aliased edges."""
     from lstmlab.analysis.figures import figure_to_array
     from lstmlab.analysis.gates import GatesFigure
+    from lstmlab.analysis.inputs import class_names, model_input, preprocess_image
     from lstmlab.analysis.recording import record
     from lstmlab.commands.demo import DPI
-    from lstmlab.commands.predict import class_names, model_input, preprocess_image
 
     digit = preprocess_image(seven())
     rec = record(checkpoint.model, model_input(checkpoint, digit[None]))

@@ -132,7 +132,7 @@ def _cases() -> list[tuple[int, str, str]]:
 
 @pytest.mark.parametrize("style", STYLES)
 def test_preprocess_any_mode_gives_mnist_style(style: str) -> None:
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     out = preprocess_image(render(digit_mask(3), style))
     assert out.dtype == torch.uint8 and out.shape == (28, 28)
@@ -149,7 +149,7 @@ def test_preprocess_any_mode_gives_mnist_style(style: str) -> None:
 
 def test_preprocess_same_digit_same_result_across_styles() -> None:
     """Polarity, colours and bit depth must not matter: all styles give nearly the same 28x28."""
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     mask = digit_mask(5)
     ref = preprocess_image(render(mask, "L white on black")).float()
@@ -159,7 +159,7 @@ def test_preprocess_same_digit_same_result_across_styles() -> None:
 
 
 def test_preprocess_keeps_aspect_ratio() -> None:
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     img = Image.new("L", (300, 300), 255)
     ImageDraw.Draw(img).rectangle([140, 20, 160, 280], fill=0)  # a tall bar, 21 x 261
@@ -170,7 +170,7 @@ def test_preprocess_keeps_aspect_ratio() -> None:
 
 
 def test_preprocess_thickens_thin_pen_on_big_canvas() -> None:
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     img = Image.new("L", (1000, 1000), 255)
     ImageDraw.Draw(img).line([(200, 100), (800, 100), (450, 900)], fill=0, width=3)  # a 7 with a 3-pixel pen
@@ -195,7 +195,7 @@ def photographed(mask: np.ndarray, seed: int = 0, edge: float = 0.1) -> Image.Im
 @pytest.mark.parametrize(("digit", "edge"), [(1, 0.1), (4, 0.1), (7, 0.1), (4, 0.0), (7, 0.0)])
 def test_shadows_and_uneven_light_are_not_ink(digit: int, edge: float) -> None:
     """A shadowed corner and a lamp's gradient stay background: the crop holds the digit alone, as in even light."""
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     mask = digit_mask(digit, canvas=(400, 400), scale=0.5, centre=(0.4, 0.4))
     clean = preprocess_image(render(mask, "L black on white")).float()
@@ -207,7 +207,7 @@ def test_shadows_and_uneven_light_are_not_ink(digit: int, edge: float) -> None:
 
 
 def test_blank_images_are_refused() -> None:
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     for img in [Image.new("L", (50, 50), 255), Image.new("RGB", (50, 50), (30, 30, 30)),
                 Image.new("RGBA", (50, 50), (0, 0, 0, 0)), Image.new("I;16", (50, 50), 1000),
@@ -231,7 +231,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_open_image_refuses_bad_files(tmp_path: Path) -> None:
-    from lstmlab.commands.predict import load_digit
+    from lstmlab.analysis.inputs import load_digit
 
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
@@ -264,8 +264,8 @@ def test_open_image_refuses_bad_files(tmp_path: Path) -> None:
 
 
 def test_made_up_digits_are_recognised(run_dir: Path, real_mnist: bool) -> None:
+    from lstmlab.analysis.inputs import predict_images, preprocess_image
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.commands.predict import predict_images, preprocess_image
 
     if not real_mnist:
         pytest.skip("needs the real MNIST: synthetic training patterns do not look like digits")
@@ -357,8 +357,8 @@ def test_predict_follows_the_checkpoints_dataset_and_view(tmp_path: Path, capsys
 
 def test_real_mnist_digits_survive_the_round_trip(run_dir: Path, mnist_dir: Path, real_mnist: bool) -> None:
     """MNIST digits shown as a big dark-on-light picture and preprocessed back are read (almost) as before."""
+    from lstmlab.analysis.inputs import predict_images, preprocess_image
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.commands.predict import predict_images, preprocess_image
     from lstmlab.data import load_dataset
 
     if not real_mnist:

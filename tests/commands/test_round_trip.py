@@ -132,7 +132,7 @@ def _bold_one(side: int = 64) -> np.ndarray:
 @pytest.mark.parametrize("lighting", ["even", "gradient"])
 def test_bold_blue_one_on_white_is_read_whole(lighting: str) -> None:
     """A bold blue "1" on white is neither blank nor shredded into dots, evenly lit or under a lamp's gradient."""
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     m = _bold_one()[..., None]
     rgb = np.array([255, 255, 255]) * (1 - m) + np.array([20, 40, 170]) * m
@@ -148,7 +148,7 @@ def test_bold_blue_one_on_white_is_read_whole(lighting: str) -> None:
 @pytest.mark.parametrize("colours", [("L", 0, 255), ("RGB", "white", (20, 40, 170))])
 def test_a_bold_one_touching_the_edges_is_not_blank(colours: tuple) -> None:
     """A digit that fills the frame top to bottom puts ink on the border: the border's bulk still tells the paper."""
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
 
     mode, paper, ink = colours
     img = Image.new(mode, (60, 60), paper)
@@ -159,7 +159,7 @@ def test_a_bold_one_touching_the_edges_is_not_blank(colours: tuple) -> None:
 
 
 def test_blank_solid_and_noise_images_are_refused() -> None:
-    from lstmlab.commands.predict import preprocess_image
+    from lstmlab.analysis.inputs import preprocess_image
     from lstmlab.errors import LstmlabError
 
     rng = np.random.default_rng(0)
@@ -173,7 +173,7 @@ def test_blank_solid_and_noise_images_are_refused() -> None:
 
 def test_save_input_writes_what_the_model_read(run_dir: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from lstmlab.commands.predict import load_digit
+    from lstmlab.analysis.inputs import load_digit
 
     images = []
     for k, folder in enumerate(["a", "b"]):  # two images of the same name: two inputs

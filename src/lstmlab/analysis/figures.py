@@ -295,7 +295,7 @@ def find_mistakes(checkpoint: Path, data_dir: str | None, limit: int, batch_size
 
 @torch.no_grad()
 def _mistakes(ckpt: Any, data_dir: str | None, limit: int, batch_size: int = 1000):
-    from lstmlab.commands.predict import class_names, model_input
+    from lstmlab.analysis.inputs import class_names, model_input
     from lstmlab.data import load_dataset
 
     images, labels = load_dataset(ckpt.config.data.dataset, "test", data_dir=data_dir)

@@ -72,7 +72,7 @@ def drawing_to_image(drawing: Any):
     if isinstance(drawing, Image.Image):
         return drawing
     if isinstance(drawing, (str, Path)):
-        from lstmlab.commands.predict import open_image
+        from lstmlab.analysis.inputs import open_image
 
         return open_image(drawing)
     array = np.asarray(drawing)
@@ -379,8 +379,8 @@ def predict_drawing(ckpt: Checkpoint, drawing: Any, *, figures: bool = True,
     keeps serving. ``figure_cache`` (one per checkpoint, shared by the server's threads) makes the figures cheap;
     without it they are drawn from scratch. Safe to call from several threads at once.
     """
+    from lstmlab.analysis.inputs import class_names, model_input, preprocess_image
     from lstmlab.analysis.recording import record
-    from lstmlab.commands.predict import class_names, model_input, preprocess_image
 
     try:
         img = drawing_to_image(drawing)
@@ -427,7 +427,7 @@ def build_app(ckpt: Checkpoint, title: str = "lstmlab: watch an LSTM read your d
     """The Gradio Blocks app around ``predict_drawing``, with the step-by-step view (slider and play button)."""
     import time
 
-    from lstmlab.commands.predict import class_names
+    from lstmlab.analysis.inputs import class_names
 
     gr = _gradio()
     names = class_names(ckpt.config.data.dataset)

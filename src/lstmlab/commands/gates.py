@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     """``lstmlab gates``: one figure of everything the LSTM does while it reads one image."""
     from lstmlab.analysis.figures import check_figure_path, save_figure
     from lstmlab.analysis.gates import gates_figure
+    from lstmlab.analysis.inputs import class_names, load_digit, model_input
     from lstmlab.analysis.recording import record
     from lstmlab.checkpoint import load_checkpoint
-    from lstmlab.commands.predict import class_names, load_digit, model_input
     from lstmlab.runs import checkpoint_path, run_data_dir, run_name
 
     check_figure_path(args.out)  # a bad --out is found before the checkpoint and data are read
