@@ -305,6 +305,12 @@ def _layer_forward(
     if any(t is not None for t in (ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask)):
         return _variant_forward(x, h0, c0, weight_ih, weight_hh, _bias(bias_ih, bias_hh), batch_sizes, save,
                                 ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask)
+    if not save:  # forward only (no_grad, inference): the compiled infer loop when it applies (lstmlab.nn.infer)
+        from lstmlab.nn.infer import infer_layer
+
+        done = infer_layer(_native_for(x), x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes)
+        if done is not None:  # five distinct empty tensors: a custom op's outputs may not alias
+            return (*done, *(x.new_empty(0) for _ in range(5)))
     T, B, n_in = x.shape
     H4, P = weight_hh.shape
     H = H4 // 4
