@@ -10,13 +10,14 @@ version (kept here, keyed by the parameters themselves), projects x for all step
 a register-tiled product fused with the cell's pointwise math.
 
 :func:`infer_layer` returns None whenever the loop does not apply (no compiled library, a projection, a dtype or
-device it does not cover, an error from the op): the caller then runs its own path, which gives the same numbers.
+device it does not cover): the caller then runs its own path, which gives the same numbers. An error from the op is
+the caller's guard's to handle (one warning line, the Python loops for the rest of the process).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -38,7 +39,7 @@ class _PackedWeights:
 
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[int, ...], tuple[Any, ...]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a weakref callback may run inside a locked block (gc)
 
     @staticmethod
     def _stamp(tensors: tuple[Tensor | None, ...]) -> tuple | None:
@@ -68,13 +69,20 @@ class _PackedWeights:
                         return packed
         packed = _pack(native, weight_ih, weight_hh, bias_ih, bias_hh)
         if stamp is not None:
-            refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+            drop = functools.partial(self._drop, key)  # a parameter freed: its entry goes with it
+            refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
             with self._lock:
                 self._entries[key] = (refs, stamp, packed)
                 self._entries.move_to_end(key)
                 while len(self._entries) > _MAX_ENTRIES:
                     self._entries.popitem(last=False)
         return packed
+
+    def _drop(self, key: tuple[int, ...], dead: weakref.ref) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and any(r is dead for r in entry[0]):  # not a newer entry under a reused id
+                del self._entries[key]
 
     def clear(self) -> None:
         with self._lock:
@@ -92,7 +100,6 @@ def _pack(native: Any, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | N
 
 
 _PACKED = _PackedWeights()
-_warned = False
 
 
 def release_packed_weights() -> None:
@@ -100,30 +107,26 @@ def release_packed_weights() -> None:
     _PACKED.clear()
 
 
+def applies(native: Any, x: Tensor, tensors: tuple[Tensor | None, ...], weight_hr: Tensor | None) -> bool:
+    """Whether the forward-only loop covers this call: compiled loops loaded, no projection, CPU, float32 or
+    float64 throughout, a non-empty sequence and batch."""
+    if native is None or weight_hr is not None or x.device.type != "cpu" or x.dtype not in (torch.float32,
+                                                                                              torch.float64):
+        return False
+    return x.shape[0] > 0 and x.shape[1] > 0 and all(t is None or t.dtype == x.dtype for t in tensors)
+
+
 def infer_layer(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None,
                 batch_sizes: Tensor | None, threads: int = 0, split: int = 0) -> tuple[Tensor, Tensor, Tensor] | None:
     """(out (T, B, H), h_T, c_T) of one plain layer and direction on the forward-only compiled loop, or None when it
-    does not apply here (the caller then runs its own loops). ``threads`` and ``split`` are the op's tuning knobs
-    (0: let it decide; see csrc/lstm_infer.cpp)."""
-    global _warned
-    if native is None or weight_hr is not None or x.device.type != "cpu" or x.dtype not in (torch.float32,
-                                                                                              torch.float64):
+    does not apply here (:func:`applies`; the caller then runs its own loops). ``threads`` and ``split`` are the
+    op's tuning knobs (0: let it decide; see csrc/lstm_infer.cpp). An error of the op propagates: the caller's
+    guard (``fused._guarded``) reports it once and recomputes the call on the Python loops."""
+    if not applies(native, x, (h0, c0, weight_ih, weight_hh, bias_ih, bias_hh), weight_hr):
         return None
-    T, B, _ = x.shape
-    if T == 0 or B == 0 or any(t is not None and t.dtype != x.dtype
-                               for t in (h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)):
-        return None
-    try:
-        op = native.infer
-        w_ih, w_hh, b = _PACKED.get(native, weight_ih, weight_hh, bias_ih, bias_hh)
-        if x.stride(2) != 1:
-            x = x.contiguous()
-        sizes = None if batch_sizes is None else batch_sizes.to(torch.int64).contiguous()
-        return op(x, h0.contiguous(), c0.contiguous(), w_ih, w_hh, b, sizes, threads, split)
-    except (AttributeError, RuntimeError) as e:  # an older library without the op, or the op refused: fall back
-        if not _warned:
-            _warned = True
-            warnings.warn(f"lstmlab: the compiled forward-only loop failed ({type(e).__name__}: {e}); "
-                          "running the training forward instead", RuntimeWarning, stacklevel=2)
-        return None
+    w_ih, w_hh, b = _PACKED.get(native, weight_ih, weight_hh, bias_ih, bias_hh)
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    sizes = None if batch_sizes is None else batch_sizes.to(torch.int64).contiguous()
+    return native.infer(x, h0.contiguous(), c0.contiguous(), w_ih, w_hh, b, sizes, threads, split)

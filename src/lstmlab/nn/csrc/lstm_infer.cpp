@@ -27,7 +27,9 @@
 
 #include "lstm_math.h"
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -188,14 +190,28 @@ inline int64_t live(const int64_t* sizes, int64_t t, int64_t B) {
 using VF = VecOf<float>::type;
 typedef int32_t VI __attribute__((vector_size(kVecBytes)));
 
+// m ? a : b lane by lane (m: all ones or all zeros per lane), in bit operations: the ?: operator on vector
+// extensions is not accepted by every compiler the library must build with.
+inline VF select(VI m, VF a, VF b) {
+  VI ai, bi;
+  std::memcpy(&ai, &a, sizeof(VI));
+  std::memcpy(&bi, &b, sizeof(VI));
+  const VI r = (ai & m) | (bi & ~m);
+  VF out;
+  std::memcpy(&out, &r, sizeof(VF));
+  return out;
+}
+
+// lstm_math.h's exp_f on whole vectors (same polynomial, same floor, so the same numbers).
 inline VF vexp(VF x) {
-  x = x < -87.0f ? VF{} - 87.0f : x;
-  x = x > 88.0f ? VF{} + 88.0f : x;
+  const VF lo = VF{} - 87.0f, hi = VF{} + 88.0f;
+  x = select(x < lo, lo, x);
+  x = select(x > hi, hi, x);
   const VF t = x * 1.44269504088896341f + 0.5f;
   VI ni = __builtin_convertvector(t, VI);  // truncation; floor below
   VF n = __builtin_convertvector(ni, VF);
-  const VI down = n > t;  // -1 where truncation went up (negative t)
-  ni += down;
+  const VI up = n > t;  // -1 where truncation went up (negative t)
+  ni += up;
   n = __builtin_convertvector(ni, VF);
   VF r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -214,11 +230,13 @@ inline VF vexp(VF x) {
 
 inline VF vsigmoid(VF x) { return 1.0f / (1.0f + vexp(-x)); }
 
+// lstm_math.h's tanh_ on whole vectors.
 inline VF vtanh(VF x) {
-  const VF a = x < 0.0f ? -x : x;
+  const VI neg = x < 0.0f;
+  const VF a = select(neg, -x, x);
   const VF e = vexp(-2.0f * a);
   const VF t = (1.0f - e) / (1.0f + e);
-  return x < 0.0f ? -t : t;
+  return select(neg, -t, t);
 }
 
 inline void cell(const float* g, float* c, float* h) {
@@ -280,10 +298,11 @@ void step_block(int64_t t, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64
   }
 }
 
-// Work per step below which one thread runs the recurrence alone, in multiply-adds (B * H * 4H), and the rows per
-// thread from which the rows are split rather than the unit blocks (lstmlab.nn.infer may override both).
+// Work per step (multiply-adds, B * H * 4H) below which one thread runs the recurrence alone, and below which the
+// unit blocks are not split over threads when the rows cannot be: that split needs a barrier per step, and a barrier
+// on a core another process holds costs a time slice, not a microsecond (measured on a shared 2-core machine).
 constexpr int64_t kMinParallelWork = 1 << 17;
-constexpr int64_t kMinRowsPerThread = 4 * kRows;
+constexpr int64_t kMinUnitSplitWork = 1 << 20;
 
 // 2. the recurrence over all steps (outside AT_DISPATCH: OpenMP pragmas cannot sit in a macro argument).
 template <typename scalar_t>
@@ -291,26 +310,34 @@ void recurrence(int64_t T, int64_t B, int64_t H, int64_t NU, const int64_t* size
                 const scalar_t* whh, const scalar_t* h0p, scalar_t* cp, scalar_t* op, int64_t threads,
                 int64_t split) {
     int64_t team = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t work = B * H * 4 * H;
     if (threads > 0) {
       team = std::min(team, threads);
-    } else if (B * H * 4 * H < kMinParallelWork) {
+    } else if (work < kMinParallelWork) {
       team = 1;
     }
-    team = std::max<int64_t>(1, std::min(team, std::max(NU, B)));
-    const bool by_rows = split == 2 || (split == 0 && B >= kMinRowsPerThread * team);
+    // rows never interact: split them (no barrier) whenever each thread gets two or more
+    const bool by_rows = split == 2 || (split == 0 && B >= 2 * team);
+    if (split == 0 && !by_rows && threads <= 0 && work < kMinUnitSplitWork) {
+      team = 1;
+    }
+    team = std::max<int64_t>(1, std::min(team, by_rows ? B : NU));
+#ifndef _OPENMP
+    team = 1;  // a compiler without OpenMP (Apple clang): one thread, the same numbers
+#endif
     auto h_prev = [&](int64_t t) { return t == 0 ? h0p : op + (t - 1) * B * H; };
     if (team == 1) {
       for (int64_t t = 0; t < T; ++t) {
         step_block<scalar_t>(t, 0, live(sizes, t, B), 0, NU, B, H, NU, xp, whh, h_prev(t), cp, op);
       }
-    } else {
+      return;
+    }
+#ifdef _OPENMP
 #pragma omp parallel num_threads(static_cast<int>(team))
       {
         const int64_t n = omp_get_num_threads(), p = omp_get_thread_num();
         if (by_rows) {  // rows never interact: each thread runs its rows through every step, no barrier
-          // whole tiles per thread where possible
-          const int64_t tiles = (B + kRows - 1) / kRows;
-          const int64_t r0 = std::min(B, tiles * p / n * kRows), r1 = std::min(B, tiles * (p + 1) / n * kRows);
+          const int64_t r0 = B * p / n, r1 = B * (p + 1) / n;  // even shares: the weights cost each thread alike
           for (int64_t t = 0; t < T; ++t) {
             const int64_t end = std::min(r1, live(sizes, t, B));
             if (end <= r0) {
@@ -326,7 +353,7 @@ void recurrence(int64_t T, int64_t B, int64_t H, int64_t NU, const int64_t* size
           }
         }
       }
-    }
+#endif
 }
 
 // The forward pass. x (T, B, I) with unit stride in I (any strides over T and B), h0, c0 (B, H) contiguous; packed
