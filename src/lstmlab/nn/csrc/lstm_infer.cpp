@@ -298,11 +298,13 @@ void step_block(int64_t t, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64
   }
 }
 
-// Work per step (multiply-adds, B * H * 4H) below which one thread runs the recurrence alone, and below which the
-// unit blocks are not split over threads when the rows cannot be: that split needs a barrier per step, and a barrier
-// on a core another process holds costs a time slice, not a microsecond (measured on a shared 2-core machine).
-constexpr int64_t kMinParallelWork = 1 << 17;
-constexpr int64_t kMinUnitSplitWork = 1 << 20;
+// Work per step (multiply-adds, B * H * 4H) below which one thread runs the recurrence alone (a barrier would cost
+// more than it saves), and the rows per thread from which the rows are split rather than the unit blocks. Measured
+// on a 2-core AMD EPYC (AVX-512), best of 9 rounds: at B <= 16 the unit split wins or ties at every H (each thread
+// streams only its share of W_hh; with rows split, each streams all of it), from B = 64 the two tie. On a core
+// that another process holds, a per-step barrier can cost a time slice: the row split never waits.
+constexpr int64_t kMinParallelWork = 1 << 15;
+constexpr int64_t kMinRowsPerThread = 4 * kRows;
 
 // 2. the recurrence over all steps (outside AT_DISPATCH: OpenMP pragmas cannot sit in a macro argument).
 template <typename scalar_t>
@@ -316,11 +318,7 @@ void recurrence(int64_t T, int64_t B, int64_t H, int64_t NU, const int64_t* size
     } else if (work < kMinParallelWork) {
       team = 1;
     }
-    // rows never interact: split them (no barrier) whenever each thread gets two or more
-    const bool by_rows = split == 2 || (split == 0 && B >= 2 * team);
-    if (split == 0 && !by_rows && threads <= 0 && work < kMinUnitSplitWork) {
-      team = 1;
-    }
+    const bool by_rows = split == 2 || (split == 0 && B >= kMinRowsPerThread * team);
     team = std::max<int64_t>(1, std::min(team, by_rows ? B : NU));
 #ifndef _OPENMP
     team = 1;  // a compiler without OpenMP (Apple clang): one thread, the same numbers
