@@ -32,9 +32,11 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <tuple>
 
 namespace {
@@ -305,6 +307,16 @@ void step_block(int64_t t, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64
 // that another process holds, a per-step barrier can cost a time slice: the row split never waits.
 constexpr int64_t kMinParallelWork = 1 << 15;
 constexpr int64_t kMinRowsPerThread = 4 * kRows;
+constexpr int64_t kTaskWork = 1 << 15;  // multiply-adds per task of the unit split (one unit block at least)
+
+// Spin until done reaches target, yielding the core after a while (it may be the one the awaited thread needs).
+inline void wait_for(const std::atomic<int64_t>& done, int64_t target) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < target; ++spins) {
+    if (spins >= 2000) {
+      std::this_thread::yield();
+    }
+  }
+}
 
 // 2. the recurrence over all steps (outside AT_DISPATCH: OpenMP pragmas cannot sit in a macro argument).
 template <typename scalar_t>
@@ -331,6 +343,15 @@ void recurrence(int64_t T, int64_t B, int64_t H, int64_t NU, const int64_t* size
       return;
     }
 #ifdef _OPENMP
+    // Unit split: no barrier per step, but a shared counter of (step, unit blocks) tasks that each thread takes from and
+    // a count of the finished ones that a task of step t waits on until step t-1 is done. A thread that the OS has
+    // descheduled (another process on its core) then holds up the others only while it is inside a block: the rest
+    // of the time the running thread takes every block itself. With a per-step barrier, each step waited for it.
+    std::atomic<int64_t> next_task{0}, tasks_done{0};
+    constexpr int64_t U = units<scalar_t>();
+    // unit blocks per task: enough work to pay for its two shared-counter updates
+    const int64_t chunk = std::min(NU, std::max<int64_t>(1, kTaskWork / (B * H * 4 * U)));
+    const int64_t per_step = (NU + chunk - 1) / chunk;
 #pragma omp parallel num_threads(static_cast<int>(team))
       {
         const int64_t n = omp_get_num_threads(), p = omp_get_thread_num();
@@ -343,11 +364,17 @@ void recurrence(int64_t T, int64_t B, int64_t H, int64_t NU, const int64_t* size
             }
             step_block<scalar_t>(t, r0, end, 0, NU, B, H, NU, xp, whh, h_prev(t), cp, op);
           }
-        } else {  // each thread its unit blocks of every row; h_t is complete only after the barrier
-          const int64_t u0 = NU * p / n, u1 = NU * (p + 1) / n;
-          for (int64_t t = 0; t < T; ++t) {
-            step_block<scalar_t>(t, 0, live(sizes, t, B), u0, u1, B, H, NU, xp, whh, h_prev(t), cp, op);
-#pragma omp barrier
+        } else {  // unit blocks handed out in order, step by step: see next_task
+          for (;;) {
+            const int64_t j = next_task.fetch_add(1, std::memory_order_relaxed);
+            if (j >= T * per_step) {
+              break;
+            }
+            const int64_t t = j / per_step, u0 = j % per_step * chunk;
+            wait_for(tasks_done, t * per_step);  // every task of step t-1 written: h_{t-1} is whole
+            step_block<scalar_t>(t, 0, live(sizes, t, B), u0, std::min(NU, u0 + chunk), B, H, NU, xp, whh,
+                                 h_prev(t), cp, op);
+            tasks_done.fetch_add(1, std::memory_order_release);
           }
         }
       }
