@@ -12,7 +12,7 @@ from loops import using
 from torch import nn
 
 from lstmlab import LSTM, cli
-from lstmlab.bench import GRID, format_grid, grid_benchmark
+from lstmlab.commands.bench import GRID, format_grid, grid_benchmark
 from lstmlab.nn import _native, fused, infer
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
