@@ -280,7 +280,7 @@ def benchmark(
         torch.set_num_threads(threads)
 
     backends = list(dict.fromkeys(backends))  # drop repeats, keep order
-    modes = list(MODES) if mode == "both" else [mode]
+    modes = ["train", "forward"] if mode == "both" else [mode]
     rows: list[dict[str, Any]] = []
     for m in modes:
         for variant in variants:
