@@ -34,10 +34,15 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float)
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, k=k: f"tensor #{k}: {m}")
 
 
+@pytest.mark.parametrize("kernel", ["op", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-I{}-H{}-L{}-{}".format(*s[:4], "bi" if s[4] else "uni"))
-def test_inference_equals_nn_lstm_on_the_grid(native_ops, shape: tuple, dtype: torch.dtype) -> None:  # noqa: ANN001
-    """eval() under inference_mode, the compiled forward-only loop: out, h_n, c_n as nn.LSTM's."""
+def test_inference_equals_nn_lstm_on_the_grid(native_ops, shape: tuple, dtype: torch.dtype, kernel: str,  # noqa: ANN001
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval() under inference_mode: out, h_n, c_n as nn.LSTM's, on the compiled forward-only loop at every batch
+    size ("op") and as the path picks it (nn.LSTM's kernel from TORCH_KERNEL_MIN_BATCH where oneDNN runs float32)."""
+    if kernel == "op":
+        monkeypatch.setattr(infer, "TORCH_KERNEL_MIN_BATCH", 1 << 30)
     B, I, H, layers, bidirectional = shape  # noqa: E741
     ours, theirs = _pair(I, H, layers, bidirectional, dtype)
     x = torch.randn(B, SHORT_T, I, dtype=dtype)
