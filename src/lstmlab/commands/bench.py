@@ -458,7 +458,7 @@ def _plain_classifier(model: Any) -> Any:
 
 def _serving_step(backend: str, model: Any, x: Any) -> Callable[[], Any]:
     """Inference of ``model``'s weights on a serving runtime: int8 dynamic quantisation (LSTM and head) under
-    inference_mode, or onnxruntime on the graph ``lstmlab export`` writes (as many threads as torch)."""
+    inference_mode, or onnxruntime on the graph ``lstmlab export`` writes (as many threads as torch, no spinning)."""
     import torch
 
     if backend == "int8":
@@ -483,6 +483,8 @@ def _serving_step(backend: str, model: Any, x: Any) -> Callable[[], Any]:
             from None
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # its threads would spin after each run and slow whichever backend is timed next (the turns rotate)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(onnx_graph(model, x.shape[1], x.shape[2]).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     feed = {"x": x.float().numpy()}
