@@ -41,20 +41,10 @@ def export_onnx(ckpt: Checkpoint, path: str | Path) -> float:
     from lstmlab.data import VIEWS
     from lstmlab.files import atomic_write_bytes
 
-    onnx, _ = _onnx()
+    _onnx()  # before any work: a missing package is one line
     model = ckpt.model.eval()
     steps, inputs = VIEWS[ckpt.config.data.view]
-    example = torch.zeros(2, steps, inputs)
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on nn.LSTM's shape checks are not the user's concern
-        torch.onnx.export(  # TorchScript exporter: it keeps the batch free for every LSTM configuration
-            model, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["x"],
-            output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    graph = onnx.load_from_string(buffer.getvalue())
-    if not any(node.op_type == "LSTM" for node in graph.graph.node):
-        raise LstmlabError("the exported graph has no ONNX LSTM operator; this lstmlab cannot export this model")
+    graph = onnx_graph(model, steps, inputs)
     entry = graph.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(ckpt.config.to_dict())
     if ckpt.permutation is not None:
@@ -69,6 +59,24 @@ def export_onnx(ckpt: Checkpoint, path: str | Path) -> float:
         raise LstmlabError(f"the ONNX model differs from the checkpoint by {err:.2e}; nothing was written")
     atomic_write_bytes(Path(path), data)
     return err
+
+
+def onnx_graph(model: nn.Module, steps: int, inputs: int) -> Any:
+    """A classifier (B, T, I) -> logits as an ONNX graph (``onnx.ModelProto``) whose LSTM is ONNX's ``LSTM``
+    operator, batch size free; traced at T = ``steps``, I = ``inputs``. What ``lstmlab export`` writes (and
+    ``lstmlab bench`` times in onnxruntime), before the metadata."""
+    onnx, _ = _onnx()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on nn.LSTM's shape checks are not the user's concern
+        torch.onnx.export(  # TorchScript exporter: it keeps the batch free for every LSTM configuration
+            model, (torch.zeros(2, steps, inputs),), buffer, dynamo=False, opset_version=OPSET, input_names=["x"],
+            output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    graph = onnx.load_from_string(buffer.getvalue())
+    if not any(node.op_type == "LSTM" for node in graph.graph.node):
+        raise LstmlabError("the exported graph has no ONNX LSTM operator; this lstmlab cannot export this model")
+    return graph
 
 
 class OnnxClassifier(nn.Module):

@@ -222,7 +222,9 @@ def test_inference_mode_then_no_grad_then_training_in_a_fresh_process():
             b = m(x)[0]
         c = m(x)[0]
         c.sum().backward()
-        assert torch.equal(a, b) and torch.equal(b, c.detach()), "outputs differ"
+        assert torch.equal(a, b), "inference_mode and no_grad differ"
+        # the forward-only loop adds x W_ih^T + b and h W_hh^T apart: the same numbers up to float rounding
+        torch.testing.assert_close(b, c.detach(), atol=1e-6, rtol=1e-6)
         assert m.weight_ih_l0.grad is not None
         print("ok")
     """)

@@ -10,6 +10,12 @@ A variant (``--cell``, ``--zoneout``, ``--recurrent-dropout``, or ``--variants``
 on the reference and fused backends; its ``torch`` row is plain ``nn.LSTM`` (which has no variants), timed in
 turns with them, so "x torch" is always the ratio to plain nn.LSTM, and "x ref" the ratio to the same variant
 on the reference backend.
+
+``--mode infer`` times a model as it is served: ``model.eval()`` under ``torch.inference_mode()``. ``--grid`` times
+a fixed grid of shapes (:data:`GRID`: inference from B=1, H up to 512, T up to 500, 2 layers, bidirectional, and
+training steps), one table row per shape, each in its own interleaved rounds. The serving backends ``int8``
+(``torch.ao.nn.quantized.dynamic.LSTM`` and Linear, int8 weights) and ``onnxruntime`` (the graph ``lstmlab export``
+writes) run inference modes only, next to the same weights on nn.LSTM.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,26 @@ from lstmlab.errors import LstmlabError
 from lstmlab.files import atomic_write_text
 
 BACKENDS = ("reference", "fused", "torch")
-MODES = ("train", "forward")
+SERVING = ("int8", "onnxruntime")  # what a CPU server would run instead: inference modes only
+MODES = ("train", "forward", "infer")
+INFERENCE_MODES = ("forward", "infer")
+# --grid: (mode, B, T, I, H, layers, bidirectional); issue 27's table, plus B=1 at H=512 with 2 bidirectional layers
+GRID: tuple[tuple[str, int, int, int, int, int, bool], ...] = (
+    ("infer", 1, 100, 40, 256, 2, False),
+    ("infer", 1, 500, 16, 128, 1, False),
+    ("infer", 1, 100, 64, 512, 2, True),
+    ("infer", 8, 100, 64, 512, 1, False),
+    ("infer", 64, 50, 128, 256, 2, True),
+    ("infer", 256, 28, 28, 128, 1, False),
+    ("train", 16, 50, 64, 256, 1, False),
+    ("train", 64, 100, 32, 256, 2, False),
+    ("train", 128, 50, 128, 512, 1, False),
+    ("train", 32, 200, 16, 128, 1, True),
+    ("train", 256, 28, 28, 128, 1, False),
+)
+GRID_BACKENDS = ("fused", "torch")
+NAMES = {"fused": "lstmlab", "torch": "nn.LSTM", "reference": "reference", "int8": "int8 dynamic",
+         "onnxruntime": "onnxruntime"}
 CELLS = ("lstm", "peephole", "layernorm")  # lstmlab.nn.cell.CELLS, without importing torch for --help
 # --variants: (cell, zoneout, recurrent_dropout) of each variant alone, then two combinations of them
 VARIANTS: tuple[tuple[str, float | tuple[float, float], float], ...] = (
@@ -74,11 +100,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=28, help="features per step I (28 rows; 1 pixels)")
     parser.add_argument("--hidden-size", type=int, default=128, help="hidden units H (default 128)")
     parser.add_argument("--layers", type=int, default=1, help="stacked LSTM layers (default 1)")
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), metavar="NAME",
-                        help=f"backends to time, any of {', '.join(BACKENDS)} (default: all); "
-                             "'torch' is nn.LSTM's kernel and the reference of the ratio column")
-    parser.add_argument("--mode", choices=("train", "forward", "both"), default="train",
-                        help="train: forward+backward+SGD step; forward: inference only (default train)")
+    parser.add_argument("--bidirectional", action="store_true", help="a bidirectional LSTM")
+    parser.add_argument("--backends", nargs="+", default=None, metavar="NAME",
+                        help=f"backends to time, any of {', '.join(BACKENDS + SERVING)} (default: "
+                             f"{' '.join(BACKENDS)}; with --grid: {' '.join(GRID_BACKENDS)}); 'torch' is nn.LSTM's "
+                             "kernel and the reference of the ratio column; int8 (torch's dynamic quantisation) "
+                             "and onnxruntime (the graph `lstmlab export` writes) time inference only")
+    parser.add_argument("--mode", choices=("train", "forward", "infer", "both"), default="train",
+                        help="train: forward+backward+SGD step; forward: eval() under no_grad; infer: eval() under "
+                             "inference_mode, as a served model; both: train and forward (default train)")
+    parser.add_argument("--grid", action="store_true",
+                        help="time the built-in grid of shapes (inference from B=1 to 256, H up to 512, T up to "
+                             "500, 2 layers, bidirectional; training steps) instead of --batch-sizes, --seq-len, "
+                             "--input-size, --hidden-size, --layers, --bidirectional and --mode")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="seconds per timed round at least (default: 0.25 with --grid, else no minimum)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per backend (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first")
     parser.add_argument("--min-samples", type=int, default=2048,
@@ -111,20 +147,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (or JSON)."""
-    from lstmlab.files import check_writable, os_error
+    from lstmlab.files import check_writable
 
     if args.json not in (None, "-"):
         check_writable(args.json, "--json")  # before the minutes of timing, not after
     if args.variants and (args.cell != "lstm" or args.zoneout or args.recurrent_dropout):
         raise LstmlabError("--variants times its own list; leave out --cell, --zoneout and --recurrent-dropout")
     variants = list(VARIANTS) if args.variants else [(args.cell, args.zoneout, args.recurrent_dropout)]
+    if args.grid:
+        if args.variants or args.cell != "lstm" or args.zoneout or args.recurrent_dropout:
+            raise LstmlabError("--grid times the plain cell; leave out --variants, --cell, --zoneout and "
+                               "--recurrent-dropout")
+        rows = grid_benchmark(backends=args.backends or list(GRID_BACKENDS), repeats=args.repeats,
+                              warmup=args.warmup, min_seconds=0.25 if args.min_seconds is None else args.min_seconds,
+                              threads=args.threads, seed=args.seed, clock=args.clock, allocator=args.allocator)
+        return _emit(args, rows, format_grid)
     rows = benchmark(
         batch_sizes=args.batch_sizes,
         seq_len=args.seq_len,
         input_size=args.input_size,
         hidden_size=args.hidden_size,
         layers=args.layers,
-        backends=args.backends,
+        backends=args.backends or list(BACKENDS),
         mode=args.mode,
         repeats=args.repeats,
         warmup=args.warmup,
@@ -135,11 +179,20 @@ def run(args: argparse.Namespace) -> int:
         clock=args.clock,
         variants=variants,
         allocator=args.allocator,
+        bidirectional=args.bidirectional,
+        min_seconds=args.min_seconds or 0.0,
     )
+    return _emit(args, rows, format_table)
+
+
+def _emit(args: argparse.Namespace, rows: list[dict[str, Any]], table: Callable[[list[dict[str, Any]]], str]) -> int:
+    """Print the rows as a table (or JSON to stdout), and write them to --json PATH."""
+    from lstmlab.files import os_error
+
     if args.json == "-":
         print(json.dumps(rows, indent=2))
         return 0
-    print(format_table(rows))
+    print(table(rows))
     if args.json:
         try:
             atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
@@ -172,9 +225,12 @@ def benchmark(
     clock: str = "wall",
     variants: Sequence[tuple[str, float | Sequence[float], float]] = (PLAIN,),
     allocator: str = "default",
+    bidirectional: bool = False,
+    min_seconds: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Time each backend; one row per (mode, variant, batch size, backend) with samples/s, ratios and peak memory.
-    ``variants`` are (cell, zoneout, recurrent_dropout) triples; the torch backend always runs plain nn.LSTM.
+    ``variants`` are (cell, zoneout, recurrent_dropout) triples; the torch backend always runs plain nn.LSTM. A
+    timed round runs at least ``min_samples`` samples and ``min_seconds`` seconds.
 
     Raises ``LstmlabError`` on bad arguments (non-positive sizes, unknown backend, missing CUDA, bad variant).
     """
@@ -189,10 +245,15 @@ def benchmark(
         _check(value > 0, f"{name} must be a positive integer, got {value}")
     _check(warmup >= 0, f"--warmup must be >= 0, got {warmup}")
     _check(threads is None or threads > 0, f"--threads must be a positive integer, got {threads}")
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in BACKENDS + SERVING]
     _check(not unknown and len(backends) > 0,
-           f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
-    _check(mode in (*MODES, "both"), f"--mode must be train, forward or both, got {mode!r}")
+           f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS + SERVING)}")
+    _check(mode in (*MODES, "both"), f"--mode must be train, forward, infer or both, got {mode!r}")
+    serving = [b for b in backends if b in SERVING]
+    _check(not serving or mode in INFERENCE_MODES,
+           f"{', '.join(serving)} time inference only: use --mode infer or forward")
+    _check(not serving or device == "cpu", f"{', '.join(serving)}: CPU only here; use --device cpu")
+    _check(min_seconds >= 0, f"--min-seconds must be >= 0, got {min_seconds}")
     _check(clock in ("wall", "cpu"), f"--clock must be wall or cpu, got {clock!r}")
     _check(clock == "wall" or device == "cpu", "--clock cpu measures CPU work; use it with --device cpu")
     _check(len(variants) > 0, "no variant to time")
@@ -219,13 +280,13 @@ def benchmark(
         torch.set_num_threads(threads)
 
     backends = list(dict.fromkeys(backends))  # drop repeats, keep order
-    modes = list(MODES) if mode == "both" else [mode]
+    modes = ["train", "forward"] if mode == "both" else [mode]
     rows: list[dict[str, Any]] = []
     for m in modes:
         for variant in variants:
             for batch in batch_sizes:
                 rows.extend(_bench_one(m, batch, seq_len, input_size, hidden_size, layers, backends, repeats,
-                                       warmup, min_samples, dev, seed, clock, variant))
+                                       warmup, min_samples, dev, seed, clock, variant, bidirectional, min_seconds))
     from lstmlab.machine import summary
 
     for row in rows:
@@ -265,17 +326,20 @@ def _prepare_native() -> str:
 
 def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size: int, layers: int,
                backends: list[str], repeats: int, warmup: int, min_samples: int, device: Any,
-               seed: int, clock: str = "wall", variant: tuple[str, Any, float] = PLAIN) -> list[dict[str, Any]]:
+               seed: int, clock: str = "wall", variant: tuple[str, Any, float] = PLAIN, bidirectional: bool = False,
+               min_seconds: float = 0.0) -> list[dict[str, Any]]:
     """One batch size, mode and variant: every backend, interleaved (torch runs plain nn.LSTM)."""
     import torch
 
     steps = {name: _make_step(mode, name, batch, seq_len, input_size, hidden_size, layers, device, seed,
-                              PLAIN if name == "torch" else variant)
+                              PLAIN if name == "torch" else variant, bidirectional)
              for name in backends}
-    per_round = max(1, math.ceil(min_samples / batch))
-    for step in steps.values():
+    outputs = {}
+    for name, step in steps.items():
         for _ in range(warmup):
             step()
+        outputs[name] = step()  # inference modes: the logits, compared with nn.LSTM's below
+    per_round = max(1, math.ceil(min_samples / batch), _steps_for(min_seconds, steps.values(), device))
     memory = {name: _peak_memory(step, device) for name, step in steps.items()}
     now = time.process_time if clock == "cpu" else time.perf_counter
     rates: dict[str, list[float]] = {name: [] for name in backends}
@@ -289,6 +353,9 @@ def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size
             _sync(device)
             rates[name].append(per_round * batch / (now() - start))
     medians = {name: statistics.median(v) for name, v in rates.items()}
+    want = outputs.get("torch")
+    diffs = {name: None if want is None or out is None else (out.float() - want.float()).abs().max().item()
+             for name, out in outputs.items()}
     base = medians.get("torch")
     ref = medians.get("reference")
     cell, zoneout, recurrent_dropout = variant
@@ -312,6 +379,9 @@ def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size
             "input_size": input_size,
             "hidden_size": hidden_size,
             "layers": layers,
+            "bidirectional": bidirectional,
+            "ms_per_batch": 1e3 * batch / medians[name],
+            "max_abs_diff_vs_torch": diffs[name],
             "threads": torch.get_num_threads(),
             "clock": clock,
             "device": str(device),
@@ -321,9 +391,10 @@ def _bench_one(mode: str, batch: int, seq_len: int, input_size: int, hidden_size
 
 
 def _make_step(mode: str, backend: str, batch: int, seq_len: int, input_size: int, hidden_size: int,
-               layers: int, device: Any, seed: int, variant: tuple[str, Any, float] = PLAIN) -> Callable[[], None]:
+               layers: int, device: Any, seed: int, variant: tuple[str, Any, float] = PLAIN,
+               bidirectional: bool = False) -> Callable[[], Any]:
     """A closure running one step of `mode` on its own model (same initial weights for every backend; a variant's
-    extra parameters start at their init: LayerNorm gains 1, peepholes 0)."""
+    extra parameters start at their init: LayerNorm gains 1, peepholes 0). Inference steps return the logits."""
     import torch
     import torch.nn.functional as F
 
@@ -333,18 +404,22 @@ def _make_step(mode: str, backend: str, batch: int, seq_len: int, input_size: in
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     cell, zoneout, recurrent_dropout = variant
-    config = ModelConfig(input_size=input_size, hidden_size=hidden_size, num_layers=layers, backend=backend,
+    config = ModelConfig(input_size=input_size, hidden_size=hidden_size, num_layers=layers,
+                         backend="torch" if backend in SERVING else backend, bidirectional=bidirectional,
                          cell=cell, zoneout=list(zoneout) if isinstance(zoneout, tuple) else zoneout,
                          recurrent_dropout=recurrent_dropout)
     model = SequenceClassifier(config).to(device)
     x = torch.randn(batch, seq_len, input_size, generator=gen).to(device)  # (B, T, I)
     y = torch.randint(0, config.num_classes, (batch,), generator=gen).to(device)
-    if mode == "forward":
+    if mode in INFERENCE_MODES:
         model.eval()
+        if backend in SERVING:
+            return _serving_step(backend, model, x)
+        grad_off = torch.inference_mode if mode == "infer" else torch.no_grad
 
-        def forward_step() -> None:
-            with torch.no_grad():
-                model(x)
+        def forward_step() -> Any:
+            with grad_off():
+                return model(x)
 
         return forward_step
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -356,6 +431,82 @@ def _make_step(mode: str, backend: str, batch: int, seq_len: int, input_size: in
         optimizer.step()
 
     return train_step
+
+
+def _plain_classifier(model: Any) -> Any:
+    """The classifier on torch's own nn.LSTM and nn.Linear (same weights): what ``quantize_dynamic`` maps, as it
+    matches module types exactly (lstmlab.LSTM is a subclass)."""
+    import torch
+    from torch import nn
+
+    src, directions = model.lstm, 2 if model.config.bidirectional else 1
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(src.input_size, src.hidden_size, num_layers=src.num_layers, batch_first=True,
+                                bidirectional=src.bidirectional)
+            self.lstm.load_state_dict(src.state_dict())
+            self.head = model.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            _, (h_n, _) = self.lstm(x)  # (L*D, B, H)
+            return self.head(h_n[-directions:].transpose(0, 1).reshape(x.size(0), -1))
+
+    return Plain().eval()
+
+
+def _serving_step(backend: str, model: Any, x: Any) -> Callable[[], Any]:
+    """Inference of ``model``'s weights on a serving runtime: int8 dynamic quantisation (LSTM and head) under
+    inference_mode, or onnxruntime on the graph ``lstmlab export`` writes (as many threads as torch, no spinning)."""
+    import torch
+
+    if backend == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's deprecation notice of quantized tensors: not the user's concern
+            quantized = quantize_dynamic(_plain_classifier(model), {torch.nn.LSTM, torch.nn.Linear},
+                                         dtype=torch.qint8)
+
+        def int8_step() -> Any:
+            with torch.inference_mode():
+                return quantized(x)
+
+        return int8_step
+    try:
+        import onnxruntime as ort
+
+        from lstmlab.onnxfile import onnx_graph
+    except ImportError:
+        raise LstmlabError("--backends onnxruntime needs onnx and onnxruntime: pip install 'lstmlab[export]'") \
+            from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # its threads would spin after each run and slow whichever backend is timed next (the turns rotate)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(onnx_graph(model, x.shape[1], x.shape[2]).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"x": x.float().numpy()}
+
+    def onnx_step() -> Any:
+        return torch.from_numpy(session.run(["logits"], feed)[0])
+
+    return onnx_step
+
+
+def _steps_for(min_seconds: float, steps: Any, device: Any) -> int:
+    """Steps per timed round so that every backend's round lasts ``min_seconds`` at least (0: one step)."""
+    if min_seconds <= 0:
+        return 1
+    fastest = math.inf
+    for step in steps:
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        fastest = min(fastest, time.perf_counter() - start)
+    return max(1, math.ceil(min_seconds / max(fastest, 1e-6)))
 
 
 def _sync(device: Any) -> None:
@@ -468,4 +619,58 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{row['backend']:<10} {row['batch_size']:>6} {row['mode']:<8} "
                      f"{row['samples_per_s']:>11.0f} {ratio(row['ratio_vs_torch']):>8} "
                      f"{ratio(row.get('ratio_vs_reference')):>8} {mem:>9}  {variant}")
+    return "\n".join(lines)
+
+
+def grid_benchmark(backends: Sequence[str] = GRID_BACKENDS, repeats: int = 5, warmup: int = 2,
+                   min_seconds: float = 0.25, threads: int | None = None, seed: int = 0, clock: str = "wall",
+                   allocator: str = "default", grid: Sequence[tuple[str, int, int, int, int, int, bool]] = GRID,
+                   ) -> list[dict[str, Any]]:
+    """:func:`benchmark` over ``grid`` ((mode, B, T, I, H, layers, bidirectional) each) on the CPU: per shape, every
+    backend that runs its mode (the serving ones in inference modes only), timed in turns."""
+    rows: list[dict[str, Any]] = []
+    for mode, batch, seq_len, input_size, hidden_size, layers, bidirectional in grid:
+        names = [b for b in backends if b not in SERVING or mode in INFERENCE_MODES]
+        if not names:
+            continue
+        rows.extend(benchmark(batch_sizes=[batch], seq_len=seq_len, input_size=input_size, hidden_size=hidden_size,
+                              layers=layers, backends=names, mode=mode, repeats=repeats, warmup=warmup,
+                              min_samples=1, threads=threads, device="cpu", seed=seed, clock=clock,
+                              allocator=allocator, bidirectional=bidirectional, min_seconds=min_seconds))
+    return rows
+
+
+def format_grid(rows: list[dict[str, Any]]) -> str:
+    """The grid's rows as a Markdown table, one line per shape: each backend's ms per batch and its ratio to nn.LSTM
+    (> 1: faster), under a header naming the machine, the matmuls and how it was timed."""
+    if not rows:
+        return "(no results)"
+    first = rows[0]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    header = (f"machine: {first.get('machine', '?')}; GEMM: lstmlab's float32 matmuls "
+              f"{(first.get('fused_loops') or 'not timed').replace('native, float32 matmuls ', '')}, nn.LSTM "
+              f"torch's own CPU kernel; clock={first['clock']} allocator={first.get('allocator', 'default')}; "
+              "ms = median of the rounds per batch; x = nn.LSTM's time / this backend's, same run")
+    cols = ["mode", "B", "T", "I", "H", "layers", "bidir"]
+    for b in backends:
+        cols += [f"{NAMES[b]} ms"] + ([f"x nn.LSTM ({NAMES[b]})"] if b != "torch" else [])
+        cols += [f"max abs diff ({NAMES[b]})"] if b in SERVING else []
+    lines = [header, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    shapes: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["mode"], r["batch_size"], r["seq_len"], r["input_size"], r["hidden_size"], r["layers"],
+               r.get("bidirectional", False))
+        shapes.setdefault(key, {})[r["backend"]] = r
+    for (mode, *shape, bidir), group in shapes.items():
+        cells = [mode, *(str(v) for v in shape), "yes" if bidir else "no"]
+        for b in backends:
+            r = group.get(b)
+            cells.append("-" if r is None else f"{r['ms_per_batch']:.2f}")
+            if b != "torch":
+                ratio = None if r is None else r["ratio_vs_torch"]
+                cells.append("-" if ratio is None else f"{ratio:.2f}x")
+            if b in SERVING:  # the logits' largest difference from nn.LSTM's, same weights and inputs
+                diff = None if r is None else r.get("max_abs_diff_vs_torch")
+                cells.append("-" if diff is None else f"{diff:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from typing import Any
 
 _CSRC = Path(__file__).with_name("csrc")
 # The translation units of the one library (they share csrc/*.h); the cache key covers every file in csrc.
-_SOURCES = (_CSRC / "lstm_native.cpp", _CSRC / "lstm_variants.cpp")
+_SOURCES = (_CSRC / "lstm_native.cpp", _CSRC / "lstm_variants.cpp", _CSRC / "lstm_infer.cpp")
 # Each flag is kept only where the compiler takes it (_build_flags): -march=native (x86) or -mcpu=native (Arm), since
 # the library is built on the machine that runs it (the CPU's flags are in the cache key); -fno-trapping-math lets
 # the compiler vectorise the branch-free exp/sigmoid/tanh; -fopenmp turns on at::parallel_for, which then runs on

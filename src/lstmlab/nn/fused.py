@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lstmlab.nn.cell import LN_EPS, reference_layer
+from lstmlab.nn.infer import infer_layer
 from lstmlab.nn.masks import nothing_traces, zoneout_mask_torch, zoneout_thresholds
 
 _T = TypeVar("_T")
@@ -305,6 +306,10 @@ def _layer_forward(
     if any(t is not None for t in (ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask)):
         return _variant_forward(x, h0, c0, weight_ih, weight_hh, _bias(bias_ih, bias_hh), batch_sizes, save,
                                 ln_gates, ln_cell, peephole, recurrent_mask, zoneout_mask)
+    if not save:  # forward only (no_grad, inference): the compiled infer loop when it applies (lstmlab.nn.infer)
+        done = infer_layer(_native_for(x), x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes)
+        if done is not None:  # five distinct empty tensors: a custom op's outputs may not alias
+            return (*done, *(x.new_empty(0) for _ in range(5)))
     T, B, n_in = x.shape
     H4, P = weight_hh.shape
     H = H4 // 4
@@ -1098,6 +1103,9 @@ def self_test(ops: Any) -> str | None:
                         if g.shape != w.shape or not torch.allclose(g, w, rtol=tol, atol=tol):
                             label = "+".join(mix) or "plain"
                             return f"{name} of the {label} cell in {dtype} differs from the Python loops"
+                problem = _self_test_infer(ops, dtype, gen)
+                if problem is not None:
+                    return problem
             mask = torch.empty(2, 3, 5, 7)
             ops.zoneout_mask(12345, *zoneout_thresholds(0.25, 0.5), mask)
             if not torch.equal(mask, zoneout_mask_torch(12345, 0.25, 0.5, 3, 5, 7)):
@@ -1122,6 +1130,31 @@ def _self_test_case(dtype: torch.dtype, mix: tuple[str, ...], gen: torch.Generat
     variant = {name: make[name]() for name in mix}
     d_out, d_hT, d_cT = rand(T, B, H), rand(B, H), rand(B, H)
     return x, h0, c0, weights, variant, (d_out, d_hT, d_cT)
+
+
+def _self_test_infer(ops: Any, dtype: torch.dtype, gen: torch.Generator) -> str | None:
+    """The forward-only loop (lstmlab.nn.infer) against the Python loops' forward, on each of its thread layouts
+    (the op's own choice, one thread, unit blocks split, rows split) and on a packed batch; None when they agree.
+    H=40: several unit blocks, the last one partial, at every vector width."""
+    T, B, n_in, H = 3, 33, 5, 40
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype) * 0.5
+
+    x, h0, c0 = rand(T, B, n_in), rand(B, H), rand(B, H)
+    w_ih, w_hh, b_ih, b_hh = rand(4 * H, n_in), rand(4 * H, H), rand(4 * H), rand(4 * H)
+    tol = 1e-4 if x.dtype == torch.float32 else 1e-9
+    packed = torch.tensor([B, B - 5, 2][:T], dtype=torch.int64)
+    for sizes in (None, packed):
+        with _loader().forced(None):
+            want = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, sizes, False)[:3]
+        for threads, split in ((0, 0), (1, 0), (2, 1), (2, 2)):
+            got = infer_layer(ops, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, sizes, threads, split, torch_kernel=False)
+            for name, g, w in zip(("out", "h_T", "c_T"), got, want, strict=True):
+                if g.shape != w.shape or not torch.allclose(g, w, rtol=tol, atol=tol):
+                    return (f"{name} of the forward-only loop ({threads} threads, split {split}"
+                            f"{', packed' if sizes is not None else ''}) in {x.dtype} differs from the Python loops")
+    return None
 
 
 def _self_test_run(x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, variant: dict, grads: tuple) -> list[Tensor]:

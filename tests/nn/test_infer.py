@@ -1,0 +1,169 @@
+"""The forward-only path (lstmlab.nn.infer, csrc/lstm_infer.cpp) and the training path against nn.LSTM on every
+shape of ``lstmlab bench --grid`` (few steps: the shapes' B, I, H, layers and directions, T cut to 4), its weight
+cache, its fallback when the op fails, and ``lstmlab bench``'s inference and serving rows. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from loops import using
+from torch import nn
+
+from lstmlab import LSTM, cli
+from lstmlab.commands.bench import GRID, format_grid, grid_benchmark
+from lstmlab.nn import _native, fused, infer
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+SHORT_T = 4
+# (B, I, H, layers, bidirectional) of every grid row, once each
+SHAPES = sorted({(row[1], *row[3:]) for row in GRID})
+
+
+def _pair(I: int, H: int, layers: int, bidirectional: bool, dtype: torch.dtype) -> tuple[LSTM, nn.LSTM]:  # noqa: E741
+    torch.manual_seed(0)
+    ours = LSTM(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=True, backend="fused").to(dtype)
+    theirs = nn.LSTM(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=True).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> None:
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, k=k: f"tensor #{k}: {m}")
+
+
+@pytest.mark.parametrize("kernel", ["op", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-I{}-H{}-L{}-{}".format(*s[:4], "bi" if s[4] else "uni"))
+def test_inference_equals_nn_lstm_on_the_grid(native_ops, shape: tuple, dtype: torch.dtype, kernel: str,  # noqa: ANN001
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval() under inference_mode: out, h_n, c_n as nn.LSTM's, on the compiled forward-only loop at every batch
+    size ("op") and as the path picks it (nn.LSTM's kernel from TORCH_KERNEL_MIN_BATCH where oneDNN runs float32)."""
+    if kernel == "op":
+        monkeypatch.setattr(infer, "TORCH_KERNEL_MIN_BATCH", 1 << 30)
+    B, I, H, layers, bidirectional = shape  # noqa: E741
+    ours, theirs = _pair(I, H, layers, bidirectional, dtype)
+    x = torch.randn(B, SHORT_T, I, dtype=dtype)
+    with torch.inference_mode(), using(native_ops):
+        out, (h, c) = ours.eval()(x)
+        want, (wh, wc) = theirs.eval()(x)
+    _assert_close([out, h, c], [want, wh, wc], TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-I{}-H{}-L{}-{}".format(*s[:4], "bi" if s[4] else "uni"))
+def test_training_step_equals_nn_lstm_on_the_grid(native_ops, shape: tuple) -> None:  # noqa: ANN001
+    """Forward and backward of the training path (float64, compiled loops): outputs and every gradient."""
+    B, I, H, layers, bidirectional = shape  # noqa: E741
+    ours, theirs = _pair(I, H, layers, bidirectional, torch.float64)
+    x = torch.randn(B, SHORT_T, I, dtype=torch.float64)
+    results = []
+    for model in (ours, theirs):
+        with using(native_ops):
+            out, (h, c) = model(x)
+            loss = out.square().sum() + h.sum() + 2 * c.sum()
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append([out, h, c, *grads])
+    _assert_close(*results, TOL[torch.float64])
+
+
+def test_packed_and_reused_weights_follow_the_parameters(native_ops) -> None:  # noqa: ANN001
+    """A packed batch, then an in-place update of the weights: the cached packed weights are not reused stale."""
+    ours, theirs = _pair(5, 40, 2, True, torch.float32)
+    lengths = torch.tensor([7, 5, 5, 2])
+    x = torch.randn(4, 7, 5)
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+    for _ in range(2):
+        with torch.no_grad(), using(native_ops):
+            out, (h, c) = ours(packed)
+            want, (wh, wc) = theirs(packed)
+        _assert_close([out.data, h, c], [want.data, wh, wc], TOL[torch.float32])
+        with torch.no_grad():
+            for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+                a.mul_(1.5)
+                b.mul_(1.5)
+
+
+class _Broken:
+    """The compiled ops, but the forward-only one raises or returns wrong numbers."""
+
+    def __init__(self, ops, mode: str) -> None:  # noqa: ANN001
+        self._ops, self._mode = ops, mode
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._ops, name)
+
+    def infer(self, *args):  # noqa: ANN002, ANN202
+        if self._mode == "raise":
+            raise RuntimeError("lstmlab_native.infer: broken on purpose")
+        out, h, c = self._ops.infer(*args)
+        return out + 1, h, c
+
+
+def test_a_failing_infer_op_falls_back_with_one_line(native_ops, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An error from the op: one warning line (the loader's), the call recomputed on the Python loops."""
+    loader = _native._Loader()
+    monkeypatch.setattr(_native, "_loader", lambda: loader)
+    loader.ops = _Broken(native_ops, "raise")
+    ours, theirs = _pair(3, 8, 1, False, torch.float32)
+    x = torch.randn(2, 5, 3)
+    with torch.inference_mode():
+        out, _ = ours(x)
+        again, _ = ours(x)
+        want, _ = theirs(x)
+    _assert_close([out, again], [want, want], TOL[torch.float32])
+    err = capsys.readouterr().err
+    assert err.count("lstmlab: warning:") == 1 and "the forward" in err and "broken on purpose" in err
+    assert loader.disabled and _native.get() is None
+
+
+def test_the_self_test_covers_the_infer_op(native_ops) -> None:  # noqa: ANN001
+    assert fused.self_test(native_ops) is None
+    problem = fused.self_test(_Broken(native_ops, "wrong"))
+    assert problem is not None and "forward-only loop" in problem
+
+
+def test_packed_weights_go_with_their_model(native_ops) -> None:  # noqa: ANN001
+    infer.release_packed_weights()
+    ours, _ = _pair(3, 8, 1, False, torch.float32)
+    with torch.no_grad(), using(native_ops):
+        ours(torch.randn(2, 3, 3))
+    assert len(infer._PACKED._entries) == 1
+    del ours
+    assert len(infer._PACKED._entries) == 0
+
+
+def test_grid_rows_and_table_with_the_serving_backends() -> None:
+    pytest.importorskip("onnxruntime")
+    grid = [("infer", 2, 3, 3, 8, 2, True), ("train", 3, 3, 2, 4, 1, False)]
+    rows = grid_benchmark(backends=["fused", "torch", "int8", "onnxruntime"], repeats=1, warmup=0, min_seconds=0,
+                          grid=grid)
+    assert [(r["mode"], r["backend"]) for r in rows] == [("infer", b) for b in ("fused", "torch", "int8",
+                                                                                 "onnxruntime")] + \
+        [("train", "fused"), ("train", "torch")]
+    infer_rows = {r["backend"]: r for r in rows if r["mode"] == "infer"}
+    assert infer_rows["fused"]["max_abs_diff_vs_torch"] < 1e-5
+    assert infer_rows["onnxruntime"]["max_abs_diff_vs_torch"] < 1e-4
+    assert infer_rows["int8"]["max_abs_diff_vs_torch"] < 0.1  # int8 weights: close, not equal
+    lines = format_grid(rows).splitlines()
+    assert lines[0].startswith("machine: ") and "GEMM: " in lines[0]
+    assert lines[1].startswith("| mode | B |") and "x nn.LSTM (onnxruntime)" in lines[1]
+    assert len(lines) == 3 + 2 and lines[3].startswith("| infer | 2 | 3 | 3 | 8 | 2 | yes |")
+    assert lines[4].count(" - ") == 6  # no serving backend on a training row
+
+
+def test_bench_infer_mode_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--batch-sizes", "2", "--seq-len", "3", "--input-size", "2", "--hidden-size", "4",
+            "--repeats", "1", "--warmup", "0", "--min-samples", "1", "--mode", "infer", "--bidirectional",
+            "--backends", "fused", "torch", "int8", "--json"]
+    assert cli.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["backend"], r["mode"], r["bidirectional"]) for r in rows] == [
+        (b, "infer", True) for b in ("fused", "torch", "int8")]
+
+
+def test_bench_serving_backends_refuse_training(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--batch-sizes", "2", "--seq-len", "2", "--backends", "int8", "torch"]) == 2
+    assert "inference only" in capsys.readouterr().err
