@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
     parser.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
     parser.add_argument("--save-input", metavar="DIR", help="write the 28x28 image the model read for each image "
-                        "into DIR (NAME-input.png) and name it beside the answer, to see what went wrong")
+                        "into DIR (NAME-input.png) and name it beside the answer, to see what went wrong "
+                        "(default: none)")
 
 
 def _read_all(paths: list[str]) -> tuple[list[tuple[str, Tensor]], dict[str, str]]:
