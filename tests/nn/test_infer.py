@@ -85,6 +85,29 @@ def test_packed_and_reused_weights_follow_the_parameters(native_ops) -> None:  #
                 b.mul_(1.5)
 
 
+@pytest.mark.parametrize("optimizer", ["adam-fused", "sgd-fused", "adam"])
+def test_an_optimizer_step_between_evaluations_is_seen(native_ops, optimizer: str,  # noqa: ANN001
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluate, step, evaluate (what training does every eval_every steps): fused optimizers write the parameters
+    without bumping their version counter, and the second evaluation must still read the new weights."""
+    monkeypatch.setattr(infer, "TORCH_KERNEL_MIN_BATCH", 1 << 30)  # the op at every batch size
+    ours, theirs = _pair(6, 16, 1, False, torch.float32)
+    kind, _, fused_ = optimizer.partition("-")
+    make = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[kind]
+    step = make(ours.parameters(), lr=0.1, **({"fused": True} if fused_ else {}))
+    x = torch.randn(12, 5, 6)
+    for _ in range(3):
+        theirs.load_state_dict(ours.state_dict())
+        with torch.inference_mode(), using(native_ops):
+            got, want = ours.eval()(x)[0], theirs.eval()(x)[0]
+        _assert_close([got], [want], TOL[torch.float32])
+        ours.train()
+        with using(native_ops):
+            ours(x)[0].square().sum().backward()
+        step.step()
+        step.zero_grad()
+
+
 class _Broken:
     """The compiled ops, but the forward-only one raises or returns wrong numbers."""
 

@@ -32,14 +32,24 @@ class _PackedWeights:
     """Packed (W_ih, W_hh, b_ih + b_hh) per layer and direction, reused while the parameters are unchanged.
 
     An entry is keyed by the identity of the parameter tensors and valid while each of them is the same live
-    object with the same storage, shape and version counter (any in-place change, an optimizer step or a
-    ``load_state_dict``, bumps the version). Inference tensors have no version counter: they are packed anew on
-    every call. Holds weak references only, so a model that is dropped frees its entries' weights too.
+    object with the same storage, shape and version counter (an in-place change such as ``load_state_dict``
+    bumps the version) and no optimizer has stepped since it was packed: fused optimizers (``Adam(fused=True)``,
+    lstmlab's default) write the parameters without bumping their version, so every ``optimizer.step()`` in the
+    process empties the cache. Writes through ``.data`` bypass both; call :func:`release_packed_weights` after
+    them. Inference tensors have no version counter: they are packed anew on every call. Holds weak references
+    only, so a model that is dropped frees its entries' weights too.
     """
 
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[int, ...], tuple[Any, ...]] = OrderedDict()
         self._lock = threading.RLock()  # re-entrant: a weakref callback may run inside a locked block (gc)
+        self._hook: Any = None  # the optimizer-step hook, registered with the first entry
+
+    def _watch_optimizers(self) -> None:
+        if self._hook is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            self._hook = register_optimizer_step_post_hook(lambda *_: self.clear())
 
     @staticmethod
     def _stamp(tensors: tuple[Tensor | None, ...]) -> tuple | None:
@@ -69,6 +79,7 @@ class _PackedWeights:
                         return packed
         packed = _pack(native, weight_ih, weight_hh, bias_ih, bias_hh)
         if stamp is not None:
+            self._watch_optimizers()
             drop = functools.partial(self._drop, key)  # a parameter freed: its entry goes with it
             refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
             with self._lock:
