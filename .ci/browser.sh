@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The headless browser for the demo's end-to-end test (tests/commands/test_demo.py::test_app_in_headless_chromium).
+# The headless browser for the demo's end-to-end test (tests/demo/test_app.py::test_app_in_headless_chromium).
 # Only under CI (CI=true), where that test must run; installs Debian's chromium + chromium-driver if missing.
 set -euo pipefail
 

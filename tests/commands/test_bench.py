@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lstmlab import cli
-from lstmlab.commands.bench import BACKENDS
+from lstmlab.benchmarking import BACKENDS
 
 
 def test_bench_json_has_a_row_per_backend(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,7 +73,7 @@ def test_bench_bad_flags_are_user_errors(capsys: pytest.CaptureFixture[str], fla
 def test_bench_variants_rows_ratios_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     """--variants: each variant on reference and fused, with plain nn.LSTM timed in turns with them; "x torch" is
     the ratio to that nn.LSTM, "x ref" to the same variant on the reference backend."""
-    from lstmlab.commands.bench import VARIANTS, variant_label
+    from lstmlab.benchmarking import VARIANTS, variant_label
 
     argv = ["bench", "--batch-sizes", "3", "--seq-len", "2", "--input-size", "2", "--hidden-size", "3",
             "--repeats", "1", "--warmup", "0", "--min-samples", "1", "--variants", "--json"]
@@ -161,3 +161,18 @@ def test_bench_with_a_warm_allocator_says_so(tmp_path) -> None:  # noqa: ANN001
     assert "allocator=warm" in done.stdout.splitlines()[0]
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [r["allocator"] for r in rows] == ["warm", "warm"]
+
+
+def test_bench_infer_mode_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--batch-sizes", "2", "--seq-len", "3", "--input-size", "2", "--hidden-size", "4",
+            "--repeats", "1", "--warmup", "0", "--min-samples", "1", "--mode", "infer", "--bidirectional",
+            "--backends", "fused", "torch", "int8", "--json"]
+    assert cli.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["backend"], r["mode"], r["bidirectional"]) for r in rows] == [
+        (b, "infer", True) for b in ("fused", "torch", "int8")]
+
+
+def test_bench_serving_backends_refuse_training(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--batch-sizes", "2", "--seq-len", "2", "--backends", "int8", "torch"]) == 2
+    assert "inference only" in capsys.readouterr().err

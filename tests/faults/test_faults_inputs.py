@@ -276,13 +276,13 @@ def test_good_checkpoints_still_load(tmp_path: Path) -> None:
 def test_demo_refuses_a_hostile_checkpoint_before_serving(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gradio")
-    import lstmlab.commands.demo
+    import lstmlab.demo.app
 
     def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the demo started serving an invalid checkpoint")
 
-    monkeypatch.setattr(lstmlab.commands.demo, "build_app", never)
-    monkeypatch.setattr(lstmlab.commands.demo, "launch", never)
+    monkeypatch.setattr(lstmlab.demo.app, "build_app", never)
+    monkeypatch.setattr(lstmlab.demo.app, "launch", never)
     bad = _rewrite(_good_checkpoint(tmp_path / "good.safetensors"), tmp_path / "bad.safetensors",
                    config=_set("data", "view", "evil"))
     code, out, err = _run(capsys, "demo", str(bad), "--port", "7861")

@@ -1,18 +1,17 @@
 """The forward-only path (lstmlab.nn.infer, csrc/lstm_infer.cpp) and the training path against nn.LSTM on every
 shape of ``lstmlab bench --grid`` (few steps: the shapes' B, I, H, layers and directions, T cut to 4), its weight
-cache, its fallback when the op fails, and ``lstmlab bench``'s inference and serving rows. No timing assertions."""
+cache and its fallback when the op fails. No timing assertions (the bench's inference and serving rows are tested in
+tests/benchmarking and tests/commands/test_bench.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 from loops import using
 from torch import nn
 
-from lstmlab import LSTM, cli
-from lstmlab.commands.bench import GRID, format_grid, grid_benchmark
+from lstmlab import LSTM
+from lstmlab.benchmarking import GRID
 from lstmlab.nn import _native, fused, infer
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -156,37 +155,3 @@ def test_packed_weights_go_with_their_model(native_ops) -> None:  # noqa: ANN001
     assert len(infer._PACKED._entries) == 1
     del ours
     assert len(infer._PACKED._entries) == 0
-
-
-def test_grid_rows_and_table_with_the_serving_backends() -> None:
-    pytest.importorskip("onnxruntime")
-    grid = [("infer", 2, 3, 3, 8, 2, True), ("train", 3, 3, 2, 4, 1, False)]
-    rows = grid_benchmark(backends=["fused", "torch", "int8", "onnxruntime"], repeats=1, warmup=0, min_seconds=0,
-                          grid=grid)
-    assert [(r["mode"], r["backend"]) for r in rows] == [("infer", b) for b in ("fused", "torch", "int8",
-                                                                                 "onnxruntime")] + \
-        [("train", "fused"), ("train", "torch")]
-    infer_rows = {r["backend"]: r for r in rows if r["mode"] == "infer"}
-    assert infer_rows["fused"]["max_abs_diff_vs_torch"] < 1e-5
-    assert infer_rows["onnxruntime"]["max_abs_diff_vs_torch"] < 1e-4
-    assert infer_rows["int8"]["max_abs_diff_vs_torch"] < 0.1  # int8 weights: close, not equal
-    lines = format_grid(rows).splitlines()
-    assert lines[0].startswith("machine: ") and "GEMM: " in lines[0]
-    assert lines[1].startswith("| mode | B |") and "x nn.LSTM (onnxruntime)" in lines[1]
-    assert len(lines) == 3 + 2 and lines[3].startswith("| infer | 2 | 3 | 3 | 8 | 2 | yes |")
-    assert lines[4].count(" - ") == 6  # no serving backend on a training row
-
-
-def test_bench_infer_mode_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["bench", "--batch-sizes", "2", "--seq-len", "3", "--input-size", "2", "--hidden-size", "4",
-            "--repeats", "1", "--warmup", "0", "--min-samples", "1", "--mode", "infer", "--bidirectional",
-            "--backends", "fused", "torch", "int8", "--json"]
-    assert cli.main(argv) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [(r["backend"], r["mode"], r["bidirectional"]) for r in rows] == [
-        (b, "infer", True) for b in ("fused", "torch", "int8")]
-
-
-def test_bench_serving_backends_refuse_training(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["bench", "--batch-sizes", "2", "--seq-len", "2", "--backends", "int8", "torch"]) == 2
-    assert "inference only" in capsys.readouterr().err
