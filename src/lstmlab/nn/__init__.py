@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lstmlab.nn import _native  # the loader imports only the standard library
+
 _WHERE = {"LSTM": "lstmlab.nn.lstm", "LSTMCell": "lstmlab.nn.cell", "lstm_step": "lstmlab.nn.cell"}
 
 __all__ = ["LSTM", "LSTMCell", "fast_loops_pending", "lstm_step"]
@@ -31,3 +33,13 @@ def fast_loops_pending() -> bool:
     from lstmlab.nn import _native
 
     return _native.build_pending()
+
+
+def _self_test(ops: Any) -> str | None:
+    """The compiled loops' self-test, imported when a library is first loaded (it imports torch and the loops)."""
+    from lstmlab.nn.selftest import self_test
+
+    return self_test(ops)
+
+
+_native.set_self_test(_self_test)  # before any load: every module that loads the loops imports this package first

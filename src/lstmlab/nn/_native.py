@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -577,13 +577,25 @@ def why_unavailable() -> str | None:
     return _loader().reason
 
 
+_SELF_TEST: list[Callable[[Any], str | None]] = []  # the hook lstmlab.nn sets: lstmlab.nn.selftest.self_test
+
+
+def set_self_test(check: Callable[[Any], str | None]) -> None:
+    """Register how freshly loaded loops are held to the Python ones (their callers know what to compare; this
+    file imports nothing from lstmlab): ``check(ops)`` is None when they agree, else why not."""
+    _SELF_TEST[:] = [check]
+
+
 def self_test(ops: Any) -> str | None:
-    """Hold freshly loaded loops to the Python ones on tiny cases; None when they agree, else why not."""
-    try:
-        from lstmlab.nn.fused import self_test as check  # the loops' callers know what to compare
-    except ImportError:  # run as a bare script outside the package: nothing to compare with
-        return None
-    return check(ops)
+    """Hold freshly loaded loops to the Python ones on tiny cases; None when they agree, else why not. Run as a
+    script, this file is a copy of the package's module: the package's copy holds the registered test."""
+    if not _SELF_TEST and __name__ == "__main__":
+        try:
+            from lstmlab.nn import _native as package  # importing lstmlab.nn registers its test there
+        except ImportError:  # a bare script outside the package: nothing to compare with
+            return None
+        return package.self_test(ops)
+    return _SELF_TEST[0](ops) if _SELF_TEST else None
 
 
 def build_pending() -> bool:

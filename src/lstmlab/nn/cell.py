@@ -173,8 +173,8 @@ def reference_layer(
     outputs = []
     for t, x_t in enumerate(x.unbind(0)):  # (B, I) per step
         n = x.shape[1] if sizes is None else min(sizes[t], x.shape[1])
-        step = lstm_step(x_t[:n], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                         **{arg.step_name or arg.name: _at_step(arg.per, variant[arg.name], t, n) for arg in variant_args})
+        own = {arg.step_name or arg.name: _at_step(arg.per, variant[arg.name], t, n) for arg in variant_args}
+        step = lstm_step(x_t[:n], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, **own)
         if n == x.shape[1]:
             h, c = step.h, step.c
             outputs.append(h)

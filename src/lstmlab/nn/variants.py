@@ -105,9 +105,13 @@ BY_NAME = {v.name: v for v in VARIANTS}
 CELLS = ("lstm", *(v.name for v in VARIANTS if v.kind == "cell"))  # --cell's choices; "lstm" is the plain cell
 ARGS: tuple[Arg, ...] = tuple(arg for v in VARIANTS for arg in v.args)
 ARG_NAMES = tuple(arg.name for arg in ARGS)
+BY_ARG = {arg.name: arg for arg in ARGS}
 LEARNED = tuple(arg for arg in ARGS if arg.params)  # the arguments that get a gradient
 SIGNALS: tuple[Signal, ...] = tuple(s for v in VARIANTS for s in v.signals)
 OWNER = {arg.name: v for v in VARIANTS for arg in v.args}  # argument name -> its variant
+# The fused op's variant arguments, in its order: every variant's but those only the reference math runs.
+FUSED_ARGS = tuple(arg.name for arg in ARGS if OWNER[arg.name].loops != "reference")
+FUSED_LEARNED = tuple(arg.name for arg in LEARNED if arg.name in FUSED_ARGS)  # ... and of them, the learned ones
 
 
 def cell_variant(cell: str) -> Variant | None:
