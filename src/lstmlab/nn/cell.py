@@ -93,12 +93,9 @@ def lstm_step(
         _keep(signals, z_i=i, z_f=f, z_g=g, z_o=o)
     if peephole is not None:  # i and f peek at the previous cell
         peep_i, peep_f = peephole[0] * c, peephole[1] * c
-        i = i + peep_i
-        f = f + peep_f
+        i, f = i + peep_i, f + peep_f
         _keep(signals, peep_i=peep_i, peep_f=peep_f)
-    i = torch.sigmoid(i)
-    f = torch.sigmoid(f)
-    g = torch.tanh(g)
+    i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
     c_new = f * c + i * g
     if peephole is not None:  # o peeks at the new cell
         peep_o = peephole[2] * c_new
