@@ -7,7 +7,8 @@ is ready the fused backend runs its Python loops, which give the same numbers up
 Controlled by the environment variable ``LSTMLAB_NATIVE``: ``auto`` (default, as above), ``0`` (never
 build or load it), ``1`` (build in the foreground on first use if needed, and use it). The cache lives in
 ``$LSTMLAB_CACHE_DIR`` or ``$XDG_CACHE_HOME/lstmlab`` or ``~/.cache/lstmlab``. ``python -m lstmlab.nn._native``
-builds it now and prints where. This file imports nothing from lstmlab so that it can run as a script.
+builds it now and prints where. This file imports nothing from lstmlab but ``_hooks`` (standard library only, and
+optional) so that it can run as a script.
 
 The cache is written so that a crash, a full disk or a damaged file can never take a command down: the library
 is built in a temp folder, fsynced and renamed into place, and its size and SHA-256 are recorded beside it
@@ -32,9 +33,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:  # standard library only: the hooks the package hands this loader (its self-test)
+    from lstmlab.nn import _hooks
+except ImportError:  # run as a bare script outside the package
+    _hooks = None
 
 _CSRC = Path(__file__).with_name("csrc")
 # The translation units of the one library (they share csrc/*.h); the cache key covers every file in csrc.
@@ -577,25 +583,12 @@ def why_unavailable() -> str | None:
     return _loader().reason
 
 
-_SELF_TEST: list[Callable[[Any], str | None]] = []  # the hook lstmlab.nn sets: lstmlab.nn.selftest.self_test
-
-
-def set_self_test(check: Callable[[Any], str | None]) -> None:
-    """Register how freshly loaded loops are held to the Python ones (their callers know what to compare; this
-    file imports nothing from lstmlab): ``check(ops)`` is None when they agree, else why not."""
-    _SELF_TEST[:] = [check]
-
-
 def self_test(ops: Any) -> str | None:
-    """Hold freshly loaded loops to the Python ones on tiny cases; None when they agree, else why not. Run as a
-    script, this file is a copy of the package's module: the package's copy holds the registered test."""
-    if not _SELF_TEST and __name__ == "__main__":
-        try:
-            from lstmlab.nn import _native as package  # importing lstmlab.nn registers its test there
-        except ImportError:  # a bare script outside the package: nothing to compare with
-            return None
-        return package.self_test(ops)
-    return _SELF_TEST[0](ops) if _SELF_TEST else None
+    """Hold freshly loaded loops to the Python ones on tiny cases (the check ``lstmlab.nn`` registers in
+    ``_hooks``); None when they agree, else why not."""
+    if _hooks is None or not _hooks.SELF_TEST:  # a bare script outside the package: nothing to compare with
+        return None
+    return _hooks.SELF_TEST[0](ops)
 
 
 def build_pending() -> bool:

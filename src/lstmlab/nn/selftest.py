@@ -1,7 +1,7 @@
 """The compiled loops' self-test: before any use, freshly loaded loops are held to the Python loops on tiny cases.
 
-The loader (:mod:`lstmlab.nn._native`) imports nothing from lstmlab; ``lstmlab.nn`` hands it this test as a hook
-(``_native.set_self_test``), and this module imports the loops of both kinds: no import cycle.
+The loader (:mod:`lstmlab.nn._native`) imports nothing above it; ``lstmlab.nn`` hands it this test as a hook
+(:mod:`lstmlab.nn._hooks`), and this module imports the loops of both kinds: no import cycle.
 """
 
 from __future__ import annotations
