@@ -71,6 +71,7 @@ class Variant:
 
     @property
     def params(self) -> tuple[Param, ...]:
+        """Every parameter of its arguments, in registration order."""
         return tuple(p for arg in self.args for p in arg.params)
 
 
