@@ -12,7 +12,7 @@ from torch import nn
 
 from lstmlab import LSTM
 from lstmlab.benchmarking import GRID
-from lstmlab.nn import _native, fused, infer
+from lstmlab.nn import _native, infer, selftest
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SHORT_T = 4
@@ -142,8 +142,8 @@ def test_a_failing_infer_op_falls_back_with_one_line(native_ops, monkeypatch: py
 
 
 def test_the_self_test_covers_the_infer_op(native_ops) -> None:  # noqa: ANN001
-    assert fused.self_test(native_ops) is None
-    problem = fused.self_test(_Broken(native_ops, "wrong"))
+    assert selftest.self_test(native_ops) is None
+    problem = selftest.self_test(_Broken(native_ops, "wrong"))
     assert problem is not None and "forward-only loop" in problem
 
 

@@ -556,8 +556,10 @@ def test_variant_op_fake_kernels_and_opcheck(loops, layer_norm: bool) -> None:  
         assert (xh.numel() == 0) == layer_norm
         torch.library.opcheck(torch.ops.lstmlab.lstm_variant_layer_backward.default,
                               (torch.randn(T, B, H), torch.randn(B, H), None, args[0], args[2], args[3], args[4],
-                               args[5], None, acts, cs, tcs, xh, extra, v.get("ln_gates"), v.get("ln_cell"),
-                               v["peephole"], v["recurrent_mask"], v["zoneout_mask"], True, True, True))
+                               args[5], None, acts, cs, tcs, xh, extra),
+                              {"ln_gates": v.get("ln_gates"), "ln_cell": v.get("ln_cell"), "peephole": v["peephole"],
+                               "recurrent_mask": v["recurrent_mask"], "zoneout_mask": v["zoneout_mask"],
+                               "need_x": True, "need_h0": True, "need_weights": True})
 
 
 def test_vmap_and_compile_of_a_variant() -> None:

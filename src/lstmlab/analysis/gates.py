@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lstmlab.errors import LstmlabError
+from lstmlab.nn.variants import SIGNALS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,16 +34,10 @@ PANELS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
     "h": ("h: hidden state = o · tanh(c) (−1..1)", "RdBu_r", (-1.0, 1.0)),
 }
 # A variant's own terms (lstm_step's signals, c' the new cell and h' the new hidden state before zoneout), drawn in
-# this order below the gates when the recording has them; LayerNorm's z_i, z_g and z_o are recorded, not drawn
-# (i, g and o above are their squashed values).
+# the variants' table order below the gates when the recording has them; a signal without a title (LayerNorm's z_i,
+# z_g and z_o: i, g and o above are their squashed values) is recorded, not drawn.
 VARIANT_PANELS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
-    "z_f": ("z_f: f's pre-activation, LN(xW)+LN(hW)+b; f = σ(z_f)", "RdBu_r", None),
-    "c_norm": ("LN(c'): the normalised cell that tanh reads", "RdBu_r", None),
-    "peep_i": ("peephole into i: p_i · c (the previous cell)", "RdBu_r", None),
-    "peep_f": ("peephole into f: p_f · c (the previous cell)", "RdBu_r", None),
-    "peep_o": ("peephole into o: p_o · c' (the new cell)", "RdBu_r", None),
-    "zone_c": ("zoneout on c: z_c · (c − c'), previous minus new cell", "RdBu_r", None),
-    "zone_h": ("zoneout on h: z_h · (h − h'), previous minus new state", "RdBu_r", None),
+    s.name: (s.title, "RdBu_r", None) for s in SIGNALS if s.title
 }
 
 

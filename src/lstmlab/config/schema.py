@@ -16,6 +16,7 @@ from typing import Any
 
 from lstmlab.data import registry as data_registry
 from lstmlab.errors import LstmlabError
+from lstmlab.nn.variants import CELLS
 from lstmlab.training.schedules import SCHEDULES
 
 # Upper bounds of the flags: far above anything this lab trains, far below what overflows or exhausts memory.
@@ -28,10 +29,9 @@ MAX_LR = 1e6
 MAX_SEED = 2**64 - 1  # torch's generators take a 64-bit seed
 DATASETS = tuple(data_registry.DATASETS)  # from the torch-free dataset registry: a new entry there is a choice here
 VIEWS = tuple(data_registry.VIEWS)
-# The names lstmlab.nn's modules hold (BACKENDS, CELLS), spelled here so that the flags need no torch;
-# tests/config/test_config.py holds them equal.
+# lstmlab.nn.lstm's BACKENDS, spelled here so that the flags need no torch; tests/config/test_config.py holds
+# them equal. The cells come from the variants' own (torch-free) table.
 BACKENDS = ("auto", "reference", "fused", "torch")
-CELLS = ("lstm", "peephole", "layernorm")
 SELECTIONS = ("none", "stale-loss")
 DRY_RUN_ITERATIONS = 3  # a dry run's length unless --iterations says otherwise
 

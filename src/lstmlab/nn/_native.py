@@ -7,7 +7,8 @@ is ready the fused backend runs its Python loops, which give the same numbers up
 Controlled by the environment variable ``LSTMLAB_NATIVE``: ``auto`` (default, as above), ``0`` (never
 build or load it), ``1`` (build in the foreground on first use if needed, and use it). The cache lives in
 ``$LSTMLAB_CACHE_DIR`` or ``$XDG_CACHE_HOME/lstmlab`` or ``~/.cache/lstmlab``. ``python -m lstmlab.nn._native``
-builds it now and prints where. This file imports nothing from lstmlab so that it can run as a script.
+builds it now and prints where. This file imports nothing from lstmlab but ``_hooks`` (standard library only, and
+optional) so that it can run as a script.
 
 The cache is written so that a crash, a full disk or a damaged file can never take a command down: the library
 is built in a temp folder, fsynced and renamed into place, and its size and SHA-256 are recorded beside it
@@ -35,6 +36,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:  # standard library only: the hooks the package hands this loader (its self-test)
+    from lstmlab.nn import _hooks
+except ImportError:  # run as a bare script outside the package
+    _hooks = None
 
 _CSRC = Path(__file__).with_name("csrc")
 # The translation units of the one library (they share csrc/*.h); the cache key covers every file in csrc.
@@ -578,12 +584,11 @@ def why_unavailable() -> str | None:
 
 
 def self_test(ops: Any) -> str | None:
-    """Hold freshly loaded loops to the Python ones on tiny cases; None when they agree, else why not."""
-    try:
-        from lstmlab.nn.fused import self_test as check  # the loops' callers know what to compare
-    except ImportError:  # run as a bare script outside the package: nothing to compare with
+    """Hold freshly loaded loops to the Python ones on tiny cases (the check ``lstmlab.nn`` registers in
+    ``_hooks``); None when they agree, else why not."""
+    if _hooks is None or not _hooks.SELF_TEST:  # a bare script outside the package: nothing to compare with
         return None
-    return check(ops)
+    return _hooks.SELF_TEST[0](ops)
 
 
 def build_pending() -> bool:

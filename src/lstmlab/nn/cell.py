@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import NamedTuple
 
 import torch
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstmlab.nn.masks import recurrent_dropout_mask, zoneout_masks
+from lstmlab.nn.variants import ARGS, CELLS, LEARNED, VARIANTS, parameter_shapes
 
-CELLS = ("lstm", "peephole", "layernorm")
+__all__ = ["CELLS", "Gates", "LSTMCell", "check_variant", "layer_norm", "lstm_step", "reference_layer"]
 LN_EPS = 1e-5
 
 
@@ -84,24 +86,16 @@ def lstm_step(
     normalised pre-activations ``z_i``, ``z_f``, ``z_g``, ``z_o`` (bias included) and ``c_norm`` = LN(c'; γ_c, β_c),
     what tanh reads; the peephole terms ``peep_i`` = p_i·c, ``peep_f`` = p_f·c, ``peep_o`` = p_o·c'; zoneout's
     ``zone_c`` = z_c·(c − c') and ``zone_h`` = z_h·(h − h'), how far it held each unit back from its new value."""
-    h_in = h if recurrent_mask is None else h * recurrent_mask  # variational recurrent dropout
-    if ln_gates is None:
-        gates = x @ weight_ih.T + h_in @ weight_hh.T  # (B, 4H): x2h and h2h of the textbook
-    else:  # LayerNorm-LSTM: each product normalised on its own, gain only
-        gates = layer_norm(x @ weight_ih.T, ln_gates[0]) + layer_norm(h_in @ weight_hh.T, ln_gates[1])
-    if bias_ih is not None:
-        gates = gates + bias_ih + bias_hh
+    gates = preactivations(x, h, weight_ih, weight_hh, bias_ih, bias_hh, ln_gates=ln_gates,
+                           recurrent_mask=recurrent_mask)  # (B, 4H)
     i, f, g, o = gates.chunk(4, dim=1)  # each (B, H)
     if ln_gates is not None:
         _keep(signals, z_i=i, z_f=f, z_g=g, z_o=o)
     if peephole is not None:  # i and f peek at the previous cell
         peep_i, peep_f = peephole[0] * c, peephole[1] * c
-        i = i + peep_i
-        f = f + peep_f
+        i, f = i + peep_i, f + peep_f
         _keep(signals, peep_i=peep_i, peep_f=peep_f)
-    i = torch.sigmoid(i)
-    f = torch.sigmoid(f)
-    g = torch.tanh(g)
+    i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
     c_new = f * c + i * g
     if peephole is not None:  # o peeks at the new cell
         peep_o = peephole[2] * c_new
@@ -122,6 +116,20 @@ def lstm_step(
         c_new = zoneout[0] * c + (1 - zoneout[0]) * c_new
         h_new = zoneout[1] * h + (1 - zoneout[1]) * h_new
     return Gates(i, f, g, o, c_new, h_new)
+
+
+def preactivations(x: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
+                   bias_hh: Tensor | None = None, *, ln_gates: Tensor | None = None,
+                   recurrent_mask: Tensor | None = None) -> Tensor:
+    """The gates' pre-activations (B, 4H) of one step: x2h + h2h + both biases, the variants' way."""
+    h_in = h if recurrent_mask is None else h * recurrent_mask  # variational recurrent dropout
+    if ln_gates is None:
+        gates = x @ weight_ih.T + h_in @ weight_hh.T  # (B, 4H): x2h and h2h of the textbook
+    else:  # LayerNorm-LSTM: each product normalised on its own, gain only
+        gates = layer_norm(x @ weight_ih.T, ln_gates[0]) + layer_norm(h_in @ weight_hh.T, ln_gates[1])
+    if bias_ih is not None:
+        gates = gates + bias_ih + bias_hh
+    return gates
 
 
 def _keep(signals: dict[str, Tensor] | None, **terms: Tensor) -> None:
@@ -145,29 +153,25 @@ def reference_layer(
     bias_hh: Tensor | None,
     weight_hr: Tensor | None = None,
     batch_sizes: Tensor | None = None,
-    *,
-    ln_gates: Tensor | None = None,
-    ln_cell: Tensor | None = None,
-    peephole: Tensor | None = None,
-    recurrent_mask: Tensor | None = None,
-    zoneout_mask: Tensor | None = None,
+    **variant: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run the cell over every step of x (T, B, I); the ground truth for every other backend.
 
     Returns (out (T, B, P), h_T, c_T). With ``batch_sizes`` (a packed batch, longest first, laid out padded) step t
-    updates only the first ``batch_sizes[t]`` rows: the others keep their final state and output zeros. The variant
-    arguments are :func:`lstm_step`'s; ``zoneout_mask`` (2, T, B, H) holds (z_c, z_h) of every step.
+    updates only the first ``batch_sizes[t]`` rows: the others keep their final state and output zeros. ``variant``
+    holds the variant arguments by their names in :mod:`lstmlab.nn.variants` (None = off), handed to
+    :func:`lstm_step` step by step; ``zoneout_mask`` (2, T, B, H) holds (z_c, z_h) of every step.
     """
+    unknown = set(variant) - {arg.name for arg in ARGS}
+    if unknown:
+        raise TypeError(f"reference_layer: unexpected keyword arguments {sorted(unknown)}")
+    variant_args = [arg for arg in ARGS if variant.get(arg.name) is not None]
     sizes = None if batch_sizes is None else batch_sizes.tolist()
     outputs = []
     for t, x_t in enumerate(x.unbind(0)):  # (B, I) per step
         n = x.shape[1] if sizes is None else min(sizes[t], x.shape[1])
-        step = lstm_step(
-            x_t[:n], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-            ln_gates=ln_gates, ln_cell=ln_cell, peephole=peephole,
-            recurrent_mask=None if recurrent_mask is None else recurrent_mask[:n],
-            zoneout=None if zoneout_mask is None else (zoneout_mask[0, t, :n], zoneout_mask[1, t, :n]),
-        )
+        own = {arg.step_name or arg.name: _at_step(arg.per, variant[arg.name], t, n) for arg in variant_args}
+        step = lstm_step(x_t[:n], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, **own)
         if n == x.shape[1]:
             h, c = step.h, step.c
             outputs.append(h)
@@ -177,6 +181,15 @@ def reference_layer(
     if not outputs:
         return x.new_zeros(0, x.shape[1], h.shape[1]), h, c
     return torch.stack(outputs), h, c  # (T, B, P), (B, P), (B, H)
+
+
+def _at_step(per: str, value: Tensor, t: int, n: int) -> Tensor | tuple[Tensor, Tensor]:
+    """What step t of a layer with n live rows reads of a variant argument (see :class:`~lstmlab.nn.variants.Arg`)."""
+    if per == "row":
+        return value[:n]
+    if per == "step":
+        return value[0, t, :n], value[1, t, :n]
+    return value
 
 
 def check_variant(cell: str, zoneout: float | tuple[float, float], recurrent_dropout: float,
@@ -291,48 +304,48 @@ class LSTMCell(nn.Module):
         return step.h, step.c
 
     def extra_repr(self) -> str:
-        return variant_repr(self.cell, self.zoneout, self.recurrent_dropout)
+        return variant_repr(self.cell, zoneout=self.zoneout, recurrent_dropout=self.recurrent_dropout)
 
 
 def variant_parameter_shapes(cell: str, hidden_size: int, suffix: str = "") -> list[tuple[str, int]]:
-    """The extra parameters a cell variant adds (name, size), in registration order."""
-    H = hidden_size
-    if cell == "layernorm":
-        return [(f"ln_ih_weight{suffix}", 4 * H), (f"ln_hh_weight{suffix}", 4 * H), (f"ln_c_weight{suffix}", H),
-                (f"ln_c_bias{suffix}", H)]
-    if cell == "peephole":
-        return [(f"weight_ci{suffix}", H), (f"weight_cf{suffix}", H), (f"weight_co{suffix}", H)]
-    return []
+    """The extra parameters a cell variant adds (name, size), in registration order (its table entry's)."""
+    return parameter_shapes(cell, hidden_size, suffix)
+
+
+_INITS = {p.name: p.init for v in VARIANTS for p in v.params}
+_LAYER_SUFFIX = re.compile(r"_l\d+(_reverse)?$")  # nn.LSTM's per-layer names: weight_ci_l0, weight_ci_l1_reverse
 
 
 def reset_variant_parameters(module: nn.Module) -> None:
-    """LayerNorm gains 1 and biases 0 (Ba et al.); peepholes 0, so that a fresh peephole cell computes exactly
-    the plain LSTM of its standard weights (nn.LSTM's weights load into it unchanged) and learns its peepholes
-    from there (their gradient, dz * c, is not zero)."""
+    """Every variant parameter to its table entry's value: LayerNorm gains 1 and biases 0 (Ba et al.); peepholes
+    0, so that a fresh peephole cell computes exactly the plain LSTM of its standard weights (nn.LSTM's weights
+    load into it unchanged) and learns its peepholes from there (their gradient, dz * c, is not zero)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.startswith(("ln_ih_weight", "ln_hh_weight", "ln_c_weight")):
-                p.fill_(1.0)
-            elif name.startswith(("ln_c_bias", "weight_ci", "weight_cf", "weight_co")):
-                p.zero_()
+            init = _INITS.get(_LAYER_SUFFIX.sub("", name))
+            if init is not None:
+                p.fill_(init)
 
 
 def variant_tensors(module: nn.Module, suffix: str) -> dict[str, Tensor | None]:
-    """lstm_step's ``ln_gates``, ``ln_cell`` and ``peephole`` stacked from a module's parameters (None if absent)."""
-    def stack(*names: str) -> Tensor | None:
+    """Every learned variant argument (``peephole``, ``ln_gates``, ``ln_cell``...) stacked from a module's
+    parameters, None where the module has none."""
+    def stack(names: list[str]) -> Tensor | None:
         params = [getattr(module, name + suffix, None) for name in names]
         return None if params[0] is None else torch.stack(params)
 
-    return {"ln_gates": stack("ln_ih_weight", "ln_hh_weight"), "ln_cell": stack("ln_c_weight", "ln_c_bias"),
-            "peephole": stack("weight_ci", "weight_cf", "weight_co")}
+    return {arg.name: stack([p.name for p in arg.params]) for arg in LEARNED}
 
 
-def variant_repr(cell: str, zoneout: tuple[float, float], recurrent_dropout: float) -> str:
+def variant_repr(cell: str, **regularisers: float | tuple[float, float]) -> str:
+    """The variant part of a module's repr: ``cell='peephole', zoneout=0.1, recurrent_dropout=0.2`` (what is on)."""
     parts = [] if cell == "lstm" else [f"cell={cell!r}"]
-    if any(zoneout):
-        parts.append(f"zoneout={zoneout[0] if zoneout[0] == zoneout[1] else zoneout}")
-    if recurrent_dropout:
-        parts.append(f"recurrent_dropout={recurrent_dropout}")
+    for v in VARIANTS:
+        value = regularisers.get(v.name) if v.kind == "regulariser" else None
+        if isinstance(value, tuple) and len(set(value)) == 1:
+            value = value[0]  # a pair of equal probabilities reads as one
+        if value:
+            parts.append(f"{v.name}={value}")
     return ", ".join(parts)
 
 

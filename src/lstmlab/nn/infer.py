@@ -159,7 +159,7 @@ def infer_layer(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
     does not apply here (:func:`applies`; the caller then runs its own loops). ``threads`` and ``split`` are the
     op's tuning knobs (0: let it decide; see csrc/lstm_infer.cpp). ``torch_kernel``: where nn.LSTM's own kernel is
     faster (:data:`TORCH_KERNEL_MIN_BATCH`), run that instead. An error of the op propagates: the caller's guard
-    (``fused._guarded``) reports it once and recomputes the call on the Python loops."""
+    (``fused.choose._guarded``) reports it once and recomputes the call on the Python loops."""
     if not applies(native, x, (h0, c0, weight_ih, weight_hh, bias_ih, bias_hh), weight_hr):
         return None
     if torch_kernel and _torch_kernel_wins(native, x, bias_ih, bias_hh, batch_sizes):

@@ -155,7 +155,7 @@ class LSTM(nn.RNNBase):
         return variant_tensors(self, f"_l{layer}" + ("_reverse" if direction == 1 else ""))
 
     def extra_repr(self) -> str:
-        variant = variant_repr(self.cell, self.zoneout, self.recurrent_dropout)
+        variant = variant_repr(self.cell, zoneout=self.zoneout, recurrent_dropout=self.recurrent_dropout)
         return super().extra_repr() + f", backend={self.backend!r}" + (f", {variant}" if variant else "")
 
     def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):  # noqa: ANN201

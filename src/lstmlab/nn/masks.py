@@ -73,7 +73,7 @@ def zoneout_mask_torch(seed: int, z_c: float, z_h: float, steps: int, rows: int,
 def _zoneout_mask(seed: int, z_c: float, z_h: float, steps: int, rows: int, units: int, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
     """The mask on the native library when it is built and takes this device and dtype, else in torch."""
-    from lstmlab.nn import _native  # on first use: see fused._loader
+    from lstmlab.nn import _native  # on first use: see fused.choose._loader
 
     native = None
     if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64):
