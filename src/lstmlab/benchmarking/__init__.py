@@ -27,7 +27,6 @@ from lstmlab.benchmarking.harness import benchmark, grid_benchmark
 from lstmlab.benchmarking.settings import (
     ALLOCATORS,
     BACKENDS,
-    CELLS,
     GRID,
     GRID_BACKENDS,
     INFERENCE_MODES,
@@ -40,5 +39,5 @@ from lstmlab.benchmarking.settings import (
 )
 from lstmlab.benchmarking.tables import format_grid, format_table
 
-__all__ = ["ALLOCATORS", "BACKENDS", "CELLS", "GRID", "GRID_BACKENDS", "INFERENCE_MODES", "MODES", "NAMES", "PLAIN",
+__all__ = ["ALLOCATORS", "BACKENDS", "GRID", "GRID_BACKENDS", "INFERENCE_MODES", "MODES", "NAMES", "PLAIN",
            "SERVING", "VARIANTS", "benchmark", "format_grid", "format_table", "grid_benchmark", "variant_label"]

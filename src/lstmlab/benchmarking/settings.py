@@ -26,7 +26,6 @@ GRID: tuple[tuple[str, int, int, int, int, int, bool], ...] = (
 GRID_BACKENDS = ("fused", "torch")
 NAMES = {"fused": "lstmlab", "torch": "nn.LSTM", "reference": "reference", "int8": "int8 dynamic",
          "onnxruntime": "onnxruntime"}
-CELLS = ("lstm", "peephole", "layernorm")  # lstmlab.nn.cell.CELLS, without importing torch for --help
 # --variants: (cell, zoneout, recurrent_dropout) of each variant alone, then two combinations of them
 VARIANTS: tuple[tuple[str, float | tuple[float, float], float], ...] = (
     ("layernorm", 0.0, 0.0),

@@ -17,7 +17,6 @@ from typing import Any
 from lstmlab.benchmarking import (
     ALLOCATORS,
     BACKENDS,
-    CELLS,
     GRID_BACKENDS,
     SERVING,
     VARIANTS,
@@ -30,6 +29,7 @@ from lstmlab.benchmarking import (
 from lstmlab.config.schema import zoneout_arg
 from lstmlab.errors import LstmlabError
 from lstmlab.files import atomic_write_text
+from lstmlab.nn.variants import CELLS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

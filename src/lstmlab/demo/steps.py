@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from lstmlab.nn.variants import SIGNALS
+
 
 @dataclass
 class StepData:
@@ -65,11 +67,10 @@ def _font(size: int):
 
 
 STEP_PANEL = (168, 128)  # width (time) x height (units) of each gate's panel in the step view, in pixels
-# the step view's panel labels, short enough for a panel's width with ": mean +0.00" after them
+# the step view's panel labels, short enough for a panel's width with ": mean +0.00" after them; a variant's
+# own terms are labelled in its table entry
 STEP_LABELS = {"i": "i input gate", "f": "f forget gate", "g": "g candidate", "o": "o output gate",
-               "c": "c cell (memory)", "h": "h hidden state", "z_f": "z_f f pre-act.", "c_norm": "LN(c')",
-               "peep_i": "peephole p_i·c", "peep_f": "peephole p_f·c", "peep_o": "peephole p_o·c'",
-               "zone_c": "zoneout on c", "zone_h": "zoneout on h"}
+               "c": "c cell (memory)", "h": "h hidden state", **{s.name: s.label for s in SIGNALS if s.label}}
 
 
 def step_caption(data: StepData, step: int) -> str:
