@@ -6,10 +6,14 @@
 #include <cstdint>
 #include <cstring>
 
+// Always inlined into the loops, where they vectorise: left to its budget, GCC may call them out of line once a
+// translation unit holds many loops, which is slower and rounds differently.
+#define LSTMLAB_INLINE inline __attribute__((always_inline))
+
 namespace lstmlab {
 
 // exp(x) for float, Cephes-style: 2^n * p(r), r = x - n ln2; error ~1-2 ulp, no branches so it vectorises.
-inline float exp_f(float x) {
+LSTMLAB_INLINE float exp_f(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // keep 2^n a normal float (and NaN-free min/max vectorise)
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
@@ -27,16 +31,16 @@ inline float exp_f(float x) {
   return p * scale;
 }
 
-inline double exp_f(double x) { return std::exp(x); }
+LSTMLAB_INLINE double exp_f(double x) { return std::exp(x); }
 
 template <typename T>
-inline T sigmoid(T x) {
+LSTMLAB_INLINE T sigmoid(T x) {
   return T(1) / (T(1) + exp_f(-x));
 }
 
 // tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}); absolute error ~1e-7 in float near 0.
 template <typename T>
-inline T tanh_(T x) {
+LSTMLAB_INLINE T tanh_(T x) {
   const T a = x < T(0) ? -x : x;
   const T e = exp_f(T(-2) * a);
   const T t = (T(1) - e) / (T(1) + e);
@@ -44,14 +48,14 @@ inline T tanh_(T x) {
 }
 
 template <>
-inline double tanh_(double x) {
+LSTMLAB_INLINE double tanh_(double x) {
   return std::tanh(x);
 }
 
 // tanh with a small RELATIVE error everywhere (~2 ulp): tanh_'s (1 - e) / (1 + e) cancels near 0, where its error is
 // ~1e-7 absolute, which a LayerNorm of nearly equal values (1/std up to 316) would amplify. Below |x| = 0.625 an odd
 // minimax polynomial (Cephes' tanhf), above it tanh_'s formula; both are computed and one selected, so it vectorises.
-inline float tanh_accurate(float x) {
+LSTMLAB_INLINE float tanh_accurate(float x) {
   const float a = x < 0.0f ? -x : x;
   const float z = x * x;
   const float p = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
@@ -61,6 +65,6 @@ inline float tanh_accurate(float x) {
   return a < 0.625f ? p : (x < 0.0f ? -t : t);
 }
 
-inline double tanh_accurate(double x) { return std::tanh(x); }
+LSTMLAB_INLINE double tanh_accurate(double x) { return std::tanh(x); }
 
 }  // namespace lstmlab

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lstm_args.h"
 #include "lstm_blocks.h"
 #include "lstm_gemm.h"
 #include "lstm_math.h"
@@ -112,9 +113,17 @@ void backward_pointwise(const T* acts, T* dgates, const T* __restrict c_prev,
   }
 }
 
-void check_inputs(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "lstmlab_native: ", name, " must be on the CPU");
-  TORCH_CHECK(t.is_contiguous(), "lstmlab_native: ", name, " must be contiguous");
+// One backward step's pointwise pass over its rows [b0, b1) (do_t: null when no gradient comes from the output).
+template <typename T>
+void backward_rows(const T* a_t, T* dg_t, const T* c_prev, const T* tc_t, const T* dh_t, const T* do_t, T* dc_t,
+                   int64_t b0, int64_t b1, int64_t H) {
+  if (do_t != nullptr) {
+    backward_pointwise<T, true>(a_t + b0 * 4 * H, dg_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H, dh_t + b0 * H,
+                                do_t + b0 * H, dc_t + b0 * H, b1 - b0, H);
+  } else {
+    backward_pointwise<T, false>(a_t + b0 * 4 * H, dg_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H,
+                                 dh_t + b0 * H, nullptr, dc_t + b0 * H, b1 - b0, H);
+  }
 }
 
 // The forward pass over all steps. xh (T, B, K) holds row t = [h_{t-1} | x_t | 1 | 0...] with h_0 in place and
@@ -125,7 +134,7 @@ void check_inputs(const at::Tensor& t, const char* name) {
 void lstm_forward(at::Tensor xh, const at::Tensor& c0, const at::Tensor& w, at::Tensor gates, at::Tensor out,
                   at::Tensor cs, at::Tensor tcs, const c10::optional<at::Tensor>& batch_sizes) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&xh, &c0, &w, &gates, &out, &cs, &tcs}) {
-    check_inputs(*t, "every tensor");
+    lstmlab::check_cpu_contiguous(*t, "every tensor");
   }
   const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4, K = xh.size(2);
   TORCH_CHECK(xh.size(0) == T && xh.size(1) == B && w.size(0) == 4 * H && w.size(1) == K && K >= H,
@@ -172,10 +181,10 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
                    at::Tensor dh, at::Tensor dc, bool need_dh0, const c10::optional<at::Tensor>& batch_sizes) {
   const bool has_out = d_out.has_value() && d_out->defined();
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&acts, &dgates, &cs, &tcs, &c0, &dh, &dc}) {
-    check_inputs(*t, "every tensor");
+    lstmlab::check_cpu_contiguous(*t, "every tensor");
   }
   if (has_out) {
-    check_inputs(*d_out, "d_out");
+    lstmlab::check_cpu_contiguous(*d_out, "d_out");
   }
   const int64_t T = acts.size(0), B = acts.size(1), H = acts.size(2) / 4;
   TORCH_CHECK(dgates.sizes() == acts.sizes(), "lstmlab_native.backward: dgates must be shaped like acts (or be it)");
@@ -207,13 +216,7 @@ void lstm_backward(const at::Tensor& acts, at::Tensor dgates, const at::Tensor& 
         const scalar_t* const do_t = has_out ? dop + (t * B + r0) * H : nullptr;
         scalar_t* const dc_t = dcp + r0 * H;
         over_rows(n, H, [&](int64_t b0, int64_t b1) {
-          if (do_t != nullptr) {
-            backward_pointwise<scalar_t, true>(a_t + b0 * 4 * H, dg_t + b0 * 4 * H, c_prev + b0 * H, tc_t + b0 * H,
-                                               dh_t + b0 * H, do_t + b0 * H, dc_t + b0 * H, b1 - b0, H);
-          } else {
-            backward_pointwise<scalar_t, false>(a_t + b0 * 4 * H, dg_t + b0 * 4 * H, c_prev + b0 * H,
-                                                tc_t + b0 * H, dh_t + b0 * H, nullptr, dc_t + b0 * H, b1 - b0, H);
-          }
+          backward_rows(a_t, dg_t, c_prev, tc_t, dh_t, do_t, dc_t, b0, b1, H);
         });
         if (t > 0 || need_dh0) {
           if (n < rows) {  // rows past this step keep their dh: carry them into the buffer that becomes cur
