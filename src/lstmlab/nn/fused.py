@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lstmlab.nn.cell import LN_EPS, reference_layer
-from lstmlab.nn.infer import infer_layer
+from lstmlab.nn.infer import infer_layer, train_backward, train_forward
 from lstmlab.nn.masks import nothing_traces, zoneout_mask_torch, zoneout_thresholds
 
 _T = TypeVar("_T")
@@ -328,7 +328,8 @@ def _layer_forward(
     if T and B:
         if native is not None:
             sizes = batch_sizes.to(torch.int64).contiguous() if packed else None
-            native.forward(xh, c0.contiguous(), w, acts, out, cs, tcs, sizes)
+            if not train_forward(native, x, xh, c0, weight_ih, weight_hh, bias_ih, bias_hh, acts, out, cs, tcs, sizes):
+                native.forward(xh, c0.contiguous(), w, acts, out, cs, tcs, sizes)
         else:
             _forward_steps(xh, c0, w, weight_hr, acts, out, cs, tcs, batch_sizes)
     h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
@@ -445,7 +446,9 @@ def _backward_impl(
         d_out = None if d_out is None else d_out.contiguous()
         if native is not None:
             sizes = batch_sizes.to(torch.int64).contiguous() if packed else None
-            native.backward(acts, dG, cs, tcs, c0.contiguous(), weight_hh.contiguous(), d_out, dh, dc, need_h0, sizes)
+            if not train_backward(native, acts, dG, cs, tcs, c0, weight_hh, d_out, dh, dc, need_h0, sizes):
+                native.backward(acts, dG, cs, tcs, c0.contiguous(), weight_hh.contiguous(), d_out, dh, dc, need_h0,
+                                sizes)
         else:
             dH = _backward_steps(acts, cs, tcs, c0, weight_hh, weight_hr, d_out, dh, dc, dG, batch_sizes)
     dG2 = dG.view(T * B, H4)  # (T*B, 4H)
