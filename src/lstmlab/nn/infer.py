@@ -196,3 +196,34 @@ def train_backward(native: Any, acts: Tensor, dG: Tensor, cs: Tensor, tcs: Tenso
         w_cols = native.pack_columns(weight_hh.detach())
     native.train_backward(acts, dG, cs, tcs, c0.contiguous(), w_cols, d_out, dh, dc, need_h0)
     return True
+
+
+def bidirectional_layer(layer_fn: Any, x: Tensor, h0: Tensor, c0: Tensor, forward: list[Tensor | None],
+                        backward: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Both directions of a plain bidirectional layer of the fused backend in one call of the forward-only loop, one
+    thread per direction (``lstmlab_native::infer_bidir``): out (T, B, 2H), h_T, c_T (2, B, H); None where it does
+    not apply (another backend, a call that keeps a graph for backward, a projection, a packed batch, ...: the
+    caller then runs each direction as before)."""
+    from lstmlab.nn import fused
+
+    if len(forward) == 5 and forward[4] is None and len(backward) == 5 and backward[4] is None:
+        forward, backward = forward[:4], backward[:4]  # (W_ih, W_hh, b_ih, b_hh, W_hr) without a projection
+    if layer_fn is not fused.fused_layer or len(forward) != 4 or len(backward) != 4 or x.dim() != 3:
+        return None
+    tensors = (x, h0, c0, *forward, *backward)
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) or \
+            fused._under_functorch(*(t for t in tensors if t is not None)):
+        return None
+    native = fused._native_for(x)
+    if not applies(native, x, tensors, None) or not hasattr(native, "infer_bidir") or h0.shape[0] != 2 or \
+            _torch_kernel_wins(native, x, forward[2], forward[3], None):  # there nn.LSTM's kernel per direction
+        return None
+    packed = [_PACKED.get(native, *weights) for weights in (forward, backward)]
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    try:
+        return native.infer_bidir(x, h0.contiguous(), c0.contiguous(), [p[0] for p in packed], [p[1] for p in packed],
+                                  [p[2] for p in packed])
+    except Exception as e:  # noqa: BLE001 - as fused._guarded: one warning line, the Python loops from here on
+        fused._loader().fail("the forward", e)
+        return None

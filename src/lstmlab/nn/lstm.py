@@ -31,6 +31,7 @@ from lstmlab.nn.cell import (
     variant_repr,
     variant_tensors,
 )
+from lstmlab.nn.infer import bidirectional_layer
 from lstmlab.nn.masks import recurrent_dropout_mask, zoneout_masks
 
 # (x (T, B, I), h0 (B, P), c0 (B, H), w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> (out (T, B, P), h_T, c_T)
@@ -259,6 +260,14 @@ class LSTM(nn.RNNBase):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)  # between layers, as nn.LSTM
             outs = []
+            k = layer * self.num_directions
+            both = None if variant or batch_sizes is not None or self.num_directions != 2 else \
+                bidirectional_layer(layer_fn, x, hx[0][k : k + 2], hx[1][k : k + 2], weights[k], weights[k + 1])
+            if both is not None:  # one call runs both directions (lstmlab.nn.infer)
+                x, h, c = both
+                h_n.extend(h.unbind(0))
+                c_n.extend(c.unbind(0))
+                continue
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
                 seq = x if direction == 0 else _reversed(x, reverse if batch_sizes is not None else None)

@@ -312,8 +312,16 @@ struct Forward {
   T *c, *out;
   T *acts = nullptr, *cs = nullptr, *tcs = nullptr, *xh = nullptr;
   int64_t K = 0;
+  int64_t ho = 0;    // out's row stride (0: H); 2H when a bidirectional layer's two directions share out
+  bool rev = false;  // run backwards in time (inference only): step s is time steps - 1 - s
 
-  const T* h_prev(int64_t t) const { return t == 0 ? h0 : out + (t - 1) * B * H; }
+  int64_t out_stride() const { return ho == 0 ? H : ho; }
+  int64_t time(int64_t s) const { return rev ? steps - 1 - s : s; }
+  // row b of h_{t-1} (of h_{t+1} backwards in time)
+  const T* h_row(int64_t t, int64_t b) const {
+    const int64_t prev = rev ? t + 1 : t - 1;
+    return prev < 0 || prev >= steps ? h0 + b * H : out + (prev * B + b) * out_stride();
+  }
   const T* c_prev(int64_t t) const { return acts == nullptr ? c : t == 0 ? c0 : cs + (t - 1) * B * H; }
   T* c_out(int64_t t) const { return acts == nullptr ? c : cs + t * B * H; }
 };
@@ -324,7 +332,7 @@ void store_cell(const Forward<T>& f, int64_t t, int64_t b, int64_t j, int64_t le
   constexpr int64_t U = units<T>();
   const int64_t row = t * f.B + b;
   std::memcpy(f.c_out(t) + b * f.H + j, a + 4 * U, sizeof(T) * len);
-  std::memcpy(f.out + row * f.H + j, a + 6 * U, sizeof(T) * len);
+  std::memcpy(f.out + row * f.out_stride() + j, a + 6 * U, sizeof(T) * len);
   if (f.acts == nullptr) {
     return;
   }
@@ -345,14 +353,13 @@ void step_block(const Forward<T>& f, int64_t t, int64_t r0, int64_t r1, int64_t 
   alignas(64) T cl[U];
   alignas(64) T a[kCellOuts * U];
   const T* rows[kRows];
-  const T* const hp = f.h_prev(t);
   const T* const cp = f.c_prev(t);
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t len = std::min(U, f.H - u * U);
     for (int64_t rb = r0; rb < r1; rb += kRows) {
       const int rr = static_cast<int>(std::min<int64_t>(kRows, r1 - rb));
       for (int r = 0; r < rr; ++r) {
-        rows[r] = hp + (rb + r) * f.H;
+        rows[r] = f.h_row(t, rb + r);
       }
       tile_rows<T>(rr, rows, f.H, f.whh + u * f.H * 4 * U, f.xp + ((t * f.B + rb) * f.NU + u) * 4 * U,
                    f.NU * 4 * U, g, 4 * U);
@@ -454,10 +461,10 @@ void recurrence(const Forward<T>& f, int64_t threads, int64_t split) {
   team = std::max<int64_t>(1, std::min(team, by_rows ? B : NU));
   if (by_rows && team > 1) {
     run_rows(B, team, [&](int64_t r0, int64_t r1) {
-      for (int64_t t = 0; t < steps; ++t) {
-        const int64_t end = std::min(r1, live(f.sizes, t, B));
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t t = f.time(s), end = std::min(r1, live(f.sizes, t, B));
         if (end <= r0) {
-          break;  // live rows only shrink with t
+          break;  // live rows only shrink with t (no packed batch backwards in time)
         }
         step_block<T>(f, t, r0, end, 0, NU);
       }
@@ -467,7 +474,8 @@ void recurrence(const Forward<T>& f, int64_t threads, int64_t split) {
   // unit blocks per task: enough work to pay for its two shared-counter updates
   const int64_t chunk = team == 1 ? NU : std::min(NU, std::max<int64_t>(1, kTaskWork / (B * f.H * 4 * units<T>())));
   const int64_t per_step = (NU + chunk - 1) / chunk;
-  run_tasks(steps, per_step, team, [&](int64_t t, int64_t j) {
+  run_tasks(steps, per_step, team, [&](int64_t s, int64_t j) {
+    const int64_t t = f.time(s);
     step_block<T>(f, t, 0, live(f.sizes, t, B), j * chunk, std::min(NU, (j + 1) * chunk));
   });
 }
@@ -579,6 +587,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& x, c
                         c0.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()};
     run_forward<scalar_t>(f, x, w_ih, w_hh, bias, threads, split);
     last_h<scalar_t>(f.h0, f.out, sizes, T, B, H, h_T.data_ptr<scalar_t>());
+  });
+  return {out, h_T, c};
+}
+
+// Both directions of a bidirectional layer in one call, each on a thread of its own (one thread each, so nothing
+// waits on anything per step), out (T, B, 2H) written in place: forward direction in columns [0, H), backward in
+// [H, 2H), as nn.LSTM lays them out. x (T, B, I) with unit stride in I; h0, c0 (2, B, H); the packed weights of
+// each direction. Returns out, h_T, c_T (2, B, H). Not for packed batches.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer_bidir(const at::Tensor& x, const at::Tensor& h0,
+                                                                const at::Tensor& c0, at::TensorList w_ih,
+                                                                at::TensorList w_hh,
+                                                                const c10::List<c10::optional<at::Tensor>>& bias) {
+  TORCH_CHECK(w_ih.size() == 2 && w_hh.size() == 2 && bias.size() == 2 && h0.dim() == 3 && h0.size(0) == 2 &&
+                  h0.sizes() == c0.sizes() && h0.is_contiguous() && c0.is_contiguous() &&
+                  h0.scalar_type() == x.scalar_type(),
+              "lstmlab_native.infer_bidir: two directions' weights, h0 and c0 contiguous (2, B, H)");
+  const int64_t T = x.size(0), B = x.size(1), H = c0.size(2);
+  const c10::optional<at::Tensor> b[2] = {bias.get(0), bias.get(1)};
+  for (int d = 0; d < 2; ++d) {
+    check_forward(x, c0.select(0, d), w_ih[d], w_hh[d], b[d]);
+  }
+  at::Tensor out = at::empty({T, B, 2 * H}, x.options());
+  at::Tensor c = c0.clone();
+  at::Tensor h_T = at::empty({2, B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstmlab_infer_bidir", [&] {
+    constexpr int64_t U = units<scalar_t>();
+    auto direction = [&](int64_t d) {
+      Forward<scalar_t> f{T, B, H, (H + U - 1) / U, nullptr, nullptr, nullptr, h0.data_ptr<scalar_t>() + d * B * H,
+                          nullptr, c.data_ptr<scalar_t>() + d * B * H, out.data_ptr<scalar_t>() + d * H};
+      f.ho = 2 * H;
+      f.rev = d == 1;
+      run_forward<scalar_t>(f, x, w_ih[d], w_hh[d], b[d], 1, 0);
+      for (int64_t r = 0; r < B; ++r) {  // h_T: the last step run, time T-1 forwards, 0 backwards
+        std::memcpy(h_T.data_ptr<scalar_t>() + (d * B + r) * H, f.h_row(f.time(T - 1) + (f.rev ? -1 : 1), r),
+                    sizeof(scalar_t) * H);
+      }
+    };
+    run_rows(2, team_for(B * H * 4 * H, 0) > 1 ? 2 : 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1; ++d) {
+        direction(d);
+      }
+    });
   });
   return {out, h_T, c};
 }
@@ -721,6 +771,9 @@ TORCH_LIBRARY_FRAGMENT(lstmlab_native, m) {
       "infer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? batch_sizes, "
       "int threads=0, int split=0) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "infer_bidir(Tensor x, Tensor h0, Tensor c0, Tensor[] w_ih, Tensor[] w_hh, Tensor?[] bias) -> (Tensor, Tensor, "
+      "Tensor)");
+  m.def(
       "train_forward(Tensor x, Tensor(a!) xh, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor(b!) acts, "
       "Tensor(c!) out, Tensor(d!) cs, Tensor(e!) tcs, Tensor? batch_sizes, int threads=0, int split=0) -> ()");
   m.def(
@@ -732,6 +785,7 @@ TORCH_LIBRARY_IMPL(lstmlab_native, CPU, m) {
   m.impl("pack_weights", &pack_weights);
   m.impl("pack_columns", &pack_columns);
   m.impl("infer", &lstm_infer);
+  m.impl("infer_bidir", &lstm_infer_bidir);
   m.impl("train_forward", &lstm_train_forward);
   m.impl("train_backward", &lstm_train_backward);
 }
