@@ -314,14 +314,13 @@ def _layer_forward(
     H4, P = weight_hh.shape
     H = H4 // 4
     bias = _bias(bias_ih, bias_hh)
-    w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
     packed = batch_sizes is not None
 
     def new(*shape: int) -> Tensor:
         buf = _cache().empty(shape, x) if save else x.new_empty(shape)
         return buf.zero_() if packed else buf  # a packed step leaves rows untouched: they must read as zeros
 
-    xh = _input_rows(x, h0, w.shape[1], bias is not None, new)
+    xh = _input_rows(x, h0, _width(P, n_in, bias is not None), bias is not None, new)
     acts, cs, tcs = new(T, B, H4), new(T, B, H), new(T, B, H)
     out = new(T, B, P)
     native = _native_for(x) if weight_hr is None else None  # the compiled loops have no projection
@@ -329,9 +328,11 @@ def _layer_forward(
         if native is not None:
             sizes = batch_sizes.to(torch.int64).contiguous() if packed else None
             if not train_forward(native, x, xh, c0, weight_ih, weight_hh, bias_ih, bias_hh, acts, out, cs, tcs, sizes):
+                w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
                 native.forward(xh, c0.contiguous(), w, acts, out, cs, tcs, sizes)
         else:
-            _forward_steps(xh, c0, w, weight_hr, acts, out, cs, tcs, batch_sizes)
+            _forward_steps(xh, c0, _stacked_weights(weight_ih, weight_hh, bias), weight_hr, acts, out, cs, tcs,
+                           batch_sizes)
     h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
     if T == 0:
         h_T, c_T = h0.clone(), c0.clone()
