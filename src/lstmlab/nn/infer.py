@@ -164,8 +164,11 @@ def infer_layer(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
 # Training steps below this batch size run the step loops of csrc/lstm_infer.cpp: x @ W_ih^T for all steps in one
 # product, then per step only h @ W_hh^T, its hidden units split over the threads (each reads its share of W_hh,
 # which stays in its core's cache) with the cell fused in, and the backward split the same way over columns of
-# W_hh. From this size lstm_native.cpp's row blocks (one per thread, lstm_blocks.h) take over.
-TRAIN_MAX_BATCH = 32
+# W_hh. From this size lstm_native.cpp's row blocks (one per thread, lstm_blocks.h) take over: A/B in one process
+# on a 2-core AMD EPYC Zen 4 (AVX-512, oneDNN GEMM), x nn.LSTM with these loops / with the row blocks: B=16
+# 0.90-0.95 / 0.78-0.80, B=32 bidirectional 1.42-1.46 / 1.30-1.33, B=64 2 layers 1.26 / 1.20, B=128 H=512
+# 1.18 / 1.21, B=256 1.40 / 1.83.
+TRAIN_MAX_BATCH = 128
 
 
 def _train_loops(native: Any, x: Tensor) -> bool:
