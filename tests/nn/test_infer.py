@@ -12,7 +12,7 @@ from torch import nn
 
 from lstmlab import LSTM
 from lstmlab.benchmarking import GRID
-from lstmlab.nn import _native, infer, selftest
+from lstmlab.nn import _native, fused, infer, selftest
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SHORT_T = 4
@@ -65,6 +65,57 @@ def test_training_step_equals_nn_lstm_on_the_grid(native_ops, shape: tuple) -> N
             grads = torch.autograd.grad(loss, list(model.parameters()))
         results.append([out, h, c, *grads])
     _assert_close(*results, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("loops", ["small-batch", "row-blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 7, 40, 2, True), (16, 64, 256, 1, False), (1, 5, 17, 1, False)],
+                         ids=lambda s: "B{}-I{}-H{}-L{}-{}".format(*s[:4], "bi" if s[4] else "uni"))
+def test_training_on_either_step_loops_equals_nn_lstm(native_ops, shape: tuple, dtype: torch.dtype, loops: str,  # noqa: ANN001
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training path below TRAIN_MAX_BATCH (lstm_infer.cpp's train_forward/train_backward) and above it
+    (lstm_native.cpp's row blocks): outputs and the gradients of x, (h_0, c_0) and every parameter, from a given
+    state, H=40 and 17 leaving a partial block at every vector width."""
+    monkeypatch.setattr(infer, "TRAIN_MAX_BATCH", 1 << 30 if loops == "small-batch" else 0)
+    B, I, H, layers, bidirectional = shape  # noqa: E741
+    ours, theirs = _pair(I, H, layers, bidirectional, dtype)
+    states = layers * (2 if bidirectional else 1)
+    x = torch.randn(B, SHORT_T, I, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(states, B, H, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(states, B, H, dtype=dtype, requires_grad=True)
+    results = []
+    for model in (ours, theirs):
+        with using(native_ops):
+            out, (h, c) = model(x, (h0, c0))
+            loss = out.sin().sum() + h.square().sum() + 2 * c.sum()
+            grads = torch.autograd.grad(loss, [x, h0, c0, *model.parameters()])
+        results.append([out, h, c, *grads])
+    _assert_close(*results, 1e-4 if dtype == torch.float32 else TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bidirectional_inference_runs_both_directions_in_one_call(native_ops, dtype: torch.dtype,  # noqa: ANN001
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain bidirectional layer in inference runs on lstmlab_native::infer_bidir, and equals nn.LSTM from a given
+    state (H=40: a partial block)."""
+    monkeypatch.setattr(infer, "TORCH_KERNEL_MIN_BATCH", 1 << 30)
+    calls = []
+    real = fused.bidirectional_layer
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        got = real(*args)
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr("lstmlab.nn.lstm.bidirectional_layer", spy)
+    ours, theirs = _pair(7, 40, 2, True, dtype)
+    x = torch.randn(3, 6, 7, dtype=dtype)
+    hx = (torch.randn(4, 3, 40, dtype=dtype), torch.randn(4, 3, 40, dtype=dtype))
+    with torch.inference_mode(), using(native_ops):
+        out, (h, c) = ours.eval()(x, hx)
+        want, (wh, wc) = theirs.eval()(x, hx)
+    _assert_close([out, h, c], [want, wh, wc], TOL[dtype])
+    assert calls == [True, True]  # one call per layer
 
 
 def test_packed_and_reused_weights_follow_the_parameters(native_ops) -> None:  # noqa: ANN001

@@ -170,3 +170,43 @@ def infer_layer(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
         x = x.contiguous()
     sizes = None if batch_sizes is None else batch_sizes.to(torch.int64).contiguous()
     return native.infer(x, h0.contiguous(), c0.contiguous(), w_ih, w_hh, b, sizes, threads, split)
+
+
+# Training steps below this batch size run the step loops of csrc/lstm_infer.cpp: x @ W_ih^T for all steps in one
+# product, then per step only h @ W_hh^T, its hidden units split over the threads (each reads its share of W_hh,
+# which stays in its core's cache) with the cell fused in, and the backward split the same way over columns of
+# W_hh. From this size lstm_native.cpp's row blocks (one per thread, lstm_blocks.h) take over: A/B in one process
+# on a 2-core AMD EPYC Zen 4 (AVX-512, oneDNN GEMM), x nn.LSTM with these loops / with the row blocks: B=16
+# 0.90-0.95 / 0.78-0.80, B=32 bidirectional 1.42-1.46 / 1.30-1.33, B=64 2 layers 1.26 / 1.20, B=128 H=512
+# 1.18 / 1.21, B=256 1.40 / 1.83.
+TRAIN_MAX_BATCH = 128
+
+
+def _train_loops(native: Any, x: Tensor) -> bool:
+    return native is not None and x.dtype in (torch.float32, torch.float64) and x.shape[1] < TRAIN_MAX_BATCH \
+        and hasattr(native, "train_forward")
+
+
+def train_forward(native: Any, x: Tensor, xh: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                  bias_ih: Tensor | None, bias_hh: Tensor | None, acts: Tensor, out: Tensor, cs: Tensor,
+                  tcs: Tensor, sizes: Tensor | None) -> bool:
+    """Fill the training forward's buffers (those of ``lstmlab_native::forward``) on the loops of
+    :data:`TRAIN_MAX_BATCH`, or return False where they do not apply (the caller then runs its own)."""
+    if not _train_loops(native, x):
+        return False
+    w_ih, w_hh, b = _pack(native, weight_ih, weight_hh, bias_ih, bias_hh)
+    native.train_forward(x if x.stride(2) == 1 else x.contiguous(), xh, c0.contiguous(), w_ih, w_hh, b, acts, out,
+                         cs, tcs, sizes)
+    return True
+
+
+def train_backward(native: Any, acts: Tensor, dG: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh: Tensor,
+                   d_out: Tensor | None, dh: Tensor, dc: Tensor, need_h0: bool, sizes: Tensor | None) -> bool:
+    """``lstmlab_native::backward``'s work on the loops of :data:`TRAIN_MAX_BATCH` (not packed batches), or False
+    where they do not apply."""
+    if sizes is not None or not _train_loops(native, acts):
+        return False
+    with torch.no_grad():
+        w_cols = native.pack_columns(weight_hh.detach())
+    native.train_backward(acts, dG, cs, tcs, c0.contiguous(), w_cols, d_out, dh, dc, need_h0)
+    return True

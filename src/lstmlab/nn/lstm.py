@@ -46,6 +46,13 @@ def _layer_backends() -> dict[str, LayerFn]:
     return {"reference": reference_layer, "fused": fused_layer}
 
 
+def bidirectional_layer(*args: object) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`lstmlab.nn.fused.bidirectional_layer` (both directions of a layer in one call, or None), loaded lazily."""
+    from lstmlab.nn.fused import bidirectional_layer as both
+
+    return both(*args)
+
+
 def resolve_backend(name: str, device: torch.device | None = None) -> str:
     """Turn ``auto`` into the fastest backend for this device; check that a named one exists."""
     if name not in BACKENDS:
@@ -259,6 +266,14 @@ class LSTM(nn.RNNBase):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)  # between layers, as nn.LSTM
             outs = []
+            k = layer * self.num_directions
+            both = None if variant or batch_sizes is not None or self.num_directions != 2 else \
+                bidirectional_layer(layer_fn, x, hx[0][k : k + 2], hx[1][k : k + 2], weights[k], weights[k + 1])
+            if both is not None:  # one call runs both directions (lstmlab.nn.infer)
+                x, h, c = both
+                h_n.extend(h.unbind(0))
+                c_n.extend(c.unbind(0))
+                continue
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
                 seq = x if direction == 0 else _reversed(x, reverse if batch_sizes is not None else None)

@@ -32,9 +32,9 @@ is :mod:`lstmlab.nn.selftest`.
 """
 
 from lstmlab.nn.fused.buffers import _BufferCache, release_buffers
-from lstmlab.nn.fused.dispatch import fused_layer
+from lstmlab.nn.fused.dispatch import bidirectional_layer, fused_layer
 from lstmlab.nn.fused.ops import lstm_layer, lstm_layer_backward, lstm_layer_backward_, lstm_variant_layer_backward
 from lstmlab.nn.variants import FUSED_ARGS as VARIANT_ARGS  # the op's variant arguments, in its order
 
-__all__ = ["VARIANT_ARGS", "_BufferCache", "fused_layer", "lstm_layer", "lstm_layer_backward",
+__all__ = ["VARIANT_ARGS", "_BufferCache", "bidirectional_layer", "fused_layer", "lstm_layer", "lstm_layer_backward",
            "lstm_layer_backward_", "lstm_variant_layer_backward", "release_buffers"]

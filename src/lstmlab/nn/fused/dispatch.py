@@ -4,11 +4,15 @@ torch.func, or for a variant no fast loop knows)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from lstmlab.nn.cell import reference_layer
+from lstmlab.nn.fused.choose import _loader, _native_for
 from lstmlab.nn.fused.ops import _EagerLayer, _lstm_layer_impl, _plain_eager
+from lstmlab.nn.infer import _PACKED, _torch_kernel_wins, applies
 from lstmlab.nn.variants import ARG_NAMES, FUSED_ARGS, OWNER
 
 
@@ -69,3 +73,32 @@ def _under_functorch(*tensors: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def bidirectional_layer(layer_fn: Any, x: Tensor, h0: Tensor, c0: Tensor, forward: list[Tensor | None],
+                        backward: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Both directions of a plain bidirectional layer of the fused backend in one call of the forward-only loop, one
+    thread per direction (``lstmlab_native::infer_bidir``): out (T, B, 2H), h_T, c_T (2, B, H); None where it does
+    not apply (another backend, a call that keeps a graph for backward, a projection, a packed batch, ...: the
+    caller then runs each direction as before)."""
+    if len(forward) == 5 and forward[4] is None and len(backward) == 5 and backward[4] is None:
+        forward, backward = forward[:4], backward[:4]  # (W_ih, W_hh, b_ih, b_hh, W_hr) without a projection
+    if layer_fn is not fused_layer or len(forward) != 4 or len(backward) != 4 or x.dim() != 3:
+        return None
+    tensors = (x, h0, c0, *forward, *backward)
+    if not _plain_eager(*tensors) or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                      for t in tensors)):
+        return None  # traced or transformed calls, and calls that keep a graph, take the op per direction
+    native = _native_for(x)
+    if not applies(native, x, tensors, None) or not hasattr(native, "infer_bidir") or h0.shape[0] != 2 or \
+            _torch_kernel_wins(native, x, forward[2], forward[3], None):  # there nn.LSTM's kernel per direction
+        return None
+    packed = [_PACKED.get(native, *weights) for weights in (forward, backward)]
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    try:
+        return native.infer_bidir(x, h0.contiguous(), c0.contiguous(), [p[0] for p in packed], [p[1] for p in packed],
+                                  [p[2] for p in packed])
+    except Exception as e:  # noqa: BLE001 - as choose._guarded: one warning line, the Python loops from here on
+        _loader().fail("the forward", e)
+        return None

@@ -13,6 +13,7 @@ from lstmlab.nn.fused.buffers import _allocator, _cache
 from lstmlab.nn.fused.choose import _mm
 from lstmlab.nn.fused.layout import _input_rows, _last_steps, _stacked_weights, _width
 from lstmlab.nn.fused.variant import Variant, _extra_views, _extra_width, _variant_weight_grads
+from lstmlab.nn.infer import train_backward, train_forward
 from lstmlab.nn.variants import BY_ARG, FUSED_LEARNED
 
 # The learned arguments' column sums variant_backward hands back after db (4H), in csrc/lstm_variants.cpp's order
@@ -28,19 +29,25 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _plain_forward_native(native: Any, xh: Tensor, c0: Tensor, w: Tensor, acts: Tensor, out: Tensor, cs: Tensor,
-                          tcs: Tensor, batch_sizes: Tensor | None) -> None:
+def _plain_forward_native(native: Any, x: Tensor, xh: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                          bias: Tensor | None, acts: Tensor, out: Tensor, cs: Tensor, tcs: Tensor,
+                          batch_sizes: Tensor | None, bias_ih: Tensor | None, bias_hh: Tensor | None) -> None:
     """The plain cell's forward loop (T, B > 0), into the buffers :func:`~lstmlab.nn.fused.plain._plain_forward`
-    allocated."""
-    native.forward(xh, c0.contiguous(), w, acts, out, cs, tcs, _sizes(batch_sizes))
+    allocated: lstm_infer.cpp's step loops below :data:`~lstmlab.nn.infer.TRAIN_MAX_BATCH`, else lstm_native.cpp's
+    row blocks on the stacked [W_hh | W_ih | b]."""
+    sizes = _sizes(batch_sizes)
+    if not train_forward(native, x, xh, c0, weight_ih, weight_hh, bias_ih, bias_hh, acts, out, cs, tcs, sizes):
+        w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
+        native.forward(xh, c0.contiguous(), w, acts, out, cs, tcs, sizes)
 
 
 def _plain_backward_native(native: Any, acts: Tensor, dG: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor,
                            weight_hh: Tensor, d_out: Tensor | None, dh: Tensor, dc: Tensor, need_h0: bool,
                            batch_sizes: Tensor | None) -> None:
-    """The plain cell's backward loop (T, B > 0): dG, and dh, dc in place."""
-    native.backward(acts, dG, cs, tcs, c0.contiguous(), weight_hh.contiguous(), d_out, dh, dc, need_h0,
-                    _sizes(batch_sizes))
+    """The plain cell's backward loop (T, B > 0): dG, and dh, dc in place (on the same loops as the forward)."""
+    sizes = _sizes(batch_sizes)
+    if not train_backward(native, acts, dG, cs, tcs, c0, weight_hh, d_out, dh, dc, need_h0, sizes):
+        native.backward(acts, dG, cs, tcs, c0.contiguous(), weight_hh.contiguous(), d_out, dh, dc, need_h0, sizes)
 
 
 def _native_zoneout(mask: Tensor | None) -> Tensor | None:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lstmlab.nn.fused.buffers import _allocator, _cache
 from lstmlab.nn.fused.choose import _mm, _native_for
-from lstmlab.nn.fused.layout import _bias, _input_rows, _last_steps, _live, _stacked_weights
+from lstmlab.nn.fused.layout import _bias, _input_rows, _last_steps, _live, _stacked_weights, _width
 from lstmlab.nn.fused.native import _plain_backward_native, _plain_forward_native
 from lstmlab.nn.infer import infer_layer
 
@@ -28,17 +28,18 @@ def _plain_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
     H4, P = weight_hh.shape
     H = H4 // 4
     bias = _bias(bias_ih, bias_hh)
-    w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
     new = _allocator(x, save, batch_sizes is not None)
-    xh = _input_rows(x, h0, w.shape[1], bias is not None, new)
+    xh = _input_rows(x, h0, _width(P, n_in, bias is not None), bias is not None, new)
     acts, cs, tcs = new(T, B, H4), new(T, B, H), new(T, B, H)
     out = new(T, B, P)
     native = _native_for(x) if weight_hr is None else None  # the compiled loops have no projection
     if T and B:
         if native is not None:
-            _plain_forward_native(native, xh, c0, w, acts, out, cs, tcs, batch_sizes)
-        else:
-            _forward_steps(xh, c0, w, weight_hr, acts, out, cs, tcs, batch_sizes)
+            _plain_forward_native(native, x, xh, c0, weight_ih, weight_hh, bias, acts, out, cs, tcs, batch_sizes,
+                                  bias_ih, bias_hh)
+        else:  # the stacked [W_hh | W_ih | b] (4H, K), built only for the loops that read it
+            _forward_steps(xh, c0, _stacked_weights(weight_ih, weight_hh, bias), weight_hr, acts, out, cs, tcs,
+                           batch_sizes)
     h_T, c_T = _last_steps(out, batch_sizes), _last_steps(cs, batch_sizes)
     if T == 0:
         h_T, c_T = h0.clone(), c0.clone()
