@@ -175,11 +175,11 @@ def infer_layer(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
 # Training steps below this batch size run the step loops of csrc/lstm_infer.cpp: x @ W_ih^T for all steps in one
 # product, then per step only h @ W_hh^T, its hidden units split over the threads (each reads its share of W_hh,
 # which stays in its core's cache) with the cell fused in, and the backward split the same way over columns of
-# W_hh. From this size lstm_native.cpp's row blocks (one per thread, lstm_blocks.h) take over: A/B in one process
-# on a 2-core AMD EPYC Zen 4 (AVX-512, oneDNN GEMM), x nn.LSTM with these loops / with the row blocks: B=16
-# 0.90-0.95 / 0.78-0.80, B=32 bidirectional 1.42-1.46 / 1.30-1.33, B=64 2 layers 1.26 / 1.20, B=128 H=512
-# 1.18 / 1.21, B=256 1.40 / 1.83.
-TRAIN_MAX_BATCH = 128
+# W_hh. From this size lstm_native.cpp's row blocks (one per thread, lstm_blocks.h) take over. A/B of a training
+# step in one process, 2-core AMD EPYC Zen 4 (AVX-512, oneDNN GEMM), step loops' speed-up over the row blocks:
+# H=128: B=16 1.49, 32 1.23, 48 1.11, 64 1.02, 96 0.96; H=256: B=16 1.22, 32 0.98, 64 0.94-1.00; H=512: B=32 1.15,
+# 64 1.05, 96 0.94. At B=64 a tie, where the row blocks keep less memory.
+TRAIN_MAX_BATCH = 64
 
 
 def _train_loops(native: Any, x: Tensor) -> bool:
