@@ -30,6 +30,21 @@ const T* opt_ptr(const c10::optional<at::Tensor>& t) {
   return given(t) ? t->data_ptr<T>() : nullptr;
 }
 
+// The pointers the variant forward's and backward's loops both read: the saved cells, c0, the masks and the
+// variant parameters (Args: FwdArgs or BwdArgs; Call: their FwdCall or BwdCall).
+template <typename T, typename Call, typename Args>
+void set_shared_pointers(Call& c, const Args& a, bool zoneout) {
+  c.cp = a.cs.template data_ptr<T>();
+  c.tp = a.tcs.template data_ptr<T>();
+  c.c0p = a.c0.template data_ptr<T>();
+  c.mp = opt_ptr<T>(a.recurrent_mask);
+  c.zp = opt_ptr<T>(a.zoneout_mask);
+  c.z_half = zoneout ? a.zoneout_mask->numel() / 2 : 0;
+  c.gates_gain = opt_ptr<T>(a.ln_gates);
+  c.cell_ln = opt_ptr<T>(a.ln_cell);
+  c.peep = opt_ptr<T>(a.peephole);
+}
+
 // A tensor argument and the number of elements it must have (kAnySize: its shape is checked elsewhere).
 constexpr int64_t kAnySize = -1;
 

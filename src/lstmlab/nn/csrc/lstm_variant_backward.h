@@ -386,16 +386,8 @@ BwdCall<T> backward_call(const BwdArgs& a, const BwdShape& d, const at::Tensor& 
   c.dop = opt_ptr<T>(a.d_out);
   c.rows_fn = pick_backward<T>(d.lng, d.lnc, d.peep, d.zone, c.dop != nullptr);
   c.ap = a.acts.data_ptr<T>();
-  c.cp = a.cs.data_ptr<T>();
-  c.tp = a.tcs.data_ptr<T>();
-  c.c0p = a.c0.data_ptr<T>();
-  c.mp = opt_ptr<T>(a.recurrent_mask);
-  c.zp = opt_ptr<T>(a.zoneout_mask);
-  c.z_half = d.zone ? a.zoneout_mask->numel() / 2 : 0;
-  c.gates_gain = opt_ptr<T>(a.ln_gates);
+  set_shared_pointers<T>(c, a, d.zone);
   c.gates_bias = d.lng ? gates_bias.data_ptr<T>() : nullptr;
-  c.peep = opt_ptr<T>(a.peephole);
-  c.cell_ln = opt_ptr<T>(a.ln_cell);
   c.dAp = a.dA.data_ptr<T>();
   c.dRp = a.dR.data_ptr<T>();
   c.dcp = a.dc.data_ptr<T>();

@@ -244,20 +244,12 @@ FwdCall<T> forward_call(const FwdArgs& a, const FwdShape& d, const int64_t* size
   c.h_in = d.lng ? c.e.h_in : a.xh.data_ptr<T>();
   c.h_stride = d.lng ? d.H : d.K;
   c.rows_fn = pick_forward<T>(d.lng, d.lnc, d.peep, d.zone);
-  c.cp = a.cs.data_ptr<T>();
-  c.tp = a.tcs.data_ptr<T>();
+  set_shared_pointers<T>(c, a, d.zone);
   c.op = a.out.data_ptr<T>();
   c.h0p = a.h0.data_ptr<T>();
-  c.c0p = a.c0.data_ptr<T>();
-  c.mp = opt_ptr<T>(a.recurrent_mask);
-  c.zp = opt_ptr<T>(a.zoneout_mask);
-  c.z_half = d.zone ? a.zoneout_mask->numel() / 2 : 0;
   c.z_step = z_step;
   c.z_row = z_row;
-  c.gates_gain = opt_ptr<T>(a.ln_gates);
-  c.cell_ln = opt_ptr<T>(a.ln_cell);
   c.bias_p = d.lng ? gates_bias.data_ptr<T>() : nullptr;
-  c.peep = opt_ptr<T>(a.peephole);
   return c;
 }
 
