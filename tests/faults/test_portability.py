@@ -98,17 +98,20 @@ def _loader_with(monkeypatch: pytest.MonkeyPatch, ops) -> _native._Loader:  # no
     return loader
 
 
-@pytest.mark.parametrize(("op", "cell"), [("forward", "lstm"), ("backward", "lstm"), ("variant_backward", "peephole")])
+# batch 16: the plain cell trains on lstm_infer.cpp's step loops (train_*); 64: on lstm_native.cpp's row blocks
+@pytest.mark.parametrize(("op", "cell", "batch"), [
+    ("train_forward", "lstm", 16), ("train_backward", "lstm", 16), ("forward", "lstm", 64), ("backward", "lstm", 64),
+    ("variant_backward", "peephole", 16)])
 def test_a_native_op_that_raises_mid_run_hands_over_to_the_python_loops(
         native_ops, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: ANN001
-        monkeypatch: pytest.MonkeyPatch, op: str, cell: str) -> None:
-    argv = [*SHORT, "--cell", cell, "--backend", "fused", "--data-dir", str(mnist_dir)]
+        monkeypatch: pytest.MonkeyPatch, op: str, cell: str, batch: int) -> None:
+    argv = [*SHORT, "--batch-size", str(batch), "--cell", cell, "--backend", "fused", "--data-dir", str(mnist_dir)]
     loader = _loader_with(monkeypatch, _Faulty(native_ops, op, 5))
     assert main([*argv, "--out", str(tmp_path / "faulty")]) == 0
     err = capsys.readouterr().err
     assert len(_warnings(err)) == 1, err
     line = _warnings(err)[0]
-    assert f"the fast loops failed in the {'forward' if op == 'forward' else 'backward'}" in line
+    assert f"the fast loops failed in the {'forward' if op.endswith('forward') else 'backward'}" in line
     assert "injected: this CPU refuses the kernel" in line and "C++ stack" not in line
     assert "Python loops take over" in line and "report" in line
     assert "Traceback" not in err

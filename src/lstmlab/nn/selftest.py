@@ -16,7 +16,7 @@ from lstmlab.nn import _native
 from lstmlab.nn.fused.layer import _layer_forward, _variant_backward
 from lstmlab.nn.fused.layout import _bias
 from lstmlab.nn.fused.plain import _backward_impl
-from lstmlab.nn.infer import infer_layer
+from lstmlab.nn.infer import TRAIN_MAX_BATCH, infer_layer
 from lstmlab.nn.masks import zoneout_mask_torch, zoneout_thresholds
 from lstmlab.nn.variants import BY_ARG, Arg
 
@@ -31,8 +31,8 @@ def self_test(ops: Any) -> str | None:
     try:
         with _disable_current_modes(), torch.autocast("cpu", enabled=False), torch.inference_mode():
             for dtype in (torch.float32, torch.float64):
-                for mix in ((), ("ln_gates", "peephole"), ("ln_cell", "recurrent_mask", "zoneout_mask")):
-                    case = _self_test_case(dtype, mix, gen)
+                for mix, rows in _SELF_TEST_MIXES:
+                    case = _self_test_case(dtype, mix, gen, rows)
                     with _native.forced(ops):
                         got = _self_test_run(*case)
                     with _native.forced(None):
@@ -55,9 +55,17 @@ def self_test(ops: Any) -> str | None:
     return None
 
 
-def _self_test_case(dtype: torch.dtype, mix: tuple[str, ...], gen: torch.Generator) -> tuple:
-    """Inputs of one self-test call: T=3 steps, B=33 rows (two row blocks on two threads), I=5, H=8."""
-    T, B, n_in, H = 3, 33, 5, 8
+# (variant arguments, batch rows) of the self-test's training calls: the plain cell on both of its training loops
+# (lstm_infer.cpp's step loops below TRAIN_MAX_BATCH, lstm_native.cpp's row blocks from it), then two variant mixes.
+_SELF_TEST_MIXES: tuple[tuple[tuple[str, ...], int], ...] = (
+    ((), 33), ((), TRAIN_MAX_BATCH + 1), (("ln_gates", "peephole"), 33),
+    (("ln_cell", "recurrent_mask", "zoneout_mask"), 33),
+)
+
+
+def _self_test_case(dtype: torch.dtype, mix: tuple[str, ...], gen: torch.Generator, B: int) -> tuple:
+    """Inputs of one self-test call: T=3 steps, B rows (33: two row blocks on two threads), I=5, H=8."""
+    T, n_in, H = 3, 5, 8
 
     def rand(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=gen, dtype=dtype) * 0.5
