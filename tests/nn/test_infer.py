@@ -5,6 +5,8 @@ tests/benchmarking and tests/commands/test_bench.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from loops import using
@@ -13,6 +15,7 @@ from torch import nn
 from lstmlab import LSTM
 from lstmlab.benchmarking import GRID
 from lstmlab.nn import _native, fused, infer, selftest
+from lstmlab.nn.fused import plain
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SHORT_T = 4
@@ -33,15 +36,15 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float)
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, k=k: f"tensor #{k}: {m}")
 
 
-@pytest.mark.parametrize("kernel", ["op", "auto"])
+@pytest.mark.parametrize("split", [0, 1, 2], ids=["auto", "units", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-I{}-H{}-L{}-{}".format(*s[:4], "bi" if s[4] else "uni"))
-def test_inference_equals_nn_lstm_on_the_grid(native_ops, shape: tuple, dtype: torch.dtype, kernel: str,  # noqa: ANN001
+def test_inference_equals_nn_lstm_on_the_grid(native_ops, shape: tuple, dtype: torch.dtype, split: int,  # noqa: ANN001
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """eval() under inference_mode: out, h_n, c_n as nn.LSTM's, on the compiled forward-only loop at every batch
-    size ("op") and as the path picks it (nn.LSTM's kernel from TORCH_KERNEL_MIN_BATCH where oneDNN runs float32)."""
-    if kernel == "op":
-        monkeypatch.setattr(infer, "TORCH_KERNEL_MIN_BATCH", 1 << 30)
+    """eval() under inference_mode: out, h_n, c_n as nn.LSTM's, on the compiled forward-only loop with the threads
+    split as it decides, over unit blocks, and over rows (x's projection then inside each step)."""
+    if split:
+        monkeypatch.setattr(plain, "infer_layer", functools.partial(infer.infer_layer, split=split))
     B, I, H, layers, bidirectional = shape  # noqa: E741
     ours, theirs = _pair(I, H, layers, bidirectional, dtype)
     x = torch.randn(B, SHORT_T, I, dtype=dtype)
@@ -98,7 +101,6 @@ def test_bidirectional_inference_runs_both_directions_in_one_call(native_ops, dt
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain bidirectional layer in inference runs on lstmlab_native::infer_bidir, and equals nn.LSTM from a given
     state (H=40: a partial block)."""
-    monkeypatch.setattr(infer, "TORCH_KERNEL_MIN_BATCH", 1 << 30)
     calls = []
     real = fused.bidirectional_layer
 
@@ -140,7 +142,6 @@ def test_an_optimizer_step_between_evaluations_is_seen(native_ops, optimizer: st
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluate, step, evaluate (what training does every eval_every steps): fused optimizers write the parameters
     without bumping their version counter, and the second evaluation must still read the new weights."""
-    monkeypatch.setattr(infer, "TORCH_KERNEL_MIN_BATCH", 1 << 30)  # the op at every batch size
     ours, theirs = _pair(6, 16, 1, False, torch.float32)
     kind, _, fused_ = optimizer.partition("-")
     make = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[kind]

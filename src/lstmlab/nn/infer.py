@@ -127,44 +127,15 @@ def applies(native: Any, x: Tensor, tensors: tuple[Tensor | None, ...], weight_h
     return x.shape[0] > 0 and x.shape[1] > 0 and all(t is None or t.dtype == x.dtype for t in tensors)
 
 
-# From this batch size nn.LSTM's own kernel (oneDNN's RNN) beats the forward-only loop in float32 where oneDNN runs
-# float32 at full width (its GEMM probe passed, csrc/lstm_gemm.h: AVX-512 on x86): the products are compute-bound
-# there and oneDNN's kernels run them nearer the CPU's peak (lstmlab bench --grid, docs/inference.md).
-TORCH_KERNEL_MIN_BATCH = 8
-_gemm: list[str] = []  # the compiled loops' GEMM, asked once per process
-
-
-def _torch_kernel_wins(native: Any, x: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
-                       batch_sizes: Tensor | None) -> bool:
-    if batch_sizes is not None or x.dtype != torch.float32 or x.shape[1] < TORCH_KERNEL_MIN_BATCH or \
-            (bias_ih is None) != (bias_hh is None):
-        return False
-    if not _gemm:
-        _gemm.append(str(native.gemm()))
-    return _gemm[0] == "onednn"
-
-
-def _torch_kernel(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer and direction on nn.LSTM's own kernel (what nn.LSTM.forward calls), in inference."""
-    out, h, c = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights, len(weights) == 4, 1, 0.0, False,
-                               False, False)
-    return out, h[0], c[0]
-
-
 def infer_layer(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None,
-                batch_sizes: Tensor | None, threads: int = 0, split: int = 0,
-                torch_kernel: bool = True) -> tuple[Tensor, Tensor, Tensor] | None:
+                batch_sizes: Tensor | None, threads: int = 0, split: int = 0) -> tuple[Tensor, Tensor, Tensor] | None:
     """(out (T, B, H), h_T, c_T) of one plain layer and direction on the forward-only compiled loop, or None when it
     does not apply here (:func:`applies`; the caller then runs its own loops). ``threads`` and ``split`` are the
-    op's tuning knobs (0: let it decide; see csrc/lstm_infer.cpp). ``torch_kernel``: where nn.LSTM's own kernel is
-    faster (:data:`TORCH_KERNEL_MIN_BATCH`), run that instead. An error of the op propagates: the caller's guard
+    op's tuning knobs (0: let it decide; see csrc/lstm_infer.cpp). An error of the op propagates: the caller's guard
     (``fused.choose._guarded``) reports it once and recomputes the call on the Python loops."""
     if not applies(native, x, (h0, c0, weight_ih, weight_hh, bias_ih, bias_hh), weight_hr):
         return None
-    if torch_kernel and _torch_kernel_wins(native, x, bias_ih, bias_hh, batch_sizes):
-        biases = [] if bias_ih is None else [bias_ih, bias_hh]
-        return _torch_kernel(x, h0, c0, [weight_ih, weight_hh, *biases])
     w_ih, w_hh, b = _PACKED.get(native, weight_ih, weight_hh, bias_ih, bias_hh)
     if x.stride(2) != 1:
         x = x.contiguous()

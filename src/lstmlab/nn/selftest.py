@@ -94,7 +94,7 @@ def _self_test_infer(ops: Any, dtype: torch.dtype, gen: torch.Generator) -> str 
         with _native.forced(None):
             want = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, sizes, False)[:3]
         for threads, split in ((0, 0), (1, 0), (2, 1), (2, 2)):
-            got = infer_layer(ops, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, sizes, threads, split, torch_kernel=False)
+            got = infer_layer(ops, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, sizes, threads, split)
             for name, g, w in zip(("out", "h_T", "c_T"), got, want, strict=True):
                 if g.shape != w.shape or not torch.allclose(g, w, rtol=tol, atol=tol):
                     return (f"{name} of the forward-only loop ({threads} threads, split {split}"

@@ -2,7 +2,9 @@
 //
 // Nothing for a backward is kept or written: no per-step gates, c_t or tanh(c_t) buffers. Per layer and direction:
 //
-//   1. xp = x @ W_ih^T + b for all steps at once (one GEMM over T*B rows, parallel over row tiles);
+//   1. xp = x @ W_ih^T + b for all steps at once (one GEMM over T*B rows, parallel over row tiles) when the unit
+//      blocks are split over the threads; with the rows split, x_t @ W_ih^T + b is instead the first part of each
+//      step's tile (no xp buffer: a thread's rows need no other thread's projection);
 //   2. per step, gates = xp_t + h_{t-1} @ W_hh^T computed by a register-tiled micro-kernel whose tile is R rows x
 //      the four gates of U hidden units, and the cell's pointwise math done on that tile while it is still in
 //      registers / L1: c stays in one (B, H) buffer (updated in place, it is c_T at the end), h_t goes straight
@@ -12,10 +14,10 @@
 // (K, 4, U) panel holding the i, f, g, o rows of those units, so that the micro-kernel streams one contiguous
 // panel and its accumulators are exactly the gates one unit block needs.
 //
-// Threads: at small B the recurrent product is a matrix-vector product that reads all of W_hh per step; the unit
-// blocks are then split over the threads (each keeps its share of W_hh in its own L2) with one barrier per step.
-// With enough rows per thread the rows are split instead (no barrier at all: rows never interact). Below a
-// minimum of work per step one thread runs alone (a barrier would cost more than it saves).
+// Threads: at very small B the recurrent product is a matrix-vector product that reads all of W_hh per step; the
+// unit blocks are then split over the threads (each keeps its share of W_hh in its own L2) with one wait per step.
+// With a tile of rows per thread the rows are split instead (no wait at all: rows never interact). Below a
+// minimum of work per step one thread runs alone (a wait would cost more than it saves).
 //
 // The vectors are GCC vector extensions of the machine's width (-march=native: 64 bytes with AVX-512, else 32),
 // so the same source builds for AVX2, AVX-512 and NEON-less fallbacks. Registered as lstmlab_native::infer,
@@ -312,6 +314,10 @@ struct Forward {
   T *c, *out;
   T *acts = nullptr, *cs = nullptr, *tcs = nullptr, *xh = nullptr;
   int64_t K = 0;
+  // x itself instead of xp (xp == nullptr): each step tile adds x_t @ W_ih^T + b first (the row split, where a
+  // thread's rows never need another thread's projection and xp, T*B*4H, would stream through memory twice)
+  const T *x = nullptr, *wih = nullptr, *bias = nullptr;
+  int64_t I = 0, sx_t = 0, sx_b = 0;
   int64_t ho = 0;    // out's row stride (0: H); 2H when a bidirectional layer's two directions share out
   bool rev = false;  // run backwards in time (inference only): step s is time steps - 1 - s
 
@@ -326,22 +332,34 @@ struct Forward {
   T* c_out(int64_t t) const { return acts == nullptr ? c : cs + t * B * H; }
 };
 
+// len (<= U) values from src to dst: a whole block as one vector move (a memcpy of constant size is inlined; one of
+// variable size is a library call, which at H = 128 cost as much as a tenth of a step).
+template <typename T>
+inline void copy_units(T* dst, const T* src, int64_t len) {
+  constexpr int64_t U = units<T>();
+  if (len == U) {
+    std::memcpy(dst, src, sizeof(T) * U);
+  } else {
+    std::memcpy(dst, src, sizeof(T) * len);
+  }
+}
+
 // Writes one row's cell outputs a (kCellOuts vectors) for units [j, j + len) of step t, row b.
 template <typename T>
 void store_cell(const Forward<T>& f, int64_t t, int64_t b, int64_t j, int64_t len, const T* a) {
   constexpr int64_t U = units<T>();
   const int64_t row = t * f.B + b;
-  std::memcpy(f.c_out(t) + b * f.H + j, a + 4 * U, sizeof(T) * len);
-  std::memcpy(f.out + row * f.out_stride() + j, a + 6 * U, sizeof(T) * len);
+  copy_units(f.c_out(t) + b * f.H + j, a + 4 * U, len);
+  copy_units(f.out + row * f.out_stride() + j, a + 6 * U, len);
   if (f.acts == nullptr) {
     return;
   }
   for (int q = 0; q < 4; ++q) {
-    std::memcpy(f.acts + row * 4 * f.H + q * f.H + j, a + q * U, sizeof(T) * len);
+    copy_units(f.acts + row * 4 * f.H + q * f.H + j, a + q * U, len);
   }
-  std::memcpy(f.tcs + row * f.H + j, a + 5 * U, sizeof(T) * len);
+  copy_units(f.tcs + row * f.H + j, a + 5 * U, len);
   if (t + 1 < f.steps) {
-    std::memcpy(f.xh + (row + f.B) * f.K + j, a + 6 * U, sizeof(T) * len);
+    copy_units(f.xh + (row + f.B) * f.K + j, a + 6 * U, len);
   }
 }
 
@@ -358,16 +376,24 @@ void step_block(const Forward<T>& f, int64_t t, int64_t r0, int64_t r1, int64_t 
     const int64_t len = std::min(U, f.H - u * U);
     for (int64_t rb = r0; rb < r1; rb += kRows) {
       const int rr = static_cast<int>(std::min<int64_t>(kRows, r1 - rb));
+      const T* init = f.xp == nullptr ? g : f.xp + ((t * f.B + rb) * f.NU + u) * 4 * U;
+      if (f.xp == nullptr) {
+        for (int r = 0; r < rr; ++r) {
+          rows[r] = f.x + t * f.sx_t + (rb + r) * f.sx_b;
+        }
+        tile_rows<T>(rr, rows, f.I, f.wih + u * f.I * 4 * U, f.bias == nullptr ? nullptr : f.bias + u * 4 * U, 0, g,
+                     4 * U);
+      }
       for (int r = 0; r < rr; ++r) {
         rows[r] = f.h_row(t, rb + r);
       }
-      tile_rows<T>(rr, rows, f.H, f.whh + u * f.H * 4 * U, f.xp + ((t * f.B + rb) * f.NU + u) * 4 * U,
-                   f.NU * 4 * U, g, 4 * U);
+      tile_rows<T>(rr, rows, f.H, f.whh + u * f.H * 4 * U, init, f.xp == nullptr ? 4 * U : f.NU * 4 * U, g, 4 * U);
       for (int r = 0; r < rr; ++r) {
         const T* const cb = cp + (rb + r) * f.H + u * U;
-        for (int64_t l = 0; l < U; ++l) {
-          cl[l] = l < len ? cb[l] : T(0);
+        if (len < U) {
+          std::fill(cl + len, cl + U, T(0));
         }
+        copy_units(cl, cb, len);
         cell(g + r * 4 * U, cl, a);
         store_cell(f, t, rb + r, u * U, len, a);
       }
@@ -376,12 +402,17 @@ void step_block(const Forward<T>& f, int64_t t, int64_t r0, int64_t r1, int64_t 
 }
 
 // Work per step (multiply-adds, B * H * 4H) below which one thread runs the recurrence alone (a barrier would cost
-// more than it saves), and the rows per thread from which the rows are split rather than the unit blocks. Measured
-// on a 2-core AMD EPYC (AVX-512), best of 9 rounds: at B <= 16 the unit split wins or ties at every H (each thread
-// streams only its share of W_hh; with rows split, each streams all of it), from B = 64 the two tie. On a core
-// that another process holds, a per-step barrier can cost a time slice: the row split never waits.
+// more than it saves). Rows are split over the threads rather than unit blocks once each thread has a full tile of
+// rows (kMinRowsPerThread), or two rows where a step is short (below kShortStep, where the unit split's one wait
+// per step costs most). The unit split waits once per step for the slowest thread, and each thread streams only
+// its share of W_hh; the row split never waits, each thread streams all of W_hh, and x's projection runs inside
+// the step (Forward::x). Measured on a 2-core AMD EPYC Zen 4 (AVX-512), I=64, best of 15 rounds, the row split's
+// speed-up over the unit split: H=128 (T=50): B=2 0.72, 3 0.95, 4 1.42, 8 1.19, 16 1.26, 48 1.30; H=256: B=2
+// 0.64, 4 1.11, 8 0.91-1.08, 12 1.19, 16 1.18; H=512 (T=100): B=4 1.00, 6 0.81, 8 0.89, 12 1.09, 16 1.07. On a
+// core that another process holds, a per-step wait can cost a time slice: one more reason for the row split.
 constexpr int64_t kMinParallelWork = 1 << 15;
-constexpr int64_t kMinRowsPerThread = 4 * kRows;
+constexpr int64_t kMinRowsPerThread = kRows;
+constexpr int64_t kShortStep = 1 << 21;
 constexpr int64_t kTaskWork = 1 << 15;  // multiply-adds per task of a split over blocks (one block at least)
 
 // Spin until done reaches target, yielding the core after a while (it may be the one the awaited thread needs).
@@ -453,13 +484,24 @@ inline int64_t team_for(int64_t work, int64_t threads) {
 }
 
 // 2. the recurrence over all steps. split: 0 = decide, 1 = unit blocks over threads, 2 = rows over threads.
+struct Plan {
+  int64_t team;
+  bool by_rows;
+};
+
+inline Plan plan_for(int64_t B, int64_t H, int64_t NU, int64_t threads, int64_t split) {
+  const int64_t work = B * H * 4 * H;
+  int64_t team = team_for(work, threads);
+  const bool by_rows = split == 2 || (split == 0 && (B >= kMinRowsPerThread * team ||
+                                                     (B >= 2 * team && work < kShortStep)));
+  return {std::max<int64_t>(1, std::min(team, by_rows ? B : NU)), by_rows};
+}
+
 template <typename T>
-void recurrence(const Forward<T>& f, int64_t threads, int64_t split) {
+void recurrence(const Forward<T>& f, Plan plan) {
   const int64_t B = f.B, NU = f.NU, steps = f.steps;
-  int64_t team = team_for(B * f.H * 4 * f.H, threads);
-  const bool by_rows = split == 2 || (split == 0 && B >= kMinRowsPerThread * team);
-  team = std::max<int64_t>(1, std::min(team, by_rows ? B : NU));
-  if (by_rows && team > 1) {
+  const int64_t team = plan.team;
+  if (plan.by_rows && team > 1) {
     run_rows(B, team, [&](int64_t r0, int64_t r1) {
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t t = f.time(s), end = std::min(r1, live(f.sizes, t, B));
@@ -538,12 +580,24 @@ const int64_t* sizes_of(const c10::optional<at::Tensor>& batch_sizes, int64_t T)
 template <typename T>
 void run_forward(Forward<T> f, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                  const c10::optional<at::Tensor>& bias, int64_t threads, int64_t split) {
-  at::Tensor xp = at::empty({f.steps * f.B, f.NU, 4, units<T>()}, x.options());
+  const Plan plan = plan_for(f.B, f.H, f.NU, threads, split);
   const bool has_bias = bias.has_value() && bias->defined();
-  project<T>(x, w_ih, has_bias ? bias->data_ptr<T>() : nullptr, f.NU, xp.data_ptr<T>());
-  f.xp = xp.data_ptr<T>();
+  const T* const b = has_bias ? bias->data_ptr<T>() : nullptr;
+  at::Tensor xp;
+  if (plan.by_rows) {  // the projection inside each step's tile (Forward::x)
+    f.x = x.data_ptr<T>();
+    f.wih = w_ih.data_ptr<T>();
+    f.bias = b;
+    f.I = x.size(2);
+    f.sx_t = x.stride(0);
+    f.sx_b = x.stride(1);
+  } else {
+    xp = at::empty({f.steps * f.B, f.NU, 4, units<T>()}, x.options());
+    project<T>(x, w_ih, b, f.NU, xp.data_ptr<T>());
+    f.xp = xp.data_ptr<T>();
+  }
   f.whh = w_hh.data_ptr<T>();
-  recurrence<T>(f, threads, split);
+  recurrence<T>(f, plan);
 }
 
 // h_T: each row's h at its last live step.

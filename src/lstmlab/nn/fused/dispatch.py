@@ -12,7 +12,7 @@ from torch import Tensor
 from lstmlab.nn.cell import reference_layer
 from lstmlab.nn.fused.choose import _loader, _native_for
 from lstmlab.nn.fused.ops import _EagerLayer, _lstm_layer_impl, _plain_eager
-from lstmlab.nn.infer import _PACKED, _torch_kernel_wins, applies
+from lstmlab.nn.infer import _PACKED, applies
 from lstmlab.nn.variants import ARG_NAMES, FUSED_ARGS, OWNER
 
 
@@ -90,8 +90,7 @@ def bidirectional_layer(layer_fn: Any, x: Tensor, h0: Tensor, c0: Tensor, forwar
                                                                       for t in tensors)):
         return None  # traced or transformed calls, and calls that keep a graph, take the op per direction
     native = _native_for(x)
-    if not applies(native, x, tensors, None) or not hasattr(native, "infer_bidir") or h0.shape[0] != 2 or \
-            _torch_kernel_wins(native, x, forward[2], forward[3], None):  # there nn.LSTM's kernel per direction
+    if not applies(native, x, tensors, None) or not hasattr(native, "infer_bidir") or h0.shape[0] != 2:
         return None
     packed = [_PACKED.get(native, *weights) for weights in (forward, backward)]
     if x.stride(2) != 1:
