@@ -79,7 +79,7 @@ def test_training_on_either_step_loops_equals_nn_lstm(native_ops, shape: tuple, 
     """The training path below TRAIN_MAX_BATCH (lstm_infer.cpp's train_forward/train_backward) and above it
     (lstm_native.cpp's row blocks): outputs and the gradients of x, (h_0, c_0) and every parameter, from a given
     state, H=40 and 17 leaving a partial block at every vector width."""
-    monkeypatch.setattr(infer, "TRAIN_MAX_BATCH", 1 << 30 if loops == "small-batch" else 0)
+    monkeypatch.setattr(fused.native, "TRAIN_MAX_BATCH", 1 << 30 if loops == "small-batch" else 0)
     B, I, H, layers, bidirectional = shape  # noqa: E741
     ours, theirs = _pair(I, H, layers, bidirectional, dtype)
     states = layers * (2 if bidirectional else 1)
@@ -160,7 +160,8 @@ def test_an_optimizer_step_between_evaluations_is_seen(native_ops, optimizer: st
 
 
 class _Broken:
-    """The compiled ops, but the forward-only one raises or returns wrong numbers."""
+    """The compiled ops, but the forward-only one raises or returns wrong numbers ("wrong"; "wrong-bidir": only
+    the bidirectional one, in its backward direction)."""
 
     def __init__(self, ops, mode: str) -> None:  # noqa: ANN001
         self._ops, self._mode = ops, mode
@@ -172,7 +173,14 @@ class _Broken:
         if self._mode == "raise":
             raise RuntimeError("lstmlab_native.infer: broken on purpose")
         out, h, c = self._ops.infer(*args)
-        return out + 1, h, c
+        return (out + 1 if self._mode == "wrong" else out), h, c
+
+    def infer_bidir(self, *args):  # noqa: ANN002, ANN202
+        out, h, c = self._ops.infer_bidir(*args)
+        if self._mode == "wrong-bidir":
+            out = out.clone()
+            out[:, :, out.shape[2] // 2 :] += 1e-3
+        return out, h, c
 
 
 def test_a_failing_infer_op_falls_back_with_one_line(native_ops, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
@@ -197,6 +205,8 @@ def test_the_self_test_covers_the_infer_op(native_ops) -> None:  # noqa: ANN001
     assert selftest.self_test(native_ops) is None
     problem = selftest.self_test(_Broken(native_ops, "wrong"))
     assert problem is not None and "forward-only loop" in problem
+    problem = selftest.self_test(_Broken(native_ops, "wrong-bidir"))
+    assert problem is not None and "bidirectional forward-only loop" in problem
 
 
 def test_packed_weights_go_with_their_model(native_ops) -> None:  # noqa: ANN001

@@ -77,7 +77,7 @@ class _PackedWeights:
                                                   for r, t in zip(refs, tensors, strict=True)):
                         self._entries.move_to_end(key)
                         return packed
-        packed = _pack(native, weight_ih, weight_hh, bias_ih, bias_hh)
+        packed = pack_layer(native, weight_ih, weight_hh, bias_ih, bias_hh)
         if stamp is not None:
             self._watch_optimizers()
             drop = functools.partial(self._drop, key)  # a parameter freed: its entry goes with it
@@ -100,8 +100,10 @@ class _PackedWeights:
             self._entries.clear()
 
 
-def _pack(native: Any, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
-          bias_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def pack_layer(native: Any, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+               bias_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer and direction's (W_ih, W_hh, b_ih + b_hh) in the panel layout lstm_infer.cpp's loops read
+    (``lstmlab_native::pack_weights``), uncached: the training step loops pack anew on every call."""
     with torch.no_grad():
         bias = bias_ih if bias_hh is None else bias_hh if bias_ih is None else bias_ih + bias_hh
         w_ih = native.pack_weights(weight_ih.detach())
@@ -141,43 +143,3 @@ def infer_layer(native: Any, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
         x = x.contiguous()
     sizes = None if batch_sizes is None else batch_sizes.to(torch.int64).contiguous()
     return native.infer(x, h0.contiguous(), c0.contiguous(), w_ih, w_hh, b, sizes, threads, split)
-
-
-# Training steps below this batch size run the step loops of csrc/lstm_infer.cpp: x @ W_ih^T for all steps in one
-# product, then per step only h @ W_hh^T, its hidden units split over the threads (each reads its share of W_hh,
-# which stays in its core's cache) with the cell fused in, and the backward split the same way over columns of
-# W_hh. From this size lstm_native.cpp's row blocks (one per thread, lstm_blocks.h) take over. A/B of a training
-# step in one process, 2-core AMD EPYC Zen 4 (AVX-512, oneDNN GEMM), step loops' speed-up over the row blocks:
-# H=128: B=16 1.49, 32 1.23, 48 1.11, 64 1.02, 96 0.96; H=256: B=16 1.22, 32 0.98, 64 0.94-1.00; H=512: B=32 1.15,
-# 64 1.05, 96 0.94. At B=64 a tie, where the row blocks keep less memory.
-TRAIN_MAX_BATCH = 64
-
-
-def _train_loops(native: Any, x: Tensor) -> bool:
-    return native is not None and x.dtype in (torch.float32, torch.float64) and x.shape[1] < TRAIN_MAX_BATCH \
-        and hasattr(native, "train_forward")
-
-
-def train_forward(native: Any, x: Tensor, xh: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                  bias_ih: Tensor | None, bias_hh: Tensor | None, acts: Tensor, out: Tensor, cs: Tensor,
-                  tcs: Tensor, sizes: Tensor | None) -> bool:
-    """Fill the training forward's buffers (those of ``lstmlab_native::forward``) on the loops of
-    :data:`TRAIN_MAX_BATCH`, or return False where they do not apply (the caller then runs its own)."""
-    if not _train_loops(native, x):
-        return False
-    w_ih, w_hh, b = _pack(native, weight_ih, weight_hh, bias_ih, bias_hh)
-    native.train_forward(x if x.stride(2) == 1 else x.contiguous(), xh, c0.contiguous(), w_ih, w_hh, b, acts, out,
-                         cs, tcs, sizes)
-    return True
-
-
-def train_backward(native: Any, acts: Tensor, dG: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor, weight_hh: Tensor,
-                   d_out: Tensor | None, dh: Tensor, dc: Tensor, need_h0: bool, sizes: Tensor | None) -> bool:
-    """``lstmlab_native::backward``'s work on the loops of :data:`TRAIN_MAX_BATCH` (not packed batches), or False
-    where they do not apply."""
-    if sizes is not None or not _train_loops(native, acts):
-        return False
-    with torch.no_grad():
-        w_cols = native.pack_columns(weight_hh.detach())
-    native.train_backward(acts, dG, cs, tcs, c0.contiguous(), w_cols, d_out, dh, dc, need_h0)
-    return True

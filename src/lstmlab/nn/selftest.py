@@ -15,8 +15,9 @@ from torch import Tensor
 from lstmlab.nn import _native
 from lstmlab.nn.fused.layer import _layer_forward, _variant_backward
 from lstmlab.nn.fused.layout import _bias
+from lstmlab.nn.fused.native import TRAIN_MAX_BATCH
 from lstmlab.nn.fused.plain import _backward_impl
-from lstmlab.nn.infer import TRAIN_MAX_BATCH, infer_layer
+from lstmlab.nn.infer import infer_layer, pack_layer
 from lstmlab.nn.masks import zoneout_mask_torch, zoneout_thresholds
 from lstmlab.nn.variants import BY_ARG, Arg
 
@@ -43,7 +44,7 @@ def self_test(ops: Any) -> str | None:
                         if g.shape != w.shape or not torch.allclose(g, w, rtol=tol, atol=tol):
                             label = "+".join(mix) or "plain"
                             return f"{name} of the {label} cell in {dtype} differs from the Python loops"
-                problem = _self_test_infer(ops, dtype, gen)
+                problem = _self_test_infer(ops, dtype, gen) or _self_test_bidir(ops, dtype, gen)
                 if problem is not None:
                     return problem
             mask = torch.empty(2, 3, 5, 7)
@@ -99,6 +100,29 @@ def _self_test_infer(ops: Any, dtype: torch.dtype, gen: torch.Generator) -> str 
                 if g.shape != w.shape or not torch.allclose(g, w, rtol=tol, atol=tol):
                     return (f"{name} of the forward-only loop ({threads} threads, split {split}"
                             f"{', packed' if sizes is not None else ''}) in {x.dtype} differs from the Python loops")
+    return None
+
+
+def _self_test_bidir(ops: Any, dtype: torch.dtype, gen: torch.Generator) -> str | None:
+    """Both directions in one call (``infer_bidir``, out (T, B, 2H)) against the Python loops run per direction, the
+    second one backwards in time; None when they agree. B=13: a full row tile and a partial one."""
+    T, B, n_in, H = 3, 13, 5, 40
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype) * 0.5
+
+    x, h0, c0 = rand(T, B, n_in), rand(2, B, H), rand(2, B, H)
+    weights = [(rand(4 * H, n_in), rand(4 * H, H), rand(4 * H), rand(4 * H)) for _ in range(2)]
+    packed = [pack_layer(ops, *w) for w in weights]
+    got = ops.infer_bidir(x, h0, c0, [p[0] for p in packed], [p[1] for p in packed], [p[2] for p in packed])
+    with _native.forced(None):
+        fwd = _layer_forward(x, h0[0], c0[0], *weights[0], None, None, False)[:3]
+        rev = _layer_forward(x.flip(0), h0[1], c0[1], *weights[1], None, None, False)[:3]
+    want = (torch.cat([fwd[0], rev[0].flip(0)], 2), torch.stack([fwd[1], rev[1]]), torch.stack([fwd[2], rev[2]]))
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    for name, g, w in zip(("out", "h_T", "c_T"), got, want, strict=True):
+        if g.shape != w.shape or not torch.allclose(g, w, rtol=tol, atol=tol):
+            return f"{name} of the bidirectional forward-only loop in {dtype} differs from the Python loops"
     return None
 
 
