@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,7 @@ _SOURCES = (_CSRC / "lstm_native.cpp", _CSRC / "lstm_variants.cpp", _CSRC / "lst
 # torch's own OpenMP threads (Apple clang refuses it: the loops then run serially, with the same results).
 _CFLAGS = ["-O3"]
 _OPTIONAL_CFLAGS = [("-march=native", "-mcpu=native"), ("-fno-trapping-math",), ("-fopenmp",)]
+_ARCH_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _LOCK_STALE_S = 900.0  # a build lock older than this belongs to a dead build
 _FAILED_RETRY_S = 86400.0  # after a failed build, try again only a day later (or with LSTMLAB_NATIVE=1)
 _POLL_S = 2.0  # how often a process whose build is running looks for the finished library
@@ -75,6 +77,24 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _arch() -> str | None:
+    """``LSTMLAB_NATIVE_ARCH``: build for this CPU level (``-march=<it>``, e.g. ``x86-64-v3``: AVX2 and FMA) rather
+    than this machine's own (``-march=native``): one library for the older CPUs of a fleet, or the AVX2 code paths
+    on an AVX-512 machine."""
+    arch = os.environ.get("LSTMLAB_NATIVE_ARCH", "").strip()
+    if not arch:
+        return None
+    if not _ARCH_OK.fullmatch(arch):
+        raise RuntimeError(f"LSTMLAB_NATIVE_ARCH={arch!r} is not a CPU name for -march= (e.g. x86-64-v3, haswell)")
+    return arch
+
+
+def _optional_cflags() -> list[tuple[str, ...]]:
+    """_OPTIONAL_CFLAGS, the CPU level :func:`_arch` names in place of the machine's own."""
+    arch = _arch()
+    return list(_OPTIONAL_CFLAGS) if arch is None else [(f"-march={arch}",), *_OPTIONAL_CFLAGS[1:]]
+
+
 @functools.cache
 def _key() -> str:
     """What the binary depends on: the source, torch, Python, the flags and this CPU."""
@@ -82,7 +102,7 @@ def _key() -> str:
 
     h = hashlib.sha256()
     sources = [p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
-    flags = repr((_CFLAGS, _OPTIONAL_CFLAGS, _compiler())).encode()
+    flags = repr((_CFLAGS, _optional_cflags(), _compiler())).encode()
     for part in (*sources, torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
                  flags, _cpu_flags().encode()):
         h.update(part)
@@ -261,12 +281,15 @@ def _accepts(cxx: str, flag: str, folder: Path) -> bool:
 
 
 def _build_flags(folder: Path) -> list[str]:
-    """_CFLAGS plus, of each group of _OPTIONAL_CFLAGS, the first flag this compiler takes."""
+    """_CFLAGS plus, of each group of optional flags, the first flag this compiler takes; a CPU level asked for
+    with LSTMLAB_NATIVE_ARCH that it does not take is an error, not a build for some other CPU."""
     flags = list(_CFLAGS)
-    for group in _OPTIONAL_CFLAGS:
+    for group in _optional_cflags():
         taken = next((flag for flag in group if _accepts(_compiler(), flag, folder)), None)
         if taken is not None:
             flags.append(taken)
+        elif _arch() is not None and group[0] == f"-march={_arch()}":
+            raise RuntimeError(f"LSTMLAB_NATIVE_ARCH={_arch()}: {_compiler()} does not take -march={_arch()}")
     return flags
 
 
@@ -639,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{type(e).__name__}: {failure_reason(str(e))}", file=sys.stderr)
             return 1
         return 0
+    try:
+        _arch()  # a malformed LSTMLAB_NATIVE_ARCH names no cache folder to record the failure in
+    except RuntimeError as e:
+        print(f"lstmlab: {_UNAVAILABLE.format(_first_line(e))}", file=sys.stderr)
+        return 2
     try:
         path = build(verbose="-v" in argv)
         problem = self_test(_load(path))
