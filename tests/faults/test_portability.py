@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,11 +39,20 @@ def _warnings(err: str) -> list[str]:
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ONEDNN_MAX_CPU_ISA is x86's")
-def test_native_loops_pass_with_onednn_capped_at_avx2(native_ops, tmp_path: Path) -> None:  # noqa: ANN001
-    """The native-loop tests again in a child whose oneDNN may use AVX2 at most (set before torch loads): where
-    oneDNN's float32 GEMM refuses such a CPU, the loops' probe sends the matmuls to at::mm and says why."""
-    env = _env(ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="2")
+def test_native_loops_pass_on_an_avx2_build_with_onednn_capped_at_avx2(native_ops, tmp_path: Path) -> None:  # noqa: ANN001
+    """The native-loop tests again in a child as on an AVX2 CPU: the loops built for x86-64-v3 (AVX2 and FMA: 256-bit
+    vectors, 3-row tiles; LSTMLAB_NATIVE_ARCH) and oneDNN capped at AVX2 (set before torch loads). Where oneDNN's
+    float32 GEMM refuses such a CPU, the loops' probe sends the matmuls to at::mm and says why."""
+    env = _env(ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="2", LSTMLAB_NATIVE_ARCH="x86-64-v3", LSTMLAB_NATIVE="1")
     env.pop("LSTMLAB_ONEDNN", None)
+    built = subprocess.run([sys.executable, "-m", "lstmlab.nn._native"], capture_output=True, text=True, env=env,
+                           timeout=900)
+    assert built.returncode == 0, built.stderr
+    library = Path(built.stdout.splitlines()[0])
+    assert library != _native.library_path()  # its own build, not this machine's -march=native one
+    if shutil.which("objdump"):  # no AVX-512 instruction in it
+        code = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, timeout=300).stdout
+        assert "ymm" in code and "zmm" not in code
     gemm = subprocess.run(
         [sys.executable, "-c", "import torch; from lstmlab.nn import _native; ops = _native.get(); "
                                "print(ops.gemm()); print(ops.gemm_reason())"],
@@ -54,7 +64,7 @@ def test_native_loops_pass_with_onednn_capped_at_avx2(native_ops, tmp_path: Path
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          str(REPO / "tests" / "nn" / "test_fused.py"), str(REPO / "tests" / "nn" / "test_variants.py"),
-         "-k", "native or onednn or autocast"],
+         str(REPO / "tests" / "nn" / "test_infer.py"), "-k", "native or onednn or autocast or grid or loops"],
         capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert " passed" in tests.stdout and "failed" not in tests.stdout

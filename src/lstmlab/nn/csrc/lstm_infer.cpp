@@ -52,7 +52,7 @@ constexpr int kVecBytes = 64;
 constexpr int kRows = 6;  // rows per tile: 6 x 4 accumulators + 4 weight vectors + 1 broadcast of 32 registers
 #else
 constexpr int kVecBytes = 32;
-constexpr int kRows = 2;  // 16 registers: 2 x 4 accumulators (x2 k-split) leave room for loads
+constexpr int kRows = 3;  // 16 registers: 3 x 4 accumulators + 1 broadcast, the weights read as FMA operands
 #endif
 
 template <typename T>
@@ -135,10 +135,10 @@ void tile_rows(int rr, const T* const* a, int64_t K, const T* panel, const T* in
     case 1:
       return tile<T, 1, 2>(a, K, panel, init, init_stride, dst, dst_stride);
     case 2:
-      return tile<T, 2, kRows <= 2 ? 2 : 1>(a, K, panel, init, init_stride, dst, dst_stride);
-#if defined(__AVX512F__)
+      return tile<T, 2, 1>(a, K, panel, init, init_stride, dst, dst_stride);
     case 3:
       return tile<T, 3, 1>(a, K, panel, init, init_stride, dst, dst_stride);
+#if defined(__AVX512F__)
     case 4:
       return tile<T, 4, 1>(a, K, panel, init, init_stride, dst, dst_stride);
     case 5:
