@@ -32,7 +32,8 @@ def cpu_model() -> str:
 
 def isa() -> str:
     """The widest vector instruction set the CPU has, as the docs label figures: AVX-512, AVX2, SSE (x86), aarch64
-    with SVE or NEON; with oneDNN's cap when ONEDNN_MAX_CPU_ISA is set."""
+    with SVE or NEON; with oneDNN's cap when ONEDNN_MAX_CPU_ISA is set, and the CPU level the compiled loops are
+    built for when LSTMLAB_NATIVE_ARCH is set."""
     machine = platform.machine().lower()
     flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
     if machine in ("x86_64", "amd64", "i686", "x86"):
@@ -42,7 +43,8 @@ def isa() -> str:
     else:
         name = machine or "unknown ISA"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{name}, oneDNN capped at {cap}" if cap else name
+    arch = os.environ.get("LSTMLAB_NATIVE_ARCH", "").strip()
+    return name + (f", oneDNN capped at {cap}" if cap else "") + (f", lstmlab's loops built for {arch}" if arch else "")
 
 
 def summary() -> str:

@@ -70,6 +70,22 @@ def test_native_loops_pass_on_an_avx2_build_with_onednn_capped_at_avx2(native_op
     assert " passed" in tests.stdout and "failed" not in tests.stdout
 
 
+def test_the_build_level_is_named_and_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """LSTMLAB_NATIVE_ARCH: the speed figures' machine line names it; a malformed or unknown CPU name is one line
+    and exit 2 from the builder, and the Python loops in a run, never a build for some other CPU."""
+    from lstmlab import machine
+
+    monkeypatch.setenv("LSTMLAB_NATIVE_ARCH", "x86-64-v3")
+    assert machine.isa().endswith("lstmlab's loops built for x86-64-v3")
+    for bad in ("x86-64-v3; rm -rf ~", "no-such-cpu-9"):
+        done = subprocess.run([sys.executable, "-m", "lstmlab.nn._native"], capture_output=True, text=True,
+                              env=_env(LSTMLAB_NATIVE_ARCH=bad, LSTMLAB_NATIVE="1", LSTMLAB_CACHE_DIR=str(tmp_path)),
+                              timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "LSTMLAB_NATIVE_ARCH=" in lines[0] and "Python loops" in lines[0], lines
+
+
 def test_gemm_reason_names_the_switch(native_ops, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("LSTMLAB_ONEDNN", "0")
     assert native_ops.gemm() == "at::mm"
