@@ -283,13 +283,13 @@ def _accepts(cxx: str, flag: str, folder: Path) -> bool:
 def _build_flags(folder: Path) -> list[str]:
     """_CFLAGS plus, of each group of optional flags, the first flag this compiler takes; a CPU level asked for
     with LSTMLAB_NATIVE_ARCH that it does not take is an error, not a build for some other CPU."""
-    flags = list(_CFLAGS)
+    flags, arch = list(_CFLAGS), _arch()
     for group in _optional_cflags():
         taken = next((flag for flag in group if _accepts(_compiler(), flag, folder)), None)
         if taken is not None:
             flags.append(taken)
-        elif _arch() is not None and group[0] == f"-march={_arch()}":
-            raise RuntimeError(f"LSTMLAB_NATIVE_ARCH={_arch()}: {_compiler()} does not take -march={_arch()}")
+        elif arch is not None and group == (f"-march={arch}",):
+            raise RuntimeError(f"LSTMLAB_NATIVE_ARCH={arch}: {_compiler()} does not take -march={arch}")
     return flags
 
 

@@ -77,7 +77,8 @@ class _PackedWeights:
                                                   for r, t in zip(refs, tensors, strict=True)):
                         self._entries.move_to_end(key)
                         return packed
-        packed = pack_layer(native, weight_ih, weight_hh, bias_ih, bias_hh)
+        bias = bias_ih if bias_hh is None else bias_hh if bias_ih is None else bias_ih + bias_hh
+        packed = pack_layer(native, weight_ih, weight_hh, bias)
         if stamp is not None:
             self._watch_optimizers()
             drop = functools.partial(self._drop, key)  # a parameter freed: its entry goes with it
@@ -100,12 +101,11 @@ class _PackedWeights:
             self._entries.clear()
 
 
-def pack_layer(native: Any, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
-               bias_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer and direction's (W_ih, W_hh, b_ih + b_hh) in the panel layout lstm_infer.cpp's loops read
+def pack_layer(native: Any, weight_ih: Tensor, weight_hh: Tensor,
+               bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer and direction's (W_ih, W_hh, b = b_ih + b_hh) in the panel layout lstm_infer.cpp's loops read
     (``lstmlab_native::pack_weights``), uncached: the training step loops pack anew on every call."""
     with torch.no_grad():
-        bias = bias_ih if bias_hh is None else bias_hh if bias_ih is None else bias_ih + bias_hh
         w_ih = native.pack_weights(weight_ih.detach())
         w_hh = native.pack_weights(weight_hh.detach())
         b = None if bias is None else native.pack_weights(bias.detach().unsqueeze(1))

@@ -113,7 +113,7 @@ def _self_test_bidir(ops: Any, dtype: torch.dtype, gen: torch.Generator) -> str 
 
     x, h0, c0 = rand(T, B, n_in), rand(2, B, H), rand(2, B, H)
     weights = [(rand(4 * H, n_in), rand(4 * H, H), rand(4 * H), rand(4 * H)) for _ in range(2)]
-    packed = [pack_layer(ops, *w) for w in weights]
+    packed = [pack_layer(ops, w_ih, w_hh, b_ih + b_hh) for w_ih, w_hh, b_ih, b_hh in weights]
     got = ops.infer_bidir(x, h0, c0, [p[0] for p in packed], [p[1] for p in packed], [p[2] for p in packed])
     with _native.forced(None):
         fwd = _layer_forward(x, h0[0], c0[0], *weights[0], None, None, False)[:3]

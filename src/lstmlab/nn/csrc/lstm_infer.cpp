@@ -376,8 +376,8 @@ void step_block(const Forward<T>& f, int64_t t, int64_t r0, int64_t r1, int64_t 
     const int64_t len = std::min(U, f.H - u * U);
     for (int64_t rb = r0; rb < r1; rb += kRows) {
       const int rr = static_cast<int>(std::min<int64_t>(kRows, r1 - rb));
-      const T* init = f.xp == nullptr ? g : f.xp + ((t * f.B + rb) * f.NU + u) * 4 * U;
-      if (f.xp == nullptr) {
+      const bool in_step = f.xp == nullptr;  // x's projection in this tile (Forward::x)
+      if (in_step) {
         for (int r = 0; r < rr; ++r) {
           rows[r] = f.x + t * f.sx_t + (rb + r) * f.sx_b;
         }
@@ -387,7 +387,8 @@ void step_block(const Forward<T>& f, int64_t t, int64_t r0, int64_t r1, int64_t 
       for (int r = 0; r < rr; ++r) {
         rows[r] = f.h_row(t, rb + r);
       }
-      tile_rows<T>(rr, rows, f.H, f.whh + u * f.H * 4 * U, init, f.xp == nullptr ? 4 * U : f.NU * 4 * U, g, 4 * U);
+      const T* const init = in_step ? g : f.xp + ((t * f.B + rb) * f.NU + u) * 4 * U;
+      tile_rows<T>(rr, rows, f.H, f.whh + u * f.H * 4 * U, init, in_step ? 4 * U : f.NU * 4 * U, g, 4 * U);
       for (int r = 0; r < rr; ++r) {
         const T* const cb = cp + (rb + r) * f.H + u * U;
         if (len < U) {
@@ -483,7 +484,8 @@ inline int64_t team_for(int64_t work, int64_t threads) {
   return team;
 }
 
-// 2. the recurrence over all steps. split: 0 = decide, 1 = unit blocks over threads, 2 = rows over threads.
+// How the recurrence runs: on how many threads, rows or unit blocks split over them. split: 0 = decide, 1 = unit
+// blocks over threads, 2 = rows over threads.
 struct Plan {
   int64_t team;
   bool by_rows;
@@ -497,6 +499,7 @@ inline Plan plan_for(int64_t B, int64_t H, int64_t NU, int64_t threads, int64_t 
   return {std::max<int64_t>(1, std::min(team, by_rows ? B : NU)), by_rows};
 }
 
+// 2. the recurrence over all steps, as planned.
 template <typename T>
 void recurrence(const Forward<T>& f, Plan plan) {
   const int64_t B = f.B, NU = f.NU, steps = f.steps;

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lstmlab.nn.fused.buffers import _allocator, _cache
 from lstmlab.nn.fused.choose import _mm
-from lstmlab.nn.fused.layout import _bias, _input_rows, _last_steps, _stacked_weights, _width
+from lstmlab.nn.fused.layout import _input_rows, _last_steps, _stacked_weights, _width
 from lstmlab.nn.fused.variant import Variant, _extra_views, _extra_width, _variant_weight_grads
 from lstmlab.nn.infer import pack_layer
 from lstmlab.nn.variants import BY_ARG, FUSED_LEARNED
@@ -46,18 +46,18 @@ def _step_loops(native: Any, x: Tensor) -> bool:
 
 
 def _plain_forward_native(native: Any, x: Tensor, xh: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                          bias_ih: Tensor | None, bias_hh: Tensor | None, acts: Tensor, out: Tensor, cs: Tensor,
-                          tcs: Tensor, batch_sizes: Tensor | None) -> None:
+                          bias: Tensor | None, acts: Tensor, out: Tensor, cs: Tensor, tcs: Tensor,
+                          batch_sizes: Tensor | None) -> None:
     """The plain cell's forward loop (T, B > 0), into the buffers :func:`~lstmlab.nn.fused.plain._plain_forward`
     allocated: lstm_infer.cpp's step loops below :data:`TRAIN_MAX_BATCH` (on weights packed for them), else
     lstm_native.cpp's row blocks on the stacked [W_hh | W_ih | b]."""
     sizes = _sizes(batch_sizes)
     if _step_loops(native, x):
-        w_ih, w_hh, b = pack_layer(native, weight_ih, weight_hh, bias_ih, bias_hh)
+        w_ih, w_hh, b = pack_layer(native, weight_ih, weight_hh, bias)
         native.train_forward(x if x.stride(2) == 1 else x.contiguous(), xh, c0.contiguous(), w_ih, w_hh, b, acts,
                              out, cs, tcs, sizes)
     else:
-        w = _stacked_weights(weight_ih, weight_hh, _bias(bias_ih, bias_hh))  # (4H, K)
+        w = _stacked_weights(weight_ih, weight_hh, bias)  # (4H, K)
         native.forward(xh, c0.contiguous(), w, acts, out, cs, tcs, sizes)
 
 

@@ -35,8 +35,7 @@ def _plain_forward(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
     native = _native_for(x) if weight_hr is None else None  # the compiled loops have no projection
     if T and B:
         if native is not None:
-            _plain_forward_native(native, x, xh, c0, weight_ih, weight_hh, bias_ih, bias_hh, acts, out, cs, tcs,
-                                  batch_sizes)
+            _plain_forward_native(native, x, xh, c0, weight_ih, weight_hh, bias, acts, out, cs, tcs, batch_sizes)
         else:  # the stacked [W_hh | W_ih | b] (4H, K), built only for the loops that read it
             _forward_steps(xh, c0, _stacked_weights(weight_ih, weight_hh, bias), weight_hr, acts, out, cs, tcs,
                            batch_sizes)
